@@ -57,13 +57,18 @@ class LayerInfo:
         return self.shape[0] if len(self.shape) == 3 else self.shape[-1]
 
 
+# Legacy class names that diffusers remaps on load (facebook/DiT-XL-2-256 records Transformer2DModel).
+_LOADABLE_DENOISER_NAMES = (*DENOISER_CLASSES, "Transformer2DModel")
+
+
+def _unsupported_denoiser(class_name: str | None) -> TypeError:
+    return TypeError(f"Unsupported denoiser {class_name}: ddae_diffusers supports {', '.join(DENOISER_CLASSES)}.")
+
+
 def check_denoiser(denoiser: object) -> None:
     """Raises ``TypeError`` unless ``denoiser`` is a supported diffusers class."""
     if not isinstance(denoiser, tuple(DENOISER_CLASSES.values())):
-        raise TypeError(
-            f"Unsupported denoiser {type(denoiser).__name__}: ddae_diffusers supports "
-            f"{', '.join(DENOISER_CLASSES)}."
-        )
+        raise _unsupported_denoiser(type(denoiser).__name__)
 
 
 def candidate_layers(denoiser: Denoiser) -> list[str]:
@@ -193,7 +198,8 @@ class DDAEBackbone:
 
         model_index = _read_json(path_or_hub_id, "model_index.json", **hub_kwargs)
         if model_index is not None:
-            denoiser_key = next((k for k in ("unet", "transformer") if k in model_index), None)
+            # Optional components saved as None (DDAEPipeline) are recorded as [null, null].
+            denoiser_key = next((k for k in ("unet", "transformer") if model_index.get(k, [None])[0]), None)
             if denoiser_key is None:
                 raise ValueError(
                     f"{path_or_hub_id}/model_index.json has no 'unet' or 'transformer' component."
@@ -210,11 +216,8 @@ class DDAEBackbone:
                     path_or_hub_id, subfolder=key, **hub_kwargs
                 )
 
-            library, class_name = model_index[denoiser_key]
-            if class_name not in DENOISER_CLASSES:
-                raise TypeError(
-                    f"Unsupported denoiser {class_name}: ddae_diffusers supports {', '.join(DENOISER_CLASSES)}."
-                )
+            if model_index[denoiser_key][1] not in _LOADABLE_DENOISER_NAMES:
+                raise _unsupported_denoiser(model_index[denoiser_key][1])
             denoiser = component(denoiser_key)
             scheduler = component("scheduler") if model_index.get("scheduler", [None])[0] else None
             vae = component("vae") if model_index.get("vae", [None])[0] else None
@@ -227,11 +230,9 @@ class DDAEBackbone:
                 "model_index.json or a model folder with config.json."
             )
         class_name = config.get("_class_name")
-        if class_name not in DENOISER_CLASSES:
-            raise TypeError(
-                f"Unsupported denoiser {class_name}: ddae_diffusers supports {', '.join(DENOISER_CLASSES)}."
-            )
-        return cls(DENOISER_CLASSES[class_name].from_pretrained(path_or_hub_id, **hub_kwargs))
+        if class_name not in _LOADABLE_DENOISER_NAMES:
+            raise _unsupported_denoiser(class_name)
+        return cls(getattr(diffusers, class_name).from_pretrained(path_or_hub_id, **hub_kwargs))
 
     def to(self, device: torch.device | str) -> DDAEBackbone:
         """Moves the denoiser (and VAE) to ``device``; returns self."""

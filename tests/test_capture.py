@@ -167,6 +167,19 @@ def test_latent_dit_with_tiny_vae_encodes_first(tmp_path):
     with pytest.raises(ValueError, match="takes 16x16"):
         backbone.features(random_images(2, size=8), ["transformer_blocks.1"], [50])
 
+    # facebook/DiT-XL-2-256 records the legacy class name, which diffusers remaps on load.
+    for path in (tmp_path / "model_index.json", tmp_path / "transformer" / "config.json"):
+        config = json.loads(path.read_text())
+        if "transformer" in config:
+            config["transformer"] = ["diffusers", "Transformer2DModel"]
+        else:
+            config["_class_name"] = "Transformer2DModel"
+        path.write_text(json.dumps(config))
+    legacy = DDAEBackbone.from_pretrained(str(tmp_path))
+    assert type(legacy.denoiser).__name__ == "DiTTransformer2DModel"
+    again = legacy.features(images, ["transformer_blocks.1"], [50], pooling=None, seed=1)
+    torch.testing.assert_close(again["transformer_blocks.1", 50], feats["transformer_blocks.1", 50])
+
 
 def test_from_pretrained_pipeline_and_bare_model_folders(tiny_unet_pipeline_dir, tmp_path):
     backbone = DDAEBackbone.from_pretrained(tiny_unet_pipeline_dir)
