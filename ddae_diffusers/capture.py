@@ -277,7 +277,7 @@ class DDAEBackbone:
         """Every capturable block in execution order with its output shape (traced once)."""
         if self._catalogue is None:
             size = self.image_size or 32
-            dummy = torch.zeros(1, self.image_channels, size, size, device=self.device)
+            dummy = torch.zeros(1, self.image_channels, size, size, device=self.device, dtype=self.denoiser.dtype)
             names = candidate_layers(self.denoiser)
             order: list[str] = []
 

@@ -1,0 +1,209 @@
+"""Watching representation quality during pretraining: kNN and quick linear-probe accuracy of
+the denoiser's features on fixed labelled subsets, and the history of those numbers.
+
+Used by ``training/train_unconditional.py`` (``--probe_every_n_steps``) on the EMA weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import DiTTransformer2DModel, SchedulerMixin
+
+from .capture import DDAEBackbone, Denoiser
+from .data import detect_image_column, detect_label_column, images_to_tensor
+from .probing.heads import linear_probe_accuracy
+from .probing.knn import knn_accuracy
+
+EVAL_SPLIT_CANDIDATES = ("test", "validation", "valid", "val")
+
+
+def default_probe_layer(denoiser: Denoiser) -> str:
+    """A block in the middle of the decoder: the last resnet of the up-block before the middle
+    resolution for UNets (``up_blocks.1.resnets.2`` = the paper's ``out_6`` for the 35.7M DDPM),
+    block ``num_layers // 2 - 1`` for DiT (13 of 28, as the paper's DiT-XL/2)."""
+    if isinstance(denoiser, DiTTransformer2DModel):
+        return f"transformer_blocks.{max(denoiser.config.num_layers // 2 - 1, 0)}"
+    num_up = len(denoiser.up_blocks)
+    index = max(num_up // 2 - 1, 0)
+    return f"up_blocks.{index}.resnets.{len(denoiser.up_blocks[index].resnets) - 1}"
+
+
+@dataclass
+class ProbeData:
+    """Fixed labelled subsets, already preprocessed: images (N, 3, R, R) in [-1, 1], labels (N,),
+    and ids (N,) = dataset indices (they seed each example's noise)."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    train_ids: torch.Tensor
+    eval_images: torch.Tensor
+    eval_labels: torch.Tensor
+    eval_ids: torch.Tensor
+    description: str
+
+
+def eval_split_name(dataset_dict) -> str | None:
+    """The held-out split of a ``DatasetDict`` (``test``, ``validation``, ``valid`` or ``val``), if any."""
+    return next((name for name in EVAL_SPLIT_CANDIDATES if name in dataset_dict), None)
+
+
+def load_probe_data(
+    dataset_dict,
+    resolution: int,
+    num_train: int,
+    num_eval: int,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    train_split: str = "train",
+    seed: int = 0,
+) -> ProbeData:
+    """Draws fixed random subsets of labelled images from a ``DatasetDict``.
+
+    The probe's training subset comes from ``train_split``; the evaluation subset from the
+    ``test``/``validation`` split if there is one, else from other examples of ``train_split``.
+    Images are resized and centre-cropped to ``resolution``. Raises ``ValueError`` on missing
+    splits/columns or too few examples.
+    """
+    if train_split not in dataset_dict:
+        raise ValueError(f"The probe data set has no {train_split!r} split (splits: {list(dataset_dict)}).")
+    if num_train < 1 or num_eval < 1:
+        raise ValueError("--probe_train_samples and --probe_eval_samples must be >= 1.")
+    train = dataset_dict[train_split]
+    image_column = detect_image_column(train, image_column)
+    label_column = detect_label_column(train, label_column)
+    rng = np.random.default_rng(seed)
+    eval_name = eval_split_name(dataset_dict)
+    if eval_name is not None:
+        held_out = dataset_dict[eval_name]
+        detect_image_column(held_out, image_column)
+        detect_label_column(held_out, label_column)
+        _check_size(train, num_train, train_split, "--probe_train_samples")
+        _check_size(held_out, num_eval, eval_name, "--probe_eval_samples")
+        train_ids = np.sort(rng.choice(len(train), num_train, replace=False))
+        eval_ids = np.sort(rng.choice(len(held_out), num_eval, replace=False))
+        description = f"{num_train} images of split '{train_split}', {num_eval} of split '{eval_name}'"
+    else:
+        held_out = train
+        _check_size(train, num_train + num_eval, train_split, "--probe_train_samples + --probe_eval_samples")
+        order = rng.permutation(len(train))
+        train_ids, eval_ids = np.sort(order[:num_train]), np.sort(order[num_train : num_train + num_eval])
+        description = f"{num_train} + {num_eval} disjoint images of split '{train_split}'"
+
+    def subset(ds, ids):
+        rows = ds.select(ids.tolist())
+        images = images_to_tensor(rows[image_column], resolution, center_crop=True)
+        return images, torch.tensor(rows[label_column], dtype=torch.long), torch.from_numpy(ids).long()
+
+    return ProbeData(*subset(train, train_ids), *subset(held_out, eval_ids), description=description)
+
+
+def _check_size(split, needed: int, name: str, flag: str) -> None:
+    if len(split) < needed:
+        raise ValueError(f"{flag} asks for {needed} images but split {name!r} has {len(split)}: lower it.")
+
+
+class ProbeMonitor:
+    """Computes kNN and linear-probe accuracy of a denoiser's pooled features on :class:`ProbeData`.
+
+    Args:
+        data: the fixed subsets.
+        layer, timestep: where features are taken (diffusers timestep index).
+        batch_size: images per feature-extraction forward.
+        dtype: autocast dtype for extraction (``torch.bfloat16`` is 2-3x faster on AMX CPUs).
+        linear_epochs, linear_lr: the quick linear probe (0 epochs: kNN only).
+        seed: noise seed; the same every time, so changes in accuracy come from the weights.
+    """
+
+    def __init__(
+        self,
+        data: ProbeData,
+        layer: str,
+        timestep: int,
+        batch_size: int = 256,
+        dtype: torch.dtype | None = None,
+        linear_epochs: int = 30,
+        linear_lr: float = 3e-3,
+        seed: int = 0,
+    ):
+        self.data = data
+        self.layer = layer
+        self.timestep = timestep
+        self.batch_size = batch_size
+        self.dtype = dtype
+        self.linear_epochs = linear_epochs
+        self.linear_lr = linear_lr
+        self.seed = seed
+
+    def check(self, denoiser: Denoiser, scheduler: SchedulerMixin) -> None:
+        """Raises ``ValueError`` now (before training) if the layer, timestep or images do not fit."""
+        backbone = DDAEBackbone(denoiser, scheduler)
+        backbone.check_layers([self.layer])
+        backbone.check_timesteps([self.timestep])
+        backbone.check_images(self.data.train_images[:1])
+
+    def features(self, backbone: DDAEBackbone, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """(N, 3, R, R) images -> (N, D) float32 pooled features, ``batch_size`` at a time."""
+        chunks = []
+        for start in range(0, images.shape[0], self.batch_size):
+            batch = images[start : start + self.batch_size].to(backbone.device)
+            out = backbone.features(
+                batch, [self.layer], [self.timestep], seed=self.seed,
+                example_ids=ids[start : start + self.batch_size], dtype=self.dtype,
+            )
+            chunks.append(out[self.layer, self.timestep].cpu())
+        return torch.cat(chunks)
+
+    def evaluate(self, denoiser: Denoiser, scheduler: SchedulerMixin) -> dict[str, float]:
+        """``{"knn_acc": float, "linear_acc": float}`` (accuracies in [0, 1]; no ``linear_acc`` when
+        ``linear_epochs`` is 0) for the denoiser's current weights. Leaves its train/eval mode as found."""
+        was_training = denoiser.training
+        denoiser.eval()
+        try:
+            backbone = DDAEBackbone(denoiser, scheduler)
+            train_x = self.features(backbone, self.data.train_images, self.data.train_ids)
+            eval_x = self.features(backbone, self.data.eval_images, self.data.eval_ids)
+        finally:
+            denoiser.train(was_training)
+        train_y, eval_y = self.data.train_labels, self.data.eval_labels
+        metrics = {"knn_acc": knn_accuracy(train_x, train_y, eval_x, eval_y)}
+        if self.linear_epochs > 0:
+            metrics["linear_acc"] = linear_probe_accuracy(
+                train_x, train_y, eval_x, eval_y, epochs=self.linear_epochs, lr=self.linear_lr, seed=self.seed
+            )
+        return metrics
+
+
+class ProbeHistory:
+    """Every probe result of a run and the best one; checkpointed with ``accelerator.register_for_checkpointing``.
+
+    The best is chosen by ``linear_acc`` when present, else ``knn_acc``; ties keep the earlier step.
+    """
+
+    def __init__(self):
+        self.records: list[dict] = []
+        self.best: dict | None = None
+
+    @staticmethod
+    def score(record: dict) -> tuple[str, float]:
+        metric = "linear_acc" if record.get("linear_acc") is not None else "knn_acc"
+        return metric, float(record[metric])
+
+    def add(self, step: int, images_seen: int, metrics: dict[str, float]) -> bool:
+        """Records one result; returns True if it is the new best."""
+        record = {"step": int(step), "images_seen": int(images_seen), **{k: float(v) for k, v in metrics.items()}}
+        self.records = [r for r in self.records if r["step"] != record["step"]] + [record]
+        metric, value = self.score(record)
+        if self.best is None or value > self.best["value"]:
+            self.best = {"step": record["step"], "metric": metric, "value": value}
+            return True
+        return False
+
+    def state_dict(self) -> dict:
+        return {"records": [dict(r) for r in self.records], "best": dict(self.best) if self.best else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.records = [dict(r) for r in state["records"]]
+        self.best = dict(state["best"]) if state["best"] else None

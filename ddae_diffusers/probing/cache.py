@@ -1,0 +1,342 @@
+"""A resumable, self-checking fp16 feature cache for the probe grid.
+
+One *unit* holds the pooled features of every requested layer at one timestep, for one view
+of one split: an ``(N, sum of layer widths)`` float16 ``.npy`` file (memory-mapped) plus
+``progress.jsonl``, one line per written row range with its SHA-256. Units live in folders
+named by a fingerprint of everything that determines the numbers: model weights and
+scheduler, data set, preprocessing, seed, view, layers and timestep.
+
+Extraction streams batches: one forward per (batch, timestep) captures all layers, the pooled
+rows are written into the memory map, flushed, then recorded. An interrupted extraction
+resumes from the recorded ranges; a range whose bytes no longer match its checksum, or a file
+of the wrong size, is recomputed -- never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..capture import DDAEBackbone
+from ..data import images_to_tensor, random_crop_flip
+
+CACHE_FORMAT = 1
+Key = tuple[str, int]
+
+
+def model_fingerprint(backbone: DDAEBackbone) -> str:
+    """SHA-256 of the denoiser's (and VAE's) weights, classes and the scheduler config."""
+    digest = hashlib.sha256()
+    modules = [backbone.denoiser] + ([backbone.vae] if backbone.vae is not None else [])
+    for module in modules:
+        digest.update(type(module).__name__.encode())
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(str(tuple(tensor.shape)).encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    digest.update(json.dumps(dict(backbone.scheduler.config), sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def dataset_fingerprint(dataset, split: str) -> str:
+    """The ``datasets`` fingerprint of ``dataset`` (stable for files on disk), its split and length."""
+    return f"{getattr(dataset, '_fingerprint', 'unknown')}:{split}:{len(dataset)}"
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, e.g. (seed, role, view)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
+
+
+@dataclass(frozen=True)
+class View:
+    """One pass over a split: ``role`` 0 = train, 1 = eval; ``augment`` = crop (pad 4) + flip.
+
+    Noise comes from ``derive_seed(seed, role, index)`` and each example's augmentation from
+    ``derive_seed(seed, role, index, example_id)``, so the view is independent of batching.
+    """
+
+    role: int
+    index: int
+    augment: bool
+
+    def noise_seed(self, seed: int) -> int:
+        return derive_seed(seed, self.role, self.index)
+
+    def pixels(self, images: list, example_ids: Sequence[int], resolution: int, seed: int) -> torch.Tensor:
+        """Images of the batch -> (B, 3, R, R) in [-1, 1], augmented per example when ``augment``."""
+        pixels = images_to_tensor(images, resolution)
+        if not self.augment:
+            return pixels
+        rows = []
+        for row, example_id in zip(pixels, example_ids, strict=True):
+            generator = torch.Generator().manual_seed(derive_seed(seed, self.role, self.index, example_id))
+            rows.append(random_crop_flip(row[None], padding=4, flip=True, generator=generator)[0])
+        return torch.stack(rows)
+
+
+class CacheUnit:
+    """Features of ``layers`` (widths ``dims``) at one timestep for ``num_rows`` examples, on disk."""
+
+    def __init__(self, folder: str, key: dict, num_rows: int, layers: Sequence[str], dims: Sequence[int]):
+        self.folder = folder
+        self.key = key
+        self.num_rows = num_rows
+        self.layers = list(layers)
+        self.dims = [int(d) for d in dims]
+        self.offsets = np.cumsum([0] + self.dims).tolist()
+        self.array_path = os.path.join(folder, "features.npy")
+        self.progress_path = os.path.join(folder, "progress.jsonl")
+        self.meta_path = os.path.join(folder, "meta.json")
+        self._array: np.ndarray | None = None
+        self.done = np.zeros(num_rows, dtype=bool)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.num_rows, self.offsets[-1]
+
+    def _expected_meta(self) -> dict:
+        return {"format": CACHE_FORMAT, "key": self.key, "shape": list(self.shape), "layers": self.layers}
+
+    def open(self) -> None:
+        """Opens or creates the memory map, and marks the rows whose recorded checksums still hold."""
+        meta_ok = False
+        if os.path.isfile(self.meta_path):
+            try:
+                with open(self.meta_path) as f:
+                    meta_ok = json.load(f) == json.loads(json.dumps(self._expected_meta()))
+            except (OSError, ValueError):
+                meta_ok = False
+        array = None
+        if meta_ok and os.path.isfile(self.array_path):
+            try:
+                # read-only first: "r+" would silently extend a truncated file with zeros
+                array = np.load(self.array_path, mmap_mode="r")
+                if array.shape == self.shape and array.dtype == np.float16:
+                    array = np.load(self.array_path, mmap_mode="r+")
+                else:
+                    array = None
+            except (OSError, ValueError):  # truncated header or data: np.load refuses the file
+                array = None
+        if array is None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            os.makedirs(self.folder)
+            with open(self.meta_path, "w") as f:
+                json.dump(self._expected_meta(), f, indent=1)
+            array = np.lib.format.open_memmap(self.array_path, mode="w+", dtype=np.float16, shape=self.shape)
+            array.flush()
+        self._array = array
+        self.done[:] = False
+        for start, stop in self._verified_ranges():
+            self.done[start:stop] = True
+
+    def _verified_ranges(self) -> list[tuple[int, int]]:
+        """Recorded (start, stop) row ranges whose bytes still match their SHA-256."""
+        if not os.path.isfile(self.progress_path):
+            return []
+        ranges = []
+        with open(self.progress_path) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                    start, stop, digest = int(record["start"]), int(record["stop"]), record["sha256"]
+                except (ValueError, KeyError, TypeError):
+                    continue  # a half-written last line
+                if 0 <= start < stop <= self.num_rows and self._digest(start, stop) == digest:
+                    ranges.append((start, stop))
+        return ranges
+
+    def _digest(self, start: int, stop: int) -> str:
+        return hashlib.sha256(np.ascontiguousarray(self._array[start:stop]).tobytes()).hexdigest()
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.done.all())
+
+    def write(self, start: int, rows: dict[str, torch.Tensor]) -> None:
+        """Writes ``{layer: (B, D)}`` at rows ``start .. start+B``, flushes, then records the checksum."""
+        block = torch.cat([rows[layer].float() for layer in self.layers], dim=1).to(torch.float16).numpy()
+        stop = start + block.shape[0]
+        self._array[start:stop] = block
+        self._array.flush()
+        with open(self.progress_path, "a") as f:
+            f.write(json.dumps({"start": start, "stop": stop, "sha256": self._digest(start, stop)}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.done[start:stop] = True
+
+    def read(self) -> dict[str, torch.Tensor]:
+        """``{layer: (N, D) float16}`` copies of a complete unit."""
+        if not self.complete:
+            raise RuntimeError(f"Cache unit {self.folder} is incomplete.")
+        return {
+            layer: torch.from_numpy(np.array(self._array[:, self.offsets[i] : self.offsets[i + 1]]))
+            for i, layer in enumerate(self.layers)
+        }
+
+
+def missing_batches(units: Sequence[CacheUnit], batch_size: int) -> list[tuple[int, int]]:
+    """Contiguous (start, stop) row ranges, at most ``batch_size`` long, that any unit still lacks."""
+    missing = np.zeros(units[0].num_rows, dtype=bool)
+    for unit in units:
+        missing |= ~unit.done
+    batches = []
+    row = 0
+    while row < missing.shape[0]:
+        if not missing[row]:
+            row += 1
+            continue
+        stop = row
+        while stop < missing.shape[0] and missing[stop] and stop - row < batch_size:
+            stop += 1
+        batches.append((row, stop))
+        row = stop
+    return batches
+
+
+class FeatureCache:
+    """All cache units of one probe run: for each view of a split, one unit per timestep.
+
+    Args:
+        cache_dir: root folder; units go to ``cache_dir/<role>-v<view>-t<t>-<fingerprint>``.
+        backbone: the model (its weights are fingerprinted).
+        layers: layer names in execution order; timesteps: diffusers indices.
+        resolution: image side; seed: base seed of noise and augmentation; dtype: autocast dtype.
+    """
+
+    def __init__(
+        self,
+        cache_dir: str,
+        backbone: DDAEBackbone,
+        layers: Sequence[str],
+        timesteps: Sequence[int],
+        resolution: int,
+        seed: int,
+        dtype: torch.dtype | None = None,
+    ):
+        self.cache_dir = cache_dir
+        self.backbone = backbone
+        self.layers = list(layers)
+        self.timesteps = list(timesteps)
+        self.dims = [backbone.layer_info(layer).feature_dim for layer in self.layers]
+        self.resolution = resolution
+        self.seed = seed
+        self.dtype = dtype
+        self._model_fingerprint: str | None = None
+
+    def _base_key(self) -> dict:
+        if self._model_fingerprint is None:
+            self._model_fingerprint = model_fingerprint(self.backbone)
+        return {
+            "model": self._model_fingerprint,
+            "resolution": self.resolution,
+            "center_crop": True,
+            "pooling": "avg",
+            "dtype": str(self.dtype),
+            "seed": self.seed,
+            "layers": self.layers,
+        }
+
+    def units(self, dataset, split: str, view: View) -> list[CacheUnit]:
+        """The (unopened) units of ``view`` over ``dataset``, one per timestep."""
+        units = []
+        for t in self.timesteps:
+            key = {
+                **self._base_key(),
+                "dataset": dataset_fingerprint(dataset, split),
+                "view": [view.role, view.index, view.augment],
+                "augmentation": "crop4+flip" if view.augment else "none",
+                "timestep": t,
+            }
+            digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+            name = f"{'train' if view.role == 0 else 'eval'}-v{view.index}-t{t}-{digest}"
+            units.append(CacheUnit(os.path.join(self.cache_dir, name), key, len(dataset), self.layers, self.dims))
+        return units
+
+    def extract(
+        self,
+        dataset,
+        split: str,
+        image_column: str,
+        view: View,
+        batch_size: int,
+        accelerator=None,
+        on_batch: Callable[[int, int], None] | None = None,
+        progress: bool = True,
+    ) -> dict[Key, torch.Tensor] | None:
+        """Fills the units of ``view`` and returns ``{(layer, t): (N, D) float16}`` (None off the main process).
+
+        Batches still missing are split round-robin across the processes of ``accelerator``;
+        the main process gathers and writes them. ``on_batch(start, stop)`` is called after a
+        batch is written (on the main process).
+        """
+        from tqdm.auto import tqdm
+
+        world = accelerator.num_processes if accelerator is not None else 1
+        rank = accelerator.process_index if accelerator is not None else 0
+        is_main = rank == 0
+        units = self.units(dataset, split, view)
+        todo: list[int] = []
+        batches: list[tuple[int, int]] = []
+        if is_main:
+            for unit in units:
+                unit.open()
+            todo = [i for i, unit in enumerate(units) if not unit.complete]
+            batches = missing_batches([units[i] for i in todo], batch_size) if todo else []
+        if world > 1:
+            from accelerate.utils import broadcast_object_list
+
+            todo, batches = broadcast_object_list([todo, batches])
+        timesteps = [units[i].key["timestep"] for i in todo]
+        width = sum(self.dims) * len(timesteps)
+        bar = tqdm(total=len(batches), desc=f"features {split} view {view.index}", disable=not (progress and is_main))
+        for round_start in range(0, len(batches), world):
+            mine = round_start + rank
+            block = torch.zeros(batch_size, width, device=self.backbone.device)
+            start, stop = batches[mine] if mine < len(batches) else (0, 0)
+            if stop > start:
+                block[: stop - start] = self._compute(dataset, image_column, view, start, stop, timesteps)
+            span = torch.tensor([start, stop], device=self.backbone.device)
+            if world > 1:
+                block, span = accelerator.gather(block), accelerator.gather(span)
+            if is_main:
+                block, span = block.cpu(), span.cpu()
+                for part, (begin, end) in zip(block.split(batch_size), span.view(-1, 2).tolist(), strict=True):
+                    if end > begin:
+                        self._write(units, todo, begin, part[: end - begin])
+                        if on_batch is not None:
+                            on_batch(begin, end)
+                bar.update(min(world, len(batches) - round_start))
+        bar.close()
+        if not is_main:
+            return None
+        features = {}
+        for unit in units:
+            for layer, values in unit.read().items():
+                features[layer, unit.key["timestep"]] = values
+        return features
+
+    def _compute(
+        self, dataset, image_column: str, view: View, start: int, stop: int, timesteps: list[int]
+    ) -> torch.Tensor:
+        """(stop - start, width) float32: the layers of each timestep, concatenated in unit order."""
+        ids = list(range(start, stop))
+        pixels = view.pixels(dataset[start:stop][image_column], ids, self.resolution, self.seed)
+        features = self.backbone.features(
+            pixels, self.layers, timesteps, seed=view.noise_seed(self.seed), example_ids=ids, dtype=self.dtype
+        )
+        return torch.cat([features[layer, t] for t in timesteps for layer in self.layers], dim=1).cpu()
+
+    def _write(self, units: list[CacheUnit], todo: list[int], start: int, block: torch.Tensor) -> None:
+        """Splits a computed (B, width) block into its units and writes each."""
+        columns = block.split(self.dims * len(todo), dim=1)
+        for position, unit_index in enumerate(todo):
+            layer_columns = columns[position * len(self.layers) : (position + 1) * len(self.layers)]
+            units[unit_index].write(start, dict(zip(self.layers, layer_columns, strict=True)))

@@ -1,0 +1,78 @@
+"""``ddae-probe``: the layer x timestep probe grid from the command line.
+
+Examples::
+
+    ddae-probe --model google/ddpm-cifar10-32 --dataset uoft-cs/cifar10 --output_dir probe-out
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 -m ddae_diffusers.probing.cli \\
+        --model ./my-ddpm --dataset ../shared/data/cifar10 --timesteps 10 50 --output_dir probe-out
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+
+from .engine import DEFAULT_TIMESTEPS, DTYPES, PROTOCOLS, RECIPES, ProbeConfig, run_probe
+from .heads import ProbeRecipe
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ddae-probe",
+        description="Linear and kNN probes of a diffusion denoiser's pooled features over a layer x timestep grid.",
+    )
+    add = parser.add_argument
+    add("--model", required=True, help="Hub id or folder of a diffusers pipeline (model_index.json) or model.")
+    add("--dataset", required=True, help="Hub id or local folder loadable by datasets.load_dataset.")
+    add("--image_column", default=None, help="Image column (default: auto-detected, e.g. img/image).")
+    add("--label_column", default=None, help="Integer class-label column (default: auto-detected, e.g. label).")
+    add("--train_split", default="train")
+    add("--eval_split", default="test")
+    add("--max_train_samples", type=int, default=None)
+    add("--max_eval_samples", type=int, default=None)
+    add("--layers", nargs="+", default=None,
+        help="Block names (default: every resnet/attention output of encoder, mid block and decoder).")
+    add("--timesteps", nargs="+", type=int, default=list(DEFAULT_TIMESTEPS),
+        help="Diffusers timestep indices (the paper's t=11 is 10).")
+    add("--resolution", type=int, default=None, help="Image side (default: the model's sample size).")
+    add("--batch_size", type=int, default=64, help="Extraction batch size.")
+    add("--output_dir", required=True)
+    add("--cache_dir", default=None, help="Feature cache (default: <output_dir>/feature_cache).")
+    add("--train_views", type=int, default=1, help="Augmented (crop + flip, fresh noise) views of the train set.")
+    add("--lrs", nargs="+", type=float, default=list(ProbeRecipe().lrs), help="Head learning rates to sweep.")
+    add("--epochs", type=int, default=ProbeRecipe().epochs, help="Head training epochs over the cached features.")
+    add("--head_batch_size", type=int, default=ProbeRecipe().batch_size)
+    add("--normalization", choices=["standardize", "none"], default="standardize")
+    add("--recipe", choices=RECIPES, default="converge",
+        help="'paper': raw features, Adam lr 1e-3, 15 epochs, batch 128 (overrides lrs/epochs/normalization).")
+    add("--protocol", choices=PROTOCOLS, default="cached",
+        help="'online': the paper's protocol, features recomputed every epoch (slow reference).")
+    add("--dtype", choices=list(DTYPES), default="float32", help="Autocast dtype of the forward passes.")
+    add("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict | None:
+    args = build_parser().parse_args(argv)
+    config = ProbeConfig(**vars(args))
+    from accelerate import Accelerator
+
+    accelerator = Accelerator()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and accelerator.num_processes == 1:
+        raise SystemExit(
+            "WORLD_SIZE > 1 but accelerate started a single process: on CPU launch with "
+            "ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N."
+        )
+    results = run_probe(config, accelerator)
+    if results is not None:
+        best = results["best"]
+        print(
+            f"best cell (on validation): {best['layer']} @ t={best['timestep']}: linear "
+            f"{100 * best['linear_acc']:.2f}%, kNN {100 * best['knn_acc']:.2f}% -> {args.output_dir}/results.md"
+        )
+    return results
+
+
+if __name__ == "__main__":
+    main()

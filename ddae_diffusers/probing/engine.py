@@ -1,0 +1,295 @@
+"""The probe grid: every (layer, timestep) cell scored by linear probes and kNN.
+
+``prepare`` checks every input (model, layers, timesteps, resolution, data set, labels,
+folders) before any feature is computed; ``run_probe`` extracts features into the cache
+(sharded across processes under ``accelerate launch``), trains all heads together, scores
+kNN and writes the report.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..capture import DDAEBackbone
+from ..data import detect_image_column, detect_label_column, label_names
+from ..io_utils import check_writable_dir
+from .cache import FeatureCache, View
+from .heads import PAPER_RECIPE, ProbeRecipe, choose_lr, train_heads
+from .knn import knn_accuracy
+
+DEFAULT_TIMESTEPS = (0, 10, 25, 50, 100, 200, 400)
+PROTOCOLS = ("cached", "online")
+RECIPES = ("converge", "paper")
+DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ProbeConfig:
+    """Everything a probe run needs; the CLI flags of ``ddae-probe`` map one to one onto these fields."""
+
+    model: str
+    dataset: str
+    output_dir: str
+    cache_dir: str | None = None  # default: <output_dir>/feature_cache
+    image_column: str | None = None
+    label_column: str | None = None
+    train_split: str = "train"
+    eval_split: str = "test"
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    layers: list[str] | None = None  # default: default_layers(backbone)
+    timesteps: list[int] = field(default_factory=lambda: list(DEFAULT_TIMESTEPS))
+    resolution: int | None = None  # default: the model's sample size
+    batch_size: int = 64
+    train_views: int = 1
+    lrs: list[float] = field(default_factory=lambda: list(ProbeRecipe().lrs))
+    epochs: int = ProbeRecipe().epochs
+    head_batch_size: int = ProbeRecipe().batch_size
+    normalization: str = "standardize"
+    recipe: str = "converge"  # "paper": raw features, Adam lr 1e-3, 15 epochs, batch 128
+    protocol: str = "cached"
+    dtype: str = "float32"
+    seed: int = 0
+    val_fraction: float = 0.1
+
+    def probe_recipe(self) -> ProbeRecipe:
+        if self.recipe == "paper" or self.protocol == "online":
+            return PAPER_RECIPE
+        return ProbeRecipe(tuple(self.lrs), self.epochs, self.head_batch_size, self.normalization)
+
+
+def default_layers(backbone: DDAEBackbone) -> list[str]:
+    """Every resnet and attention output of the encoder, mid block and decoder (execution order).
+
+    Whole ``up_blocks.i`` outputs are left out: they come after the upsampler. DiT: every block.
+    """
+    names = backbone.layer_names()
+    fine = [name for name in names if ".resnets." in name or ".attentions." in name]
+    return fine or names
+
+
+@dataclass
+class Prepared:
+    """Checked inputs of a run: model, data, labels and the held-out validation rows."""
+
+    config: ProbeConfig
+    backbone: DDAEBackbone
+    train: object
+    eval: object
+    image_column: str
+    label_column: str
+    train_labels: torch.Tensor
+    eval_labels: torch.Tensor
+    num_labels: int
+    id2label: dict[str, str]
+    layers: list[str]
+    timesteps: list[int]
+    resolution: int
+    fit_rows: list[int]
+    val_rows: list[int]
+
+
+def _labels(dataset, column: str, split: str) -> torch.Tensor:
+    labels = torch.as_tensor(dataset[column])
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(f"Labels of {split!r} ({column!r}) must be integer class ids, got {labels.dtype}.")
+    if labels.numel() and labels.min() < 0:
+        raise ValueError(
+            f"The {split!r} split has negative labels in {column!r} (e.g. -1 for 'no label'): "
+            "probing needs a labelled split; choose another --train_split/--eval_split."
+        )
+    return labels.long()
+
+
+def _load_split(name: str, split: str, max_samples: int | None):
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(name, split=split)
+    except (FileNotFoundError, ValueError) as error:
+        raise ValueError(f"Could not load split {split!r} of data set {name!r}: {error}") from None
+    if max_samples is not None:
+        if max_samples < 1:
+            raise ValueError(f"--max_*_samples must be >= 1, got {max_samples}.")
+        dataset = dataset.select(range(min(max_samples, len(dataset))))
+    if len(dataset) == 0:
+        raise ValueError(f"Split {split!r} of {name!r} is empty.")
+    return dataset
+
+
+def prepare(config: ProbeConfig, backbone: DDAEBackbone | None = None) -> Prepared:
+    """Validates every input and loads model and data; raises ``ValueError`` before any extraction."""
+    if config.protocol not in PROTOCOLS:
+        raise ValueError(f"--protocol must be one of {PROTOCOLS}, got {config.protocol!r}.")
+    if config.recipe not in RECIPES:
+        raise ValueError(f"--recipe must be one of {RECIPES}, got {config.recipe!r}.")
+    if config.dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {list(DTYPES)}, got {config.dtype!r}.")
+    if config.train_views < 1 or config.batch_size < 1:
+        raise ValueError("--train_views and --batch_size must be >= 1.")
+    if not 0 < config.val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {config.val_fraction}.")
+    config.probe_recipe()  # validates lrs, epochs, normalization
+    check_writable_dir(config.output_dir, "--output_dir")
+    check_writable_dir(config.cache_dir or os.path.join(config.output_dir, "feature_cache"), "--cache_dir")
+
+    if backbone is None:
+        backbone = DDAEBackbone.from_pretrained(config.model)
+    layers = backbone.check_layers(config.layers if config.layers else default_layers(backbone))
+    timesteps = backbone.check_timesteps(config.timesteps)
+    resolution = config.resolution or backbone.image_size or 32
+    if backbone.image_size is not None and resolution != backbone.image_size:
+        raise ValueError(
+            f"--resolution {resolution} does not fit the model, which takes {backbone.image_size}x"
+            f"{backbone.image_size} images: pass --resolution {backbone.image_size}."
+        )
+    probe_image = torch.zeros(1, backbone.image_channels, resolution, resolution, device=backbone.device)
+    try:
+        backbone.features(probe_image, layers[-1:], timesteps[:1])
+    except (RuntimeError, ValueError) as error:
+        raise ValueError(
+            f"The model cannot take {resolution}x{resolution} images ({error}): change --resolution."
+        ) from None
+
+    train = _load_split(config.dataset, config.train_split, config.max_train_samples)
+    evaluation = _load_split(config.dataset, config.eval_split, config.max_eval_samples)
+    image_column = detect_image_column(train, config.image_column)
+    label_column = detect_label_column(train, config.label_column)
+    detect_image_column(evaluation, image_column)
+    detect_label_column(evaluation, label_column)
+    train_labels = _labels(train, label_column, config.train_split)
+    eval_labels = _labels(evaluation, label_column, config.eval_split)
+    names = label_names(train, label_column)
+    num_labels = len(names) if names else int(max(train_labels.max(), eval_labels.max())) + 1
+    if train_labels.unique().numel() < 2:
+        raise ValueError(
+            f"The training split has {train_labels.unique().numel()} class(es) in {label_column!r}: "
+            "a probe needs at least two (raise --max_train_samples or pick another split)."
+        )
+    if int(max(train_labels.max(), eval_labels.max())) >= num_labels:
+        raise ValueError(f"Labels in {label_column!r} exceed the {num_labels} class names of the data set.")
+    id2label = {str(i): (names[i] if names else str(i)) for i in range(num_labels)}
+
+    generator = torch.Generator().manual_seed(config.seed)
+    order = torch.randperm(len(train), generator=generator).tolist()
+    num_val = max(1, round(config.val_fraction * len(train)))
+    if len(train) - num_val < 2:
+        raise ValueError(f"{len(train)} training examples are too few to hold out a validation slice.")
+    val_rows, fit_rows = sorted(order[:num_val]), sorted(order[num_val:])
+    return Prepared(
+        config, backbone, train, evaluation, image_column, label_column, train_labels, eval_labels,
+        num_labels, id2label, layers, timesteps, resolution, fit_rows, val_rows,
+    )
+
+
+def _rows(features: dict, rows: list[int]) -> dict:
+    index = torch.as_tensor(rows)
+    return {key: value[index] for key, value in features.items()}
+
+
+def run_probe(
+    config: ProbeConfig,
+    accelerator=None,
+    backbone: DDAEBackbone | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
+    progress: bool = True,
+) -> dict | None:
+    """Runs the grid and writes the report to ``config.output_dir``; returns the results (main process only)."""
+    from .online import train_online
+    from .report import write_report
+
+    prep = prepare(config, backbone)
+    backbone = prep.backbone
+    if accelerator is not None:
+        backbone.to(accelerator.device)
+    backbone.denoiser.eval()
+    is_main = accelerator is None or accelerator.is_main_process
+    dtype = DTYPES[config.dtype]
+    cache = FeatureCache(
+        config.cache_dir or os.path.join(config.output_dir, "feature_cache"),
+        backbone, prep.layers, prep.timesteps, prep.resolution, config.seed, dtype,
+    )
+    extract = dict(batch_size=config.batch_size, accelerator=accelerator, on_batch=on_batch, progress=progress)
+    eval_features = cache.extract(prep.eval, config.eval_split, prep.image_column, View(1, 0, False), **extract)
+    recipe = config.probe_recipe()
+    if config.protocol == "online":
+        fits, knn_bank, knn_labels = train_online(
+            backbone, prep.train, prep.image_column, prep.train_labels, prep.fit_rows, prep.val_rows,
+            prep.layers, prep.timesteps, prep.resolution, prep.num_labels, config.seed, dtype, recipe,
+            accelerator, progress,
+        )
+    else:
+        views = [
+            cache.extract(prep.train, config.train_split, prep.image_column, View(0, k, True), **extract)
+            for k in range(config.train_views)
+        ]
+        if is_main:
+            keys = list(views[0])
+            fit_x = {key: torch.cat([_rows(v, prep.fit_rows)[key] for v in views]) for key in keys}
+            val_x = {key: torch.cat([_rows(v, prep.val_rows)[key] for v in views]) for key in keys}
+            fit_y = prep.train_labels[prep.fit_rows].repeat(len(views))
+            val_y = prep.train_labels[prep.val_rows].repeat(len(views))
+            fits = train_heads(fit_x, fit_y, prep.num_labels, recipe, val_x, val_y, seed=config.seed)
+            knn_bank, knn_labels = _rows(views[0], prep.fit_rows), prep.train_labels[prep.fit_rows]
+    if not is_main:
+        accelerator.wait_for_everyone()
+        return None
+
+    cells = []
+    for layer in prep.layers:
+        for t in prep.timesteps:
+            fit = fits[layer, t]
+            cells.append({
+                "layer": layer,
+                "timestep": t,
+                "feature_dim": backbone.layer_info(layer).feature_dim,
+                "linear_acc": fit.head.accuracy(eval_features[layer, t], prep.eval_labels),
+                "knn_acc": knn_accuracy(knn_bank[layer, t], knn_labels, eval_features[layer, t], prep.eval_labels),
+                "lr": fit.lr,
+                "val_acc": fit.val_acc,
+                "val_accs": fit.val_accs,
+            })
+    best = cells[choose_lr([cell["val_acc"] for cell in cells])]
+    results = {
+        "model": config.model,
+        "dataset": config.dataset,
+        "train_split": config.train_split,
+        "eval_split": config.eval_split,
+        "image_column": prep.image_column,
+        "label_column": prep.label_column,
+        "resolution": prep.resolution,
+        "seed": config.seed,
+        "pooling": "avg",
+        "protocol": config.protocol,
+        "recipe": config.recipe if config.protocol == "cached" else "paper",
+        "normalization": recipe.normalization,
+        "lrs": list(recipe.lrs),
+        "epochs": recipe.epochs,
+        "head_batch_size": recipe.batch_size,
+        "train_views": config.train_views if config.protocol == "cached" else None,
+        "dtype": config.dtype,
+        "num_processes": accelerator.num_processes if accelerator is not None else 1,
+        "num_train": len(prep.fit_rows),
+        "num_val": len(prep.val_rows),
+        "num_eval": len(prep.eval),
+        "num_labels": prep.num_labels,
+        "id2label": prep.id2label,
+        "layers": prep.layers,
+        "timesteps": prep.timesteps,
+        "cells": cells,
+        "best": best,
+        "config": asdict(config),
+    }
+    write_report(config.output_dir, results, {(c["layer"], c["timestep"]): fits[c["layer"], c["timestep"]].head
+                                              for c in cells})
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return results
+
+
+__all__ = ["ProbeConfig", "prepare", "run_probe", "default_layers", "DEFAULT_TIMESTEPS"]
+

@@ -1,0 +1,285 @@
+"""Linear probe heads on frozen features.
+
+Many heads -- one per (layer, timestep) cell and learning rate -- are trained together in
+one pass over the same mini-batches (as DINOv2's linear evaluation), with Adam and a cosine
+schedule. Features are standardised with training statistics before the head by default: a
+``BatchNorm1d(D, affine=False, eps=1e-5)`` in eval mode with running stats ``mean``/``var``.
+Each cell's learning rate is chosen on held-out validation data, never on test data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Hashable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+EPS = 1e-5
+NORMALIZATIONS = ("standardize", "none")
+
+
+@dataclass(frozen=True)
+class ProbeRecipe:
+    """How the linear heads are trained.
+
+    The default standardises features and trains each head to convergence over a few
+    learning rates; :data:`PAPER_RECIPE` is the DDAE paper's (raw features, Adam lr 1e-3,
+    15 epochs, batch 128, cosine).
+    """
+
+    lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
+    epochs: int = 30
+    batch_size: int = 256
+    normalization: str = "standardize"
+
+    def __post_init__(self):
+        if not self.lrs or any(not (lr > 0) for lr in self.lrs):
+            raise ValueError(f"Learning rates must be positive numbers, got {self.lrs}.")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}.")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}.")
+
+
+PAPER_RECIPE = ProbeRecipe(lrs=(1e-3,), epochs=15, batch_size=128, normalization="none")
+
+
+def feature_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and (biased) variance of (N, D) features, each (D,) float32."""
+    x = x.double()
+    return x.mean(0).float(), x.var(0, unbiased=False).float()
+
+
+def standardize(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """(N, D) -> ``(x - mean) / sqrt(var + 1e-5)``, i.e. ``BatchNorm1d(affine=False)`` in eval mode."""
+    return (x.float() - mean) * torch.rsqrt(var + EPS)
+
+
+@dataclass
+class LinearHead:
+    """A trained head: ``logits = W @ standardize(x) + b`` (no standardisation when ``mean`` is None).
+
+    Shapes: ``weight`` (C, D), ``bias`` (C,), ``mean``/``var`` (D,).
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    mean: torch.Tensor | None = None
+    var: torch.Tensor | None = None
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, D) raw features -> (N, C) logits."""
+        if self.mean is not None:
+            x = standardize(x, self.mean, self.var)
+        return F.linear(x.float(), self.weight, self.bias)
+
+    def accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """Top-1 accuracy in [0, 1] on (N, D) raw features with (N,) labels."""
+        return accuracy(self.logits(x).argmax(1), y)
+
+
+@dataclass
+class CellFit:
+    """The head chosen for one cell, its learning rate and validation accuracy (None without validation)."""
+
+    head: LinearHead
+    lr: float
+    val_acc: float | None
+    val_accs: list[float] = field(default_factory=list)
+
+
+def accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of ``predicted == labels`` (both (N,))."""
+    return (predicted.long() == labels.long()).float().mean().item()
+
+
+class HeadBank(torch.nn.Module):
+    """One zero-initialised linear head per (cell, learning rate), all trained by one Adam.
+
+    ``dims`` maps a cell key to its feature width D. Cells of equal width are stacked and
+    computed with one batched matmul; each learning rate is a parameter group, so every head
+    follows its own schedule while all heads see the same mini-batches.
+    """
+
+    def __init__(self, dims: Mapping[Hashable, int], num_classes: int, lrs: Sequence[float]):
+        super().__init__()
+        self.lrs = [float(lr) for lr in lrs]
+        self.keys = list(dims)
+        widths = sorted(set(dims.values()))
+        self.groups = [[key for key in self.keys if dims[key] == width] for width in widths]
+        self.weights = torch.nn.ParameterList()  # [group * L + l]: (n_g, D_g, C)
+        self.biases = torch.nn.ParameterList()  # [group * L + l]: (n_g, 1, C)
+        for keys, width in zip(self.groups, widths, strict=True):
+            for _ in self.lrs:
+                self.weights.append(torch.nn.Parameter(torch.zeros(len(keys), width, num_classes)))
+                self.biases.append(torch.nn.Parameter(torch.zeros(len(keys), 1, num_classes)))
+
+    def stack(self, features: Mapping[Hashable, torch.Tensor]) -> list[torch.Tensor]:
+        """``{key: (B, D)}`` -> one (n_g, B, D_g) tensor per group of equal-width cells."""
+        return [torch.stack([features[key].float() for key in keys]) for keys in self.groups]
+
+    def logits(self, group: int, x: torch.Tensor) -> torch.Tensor:
+        """(n_g, B, D_g) head inputs of one group -> (L, n_g, B, C) logits."""
+        per_lr = []
+        for index in range(len(self.lrs)):
+            weight, bias = self.weights[group * len(self.lrs) + index], self.biases[group * len(self.lrs) + index]
+            per_lr.append(torch.baddbmm(bias, x, weight))
+        return torch.stack(per_lr)
+
+    def loss(self, inputs: Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        """Sum over cells and learning rates of the mean cross-entropy; ``inputs`` from :meth:`stack`."""
+        total = 0.0
+        for group, x in enumerate(inputs):
+            logits = self.logits(group, x)
+            repeats = logits.shape[0] * logits.shape[1]
+            total = total + F.cross_entropy(
+                logits.flatten(0, 2), labels.long().repeat(repeats), reduction="sum"
+            ) / labels.shape[0]
+        return total
+
+    def optimizer(self, total_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        """Adam with one parameter group per lr, and a cosine decay to 0 over ``total_steps``."""
+        groups = []
+        for index, lr in enumerate(self.lrs):
+            members = range(index, len(self.weights), len(self.lrs))
+            params = [self.weights[i] for i in members] + [self.biases[i] for i in members]
+            groups.append({"params": params, "lr": lr})
+        optimizer = torch.optim.Adam(groups)
+        return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
+
+    def _locate(self, key: Hashable) -> tuple[int, int]:
+        group = next(g for g, keys in enumerate(self.groups) if key in keys)
+        return group, self.groups[group].index(key)
+
+    def head(self, key: Hashable, lr_index: int, stats: tuple[torch.Tensor, torch.Tensor] | None) -> LinearHead:
+        """The trained head of ``key`` at learning rate ``lrs[lr_index]`` (a detached copy)."""
+        group, row = self._locate(key)
+        weight = self.weights[group * len(self.lrs) + lr_index][row].T
+        bias = self.biases[group * len(self.lrs) + lr_index][row, 0]
+        mean, var = stats if stats is not None else (None, None)
+        return LinearHead(weight.detach().clone(), bias.detach().clone(), mean, var)
+
+    @torch.no_grad()
+    def predict(self, key: Hashable, x: torch.Tensor) -> torch.Tensor:
+        """(N, D) head input of one cell -> (L, N) predicted classes, one row per lr."""
+        return torch.stack([self.head(key, i, None).logits(x).argmax(1) for i in range(len(self.lrs))])
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Runs the block on one CPU thread: head matmuls are tiny, and extra threads only wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def minibatches(num_examples: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Index tensors of a seeded random permutation of ``range(num_examples)``, ``batch_size`` at a time."""
+    order = torch.randperm(num_examples, generator=generator)
+    yield from order.split(batch_size)
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    return math.ceil(num_examples / batch_size)
+
+
+def choose_lr(val_accs: Sequence[float]) -> int:
+    """Index of the best validation accuracy; ties go to the smaller index (smaller lr if sorted)."""
+    return max(range(len(val_accs)), key=lambda i: (val_accs[i], -i))
+
+
+def train_heads(
+    train_features: Mapping[Hashable, torch.Tensor],
+    train_labels: torch.Tensor,
+    num_classes: int,
+    recipe: ProbeRecipe = ProbeRecipe(),
+    val_features: Mapping[Hashable, torch.Tensor] | None = None,
+    val_labels: torch.Tensor | None = None,
+    seed: int = 0,
+) -> dict[Hashable, CellFit]:
+    """Trains one head per cell and learning rate on (N, D_cell) features; returns each cell's chosen head.
+
+    With several learning rates, the choice is made on ``val_features``/``val_labels`` (held-out
+    training data); with one, validation is optional and only reported.
+    """
+    keys = list(train_features)
+    if len(recipe.lrs) > 1 and val_features is None:
+        raise ValueError("Choosing among several learning rates needs validation features (val_features).")
+    labels = train_labels.long()
+    stats = {}
+    inputs = {}
+    for key in keys:
+        x = train_features[key]
+        if x.ndim != 2 or x.shape[0] != labels.shape[0]:
+            raise ValueError(f"Cell {key!r}: features {tuple(x.shape)} do not match {labels.shape[0]} labels.")
+        if recipe.normalization == "standardize":
+            stats[key] = feature_stats(x)
+            inputs[key] = standardize(x, *stats[key])
+        else:
+            inputs[key] = x.float()
+
+    bank = HeadBank({key: inputs[key].shape[1] for key in keys}, num_classes, recipe.lrs)
+    stacked = bank.stack(inputs)
+    del inputs
+    optimizer, schedule = bank.optimizer(recipe.epochs * steps_per_epoch(labels.shape[0], recipe.batch_size))
+    generator = torch.Generator().manual_seed(seed)
+    with single_thread():
+        for _ in range(recipe.epochs):
+            for index in minibatches(labels.shape[0], recipe.batch_size, generator):
+                loss = bank.loss([x[:, index] for x in stacked], labels[index])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+    return select_heads(bank, stats, val_features, val_labels)
+
+
+def select_heads(
+    bank: HeadBank,
+    stats: Mapping[Hashable, tuple[torch.Tensor, torch.Tensor]],
+    val_features: Mapping[Hashable, torch.Tensor] | None,
+    val_labels: torch.Tensor | None,
+) -> dict[Hashable, CellFit]:
+    """Each cell's head with the best validation accuracy (the only head when there is one lr)."""
+    fits = {}
+    for key in bank.keys:
+        val_accs: list[float] = []
+        if val_features is not None:
+            x = val_features[key]
+            x = standardize(x, *stats[key]) if key in stats else x.float()
+            val_accs = [accuracy(p, val_labels) for p in bank.predict(key, x)]
+        chosen = choose_lr(val_accs) if val_accs else 0
+        fits[key] = CellFit(
+            bank.head(key, chosen, stats.get(key)),
+            bank.lrs[chosen],
+            val_accs[chosen] if val_accs else None,
+            val_accs,
+        )
+    return fits
+
+
+def linear_probe_accuracy(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    eval_x: torch.Tensor,
+    eval_y: torch.Tensor,
+    num_classes: int | None = None,
+    epochs: int = 30,
+    lr: float = 3e-3,
+    seed: int = 0,
+) -> float:
+    """Test accuracy in [0, 1] of one standardised linear probe (Adam, cosine) on (N, D) features.
+
+    A quick, converging probe for monitoring; the grid search uses :func:`train_heads` directly.
+    """
+    if num_classes is None:
+        num_classes = int(max(train_y.max(), eval_y.max())) + 1
+    recipe = ProbeRecipe(lrs=(lr,), epochs=epochs, batch_size=256, normalization="standardize")
+    fit = train_heads({"x": train_x}, train_y, num_classes, recipe, seed=seed)["x"]
+    return fit.head.accuracy(eval_x, eval_y)

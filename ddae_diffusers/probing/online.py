@@ -1,0 +1,121 @@
+"""The DDAE paper's probing protocol, as a faithful (slow) reference.
+
+Features are recomputed every epoch with fresh noise and a fresh random crop (pad 4) + flip;
+one forward per (batch, timestep) captures all layers; one raw-feature linear head per
+(layer, timestep) is trained with Adam (lr 1e-3), batch 128, a cosine schedule, 15 epochs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..capture import DDAEBackbone
+from .cache import View
+from .heads import PAPER_RECIPE, HeadBank, ProbeRecipe, minibatches, select_heads, single_thread, steps_per_epoch
+
+ONLINE_ROLE = 2  # seeds of the online views differ from the cached train (0) and eval (1) views
+
+
+def sharded_features(
+    backbone: DDAEBackbone,
+    dataset,
+    image_column: str,
+    ids: Sequence[int],
+    view: View,
+    layers: Sequence[str],
+    timesteps: Sequence[int],
+    resolution: int,
+    seed: int,
+    dtype: torch.dtype | None,
+    accelerator=None,
+) -> dict[tuple[str, int], torch.Tensor]:
+    """``{(layer, t): (B, D)}`` of examples ``ids``, split across processes and gathered on every rank."""
+    world = accelerator.num_processes if accelerator is not None else 1
+    rank = accelerator.process_index if accelerator is not None else 0
+    keys = [(layer, t) for t in timesteps for layer in layers]
+    dims = [backbone.layer_info(layer).feature_dim for layer in layers] * len(timesteps)
+    mine = list(ids)[rank::world]
+    rows = -(-len(ids) // world)
+    block = torch.zeros(rows, sum(dims), device=backbone.device)
+    if mine:
+        pixels = view.pixels(dataset.select(mine)[image_column], mine, resolution, seed)
+        features = backbone.features(
+            pixels, layers, timesteps, seed=view.noise_seed(seed), example_ids=mine, dtype=dtype
+        )
+        block[: len(mine)] = torch.cat([features[key] for key in keys], dim=1)
+    if world > 1:
+        gathered = accelerator.gather(block).cpu().view(world, rows, -1)
+        # rank r holds ids[r::world]: interleave back into the batch order
+        block = torch.empty(len(ids), sum(dims))
+        for r in range(world):
+            block[r::world] = gathered[r, : len(range(r, len(ids), world))]
+    return dict(zip(keys, block.cpu().split(dims, dim=1), strict=True))
+
+
+def train_online(
+    backbone: DDAEBackbone,
+    dataset,
+    image_column: str,
+    labels: torch.Tensor,
+    train_rows: Sequence[int],
+    val_rows: Sequence[int],
+    layers: Sequence[str],
+    timesteps: Sequence[int],
+    resolution: int,
+    num_classes: int,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    recipe: ProbeRecipe = PAPER_RECIPE,
+    accelerator=None,
+    progress: bool = True,
+):
+    """Trains the paper's heads on features recomputed every epoch.
+
+    ``labels`` (N,) covers the whole ``dataset``; ``train_rows``/``val_rows`` index it.
+    Returns ``(fits, knn_bank)``: each cell's :class:`~.heads.CellFit` (validation on the
+    ``val_rows`` of augmented train view 0, as in the cached protocol) and the last epoch's
+    features ``{(layer, t): (N_train, D)}`` with their labels, for kNN.
+    """
+    from tqdm.auto import tqdm
+
+    is_main = accelerator is None or accelerator.is_main_process
+    keys = [(layer, t) for t in timesteps for layer in layers]
+    bank = HeadBank({(layer, t): backbone.layer_info(layer).feature_dim for layer, t in keys}, num_classes, recipe.lrs)
+    optimizer, schedule = bank.optimizer(recipe.epochs * steps_per_epoch(len(train_rows), recipe.batch_size))
+    generator = torch.Generator().manual_seed(seed)
+    train_rows = torch.as_tensor(list(train_rows))
+    last: dict = {key: [] for key in keys}
+    last_labels = []
+    common = dict(layers=layers, timesteps=timesteps, resolution=resolution, seed=seed, dtype=dtype,
+                  accelerator=accelerator)
+    bar = tqdm(total=recipe.epochs * steps_per_epoch(len(train_rows), recipe.batch_size),
+               desc="online probe", disable=not (progress and is_main))
+    for epoch in range(recipe.epochs):
+        view = View(ONLINE_ROLE, epoch, augment=True)
+        for index in minibatches(len(train_rows), recipe.batch_size, generator):
+            ids = train_rows[index].tolist()
+            features = sharded_features(backbone, dataset, image_column, ids, view, **common)
+            with single_thread():
+                loss = bank.loss(bank.stack(features), labels[ids])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+            if epoch == recipe.epochs - 1:
+                for key in keys:
+                    last[key].append(features[key].half())
+                last_labels.append(labels[ids])
+            bar.update(1)
+    bar.close()
+    val_features = {}
+    val_rows = list(val_rows)
+    for start in range(0, len(val_rows), recipe.batch_size):
+        ids = val_rows[start : start + recipe.batch_size]
+        for key, value in sharded_features(backbone, dataset, image_column, ids, View(0, 0, True), **common).items():
+            val_features.setdefault(key, []).append(value)
+    val_features = {key: torch.cat(values) for key, values in val_features.items()}
+    fits = select_heads(bank, {}, val_features, labels[val_rows])
+    knn_bank = {key: torch.cat(values) for key, values in last.items()}
+    return fits, knn_bank, torch.cat(last_labels)

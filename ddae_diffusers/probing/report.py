@@ -1,0 +1,121 @@
+"""Probe artefacts: ``results.json``, ``results.md``, ``heatmap.png``, ``knn_heatmap.png``, ``heads.safetensors``.
+
+``heads.safetensors`` holds every cell's chosen head: ``"{layer}@{t}.weight"`` (C, D),
+``"{layer}@{t}.bias"`` (C,) and, with standardisation, ``"{layer}@{t}.mean"``/``".var"`` (D,):
+the head input is ``(x - mean) / sqrt(var + 1e-5)``, a ``BatchNorm1d(D, affine=False)`` in
+eval mode. Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+
+import numpy as np
+
+from ..io_utils import atomic_path
+from .heads import LinearHead
+
+
+def head_tensors(heads: Mapping[tuple[str, int], LinearHead]) -> dict:
+    """The ``heads.safetensors`` dict of every cell's head."""
+    tensors = {}
+    for (layer, t), head in heads.items():
+        tensors[f"{layer}@{t}.weight"] = head.weight.contiguous()
+        tensors[f"{layer}@{t}.bias"] = head.bias.contiguous()
+        if head.mean is not None:
+            tensors[f"{layer}@{t}.mean"] = head.mean.contiguous()
+            tensors[f"{layer}@{t}.var"] = head.var.contiguous()
+    return tensors
+
+
+def load_heads(folder: str) -> dict[tuple[str, int], LinearHead]:
+    """Reads ``heads.safetensors`` back into ``{(layer, t): LinearHead}``."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(os.path.join(folder, "heads.safetensors"))
+    heads = {}
+    for name in tensors:
+        if name.endswith(".weight"):
+            prefix = name[: -len(".weight")]
+            layer, t = prefix.rsplit("@", 1)
+            heads[layer, int(t)] = LinearHead(
+                tensors[name], tensors[f"{prefix}.bias"], tensors.get(f"{prefix}.mean"), tensors.get(f"{prefix}.var")
+            )
+    return heads
+
+
+def markdown_table(results: dict) -> str:
+    """``results.md``: the run's settings and every cell, best validation accuracy first."""
+    cells = sorted(results["cells"], key=lambda c: (-c["val_acc"], -c["linear_acc"]))
+    best = results["best"]
+    lines = [
+        f"# Probe grid: {results['model']} on {results['dataset']}",
+        "",
+        f"Protocol `{results['protocol']}` (recipe `{results['recipe']}`, normalization "
+        f"`{results['normalization']}`), {results['num_train']} train / {results['num_val']} validation / "
+        f"{results['num_eval']} {results['eval_split']} examples, resolution {results['resolution']}, "
+        f"seed {results['seed']}. Best cell (chosen on validation): **{best['layer']} @ t={best['timestep']}**, "
+        f"linear {100 * best['linear_acc']:.2f}%, kNN {100 * best['knn_acc']:.2f}%.",
+        "",
+        "| layer | t | dim | linear acc (%) | kNN acc (%) | val acc (%) | lr |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in cells:
+        lines.append(
+            f"| {c['layer']} | {c['timestep']} | {c['feature_dim']} | {100 * c['linear_acc']:.2f} | "
+            f"{100 * c['knn_acc']:.2f} | {100 * c['val_acc']:.2f} | {c['lr']:g} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def heatmap(results: dict, metric: str, path: str, title: str, marked: tuple[str, int]) -> None:
+    """Layers (execution order) x timesteps, annotated in %, with ``marked`` outlined; PNG at ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers, timesteps = results["layers"], results["timesteps"]
+    grid = np.full((len(layers), len(timesteps)), np.nan)
+    for c in results["cells"]:
+        grid[layers.index(c["layer"]), timesteps.index(c["timestep"])] = 100 * c[metric]
+    fig, ax = plt.subplots(figsize=(1.1 * len(timesteps) + 3.5, 0.38 * len(layers) + 1.6))
+    image = ax.imshow(grid, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(timesteps)), [str(t) for t in timesteps])
+    ax.set_yticks(range(len(layers)), layers, fontsize=8)
+    ax.set_xlabel("timestep (diffusers index; paper t = index + 1)")
+    ax.set_title(title, fontsize=10)
+    middle = np.nanmean(grid)
+    for i in range(len(layers)):
+        for j in range(len(timesteps)):
+            color = "black" if grid[i, j] > middle else "white"
+            ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", fontsize=7, color=color)
+    row, col = layers.index(marked[0]), timesteps.index(marked[1])
+    ax.add_patch(plt.Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5))
+    fig.colorbar(image, ax=ax, label="accuracy (%)")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def write_report(output_dir: str, results: dict, heads: Mapping[tuple[str, int], LinearHead]) -> None:
+    """Writes all artefacts of a finished run into ``output_dir``."""
+    from safetensors.torch import save_file
+
+    os.makedirs(output_dir, exist_ok=True)
+    best = results["best"]
+    with atomic_path(os.path.join(output_dir, "heads.safetensors")) as tmp:
+        save_file(head_tensors(heads), tmp, metadata={"best": f"{best['layer']}@{best['timestep']}"})
+    with atomic_path(os.path.join(output_dir, "results.json")) as tmp, open(tmp, "w") as f:
+        json.dump(results, f, indent=1)
+    with atomic_path(os.path.join(output_dir, "results.md")) as tmp, open(tmp, "w") as f:
+        f.write(markdown_table(results))
+    name = os.path.basename(str(results["model"]).rstrip("/"))
+    heatmap(results, "linear_acc", os.path.join(output_dir, "heatmap.png"),
+            f"linear probe accuracy, {name} (box: best on validation)", (best["layer"], best["timestep"]))
+    top_knn = max(results["cells"], key=lambda c: c["knn_acc"])
+    heatmap(results, "knn_acc", os.path.join(output_dir, "knn_heatmap.png"),
+            f"kNN accuracy (k=20, T=0.07), {name} (box: highest)", (top_knn["layer"], top_knn["timestep"]))

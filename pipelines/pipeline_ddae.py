@@ -1,0 +1,537 @@
+"""``DDAEPipeline``: one diffusers pipeline that samples, extracts DDAE features and classifies.
+
+It holds a pixel-space ``UNet2DModel`` (google/ddpm-cifar10-32 layout) or a ``DiTTransformer2DModel``
+(facebook/DiT-XL-2-256 layout, with its ``AutoencoderKL``), a noise scheduler and an optional
+``DDAEForImageClassification``. Features come from the capture core (``DDAEBackbone``); this module only
+turns user inputs into pixel tensors and wires the components together.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DiffusionPipeline,
+    DiTTransformer2DModel,
+    ImagePipelineOutput,
+    SchedulerMixin,
+    UNet2DModel,
+)
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+from huggingface_hub import ModelCard, create_repo
+
+from ddae_diffusers.capture import DDAEBackbone, _read_json, check_denoiser, denoiser_kwargs
+from ddae_diffusers.image_processing_ddae import DDAEImageProcessor
+from ddae_diffusers.modelcard import make_model_card
+from ddae_diffusers.modeling_ddae import DDAEForImageClassification
+from ddae_diffusers.presets import DENOISER_CLASSES
+
+ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | Sequence[PIL.Image.Image | np.ndarray | torch.Tensor]
+
+# Class names a model_index.json may give the denoiser. ``Transformer2DModel`` is how facebook/DiT-XL-2-256
+# records it; diffusers remaps it to ``DiTTransformer2DModel`` on load (its norm_type is ada_norm_zero).
+_DENOISER_NAMES = (*DENOISER_CLASSES, "Transformer2DModel")
+_OUTPUT_TYPES = ("pil", "np", "pt")
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from ddae_diffusers import DDAEPipeline
+
+        >>> # any diffusers DDPM or DiT repo or folder: google/ddpm-cifar10-32, facebook/DiT-XL-2-256, ...
+        >>> pipe = DDAEPipeline.from_pretrained("google/ddpm-cifar10-32")
+
+        >>> # sample like DDPMPipeline
+        >>> images = pipe(batch_size=2, num_inference_steps=10, generator=torch.manual_seed(0)).images
+
+        >>> # DDAE features: the paper's out_6 at t=11 (diffusers t=10), global-average-pooled
+        >>> feats = pipe.extract_features(images, layers=["up_blocks.1.resnets.2"], timesteps=[10])
+        >>> feats["up_blocks.1.resnets.2", 10].shape
+        torch.Size([2, 256])
+        ```
+"""
+
+
+@dataclass
+class DDAEClassificationOutput(BaseOutput):
+    """Predictions of :meth:`DDAEPipeline.classify`.
+
+    Args:
+        labels: predicted class name of each image (``id2label`` of the classifier).
+        label_ids: (B,) predicted class indices.
+        scores: (B,) softmax probability of the predicted class.
+        logits: (B, num_labels) classifier logits.
+    """
+
+    labels: list[str]
+    label_ids: torch.Tensor
+    scores: torch.Tensor
+    logits: torch.Tensor
+
+
+class DDAEPipeline(DiffusionPipeline):
+    r"""
+    Pipeline for unconditional image generation, DDAE feature extraction and classification with one
+    diffusion denoiser.
+
+    This model inherits from [`DiffusionPipeline`]. Check the superclass documentation for the generic methods
+    implemented for all pipelines (downloading, saving, running on a particular device, etc.).
+
+    Give exactly one of `unet` and `transformer`.
+
+    Parameters:
+        unet ([`UNet2DModel`], *optional*):
+            A pixel-space DDPM denoiser (google/ddpm-cifar10-32 and `train_unconditional.py` outputs).
+        scheduler ([`SchedulerMixin`], *optional*):
+            The sampling scheduler ([`DDPMScheduler`], [`DDIMScheduler`], ...). Its betas also define the
+            noise that feature extraction adds. Defaults to `DDPMScheduler()` (1000 linear steps, 1e-4 to 0.02).
+        transformer ([`DiTTransformer2DModel`], *optional*):
+            A DiT denoiser, latent (with `vae`, as facebook/DiT-XL-2-256) or pixel-space. It always gets the
+            null class id, i.e. runs unconditionally.
+        vae ([`AutoencoderKL`], *optional*):
+            Encodes images to latents (times `scaling_factor`) for features and decodes samples.
+        classifier ([`DDAEForImageClassification`], *optional*):
+            A fine-tuned or linear-probe DDAE classifier, used by [`~DDAEPipeline.classify`].
+    """
+
+    model_cpu_offload_seq = "transformer->unet->vae"
+    _optional_components = ["unet", "scheduler", "transformer", "vae", "classifier"]
+
+    def __init__(
+        self,
+        unet: UNet2DModel | None = None,
+        scheduler: SchedulerMixin | None = None,
+        transformer: DiTTransformer2DModel | None = None,
+        vae: AutoencoderKL | None = None,
+        classifier: DDAEForImageClassification | None = None,
+    ):
+        super().__init__()
+        if (unet is None) == (transformer is None):
+            given = "both" if unet is not None else "neither"
+            raise ValueError(
+                f"DDAEPipeline needs exactly one denoiser, got {given} of unet and transformer: pass "
+                "unet=UNet2DModel(...) for a DDPM or transformer=DiTTransformer2DModel(...) for a DiT."
+            )
+        check_denoiser(unet if unet is not None else transformer)
+        if unet is not None and not isinstance(unet, UNet2DModel):
+            raise TypeError(f"unet must be a UNet2DModel, got {type(unet).__name__}: pass a DiT as transformer=.")
+        if transformer is not None and not isinstance(transformer, DiTTransformer2DModel):
+            raise TypeError(
+                f"transformer must be a DiTTransformer2DModel, got {type(transformer).__name__}: "
+                "pass a UNet2DModel as unet=."
+            )
+        if vae is not None and not isinstance(vae, AutoencoderKL):
+            raise TypeError(f"vae must be an AutoencoderKL, got {type(vae).__name__}.")
+        if classifier is not None and not isinstance(classifier, DDAEForImageClassification):
+            # diffusers would silently drop a plain nn.Module on save_pretrained: refuse it here.
+            raise TypeError(
+                f"classifier must be a DDAEForImageClassification, got {type(classifier).__name__}: build one "
+                "with DDAEForImageClassification.from_diffusers / from_probe (diffusers cannot save plain modules)."
+            )
+        scheduler = scheduler if scheduler is not None else DDPMScheduler()
+        self.register_modules(
+            unet=unet, scheduler=scheduler, transformer=transformer, vae=vae, classifier=classifier
+        )
+        self._backbone: DDAEBackbone | None = None
+        self._backbone_key: tuple | None = None
+
+    # ------------------------------------------------------------------ components
+    @property
+    def denoiser(self) -> UNet2DModel | DiTTransformer2DModel:
+        """The UNet or the DiT, whichever this pipeline holds."""
+        return self.unet if self.unet is not None else self.transformer
+
+    @property
+    def backbone(self) -> DDAEBackbone:
+        """The capture core over this pipeline's denoiser, VAE and noise schedule (rebuilt if they change).
+
+        Noise is added with a ``DDPMScheduler`` built from ``scheduler.config``: the same betas, and an
+        ``add_noise`` that works at any timestep whatever sampler is plugged in.
+        """
+        key = (id(self.denoiser), id(self.scheduler), id(self.vae))
+        if self._backbone is None or self._backbone_key != key:
+            if not hasattr(self.scheduler, "alphas_cumprod"):
+                raise TypeError(
+                    f"{type(self.scheduler).__name__} defines no beta schedule (alphas_cumprod), so DDAE features "
+                    "cannot be noised with it: use a DDPM/DDIM-style scheduler."
+                )
+            noise_scheduler = DDPMScheduler.from_config(self.scheduler.config)
+            self._backbone = DDAEBackbone(self.denoiser, noise_scheduler, self.vae)
+            self._backbone_key = key
+        return self._backbone
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> DDAEPipeline:
+        """Loads a diffusers pipeline folder or Hub repo with a UNet or a DiT.
+
+        Reads the layouts of google/ddpm-cifar10-32 (``model_index.json``, ``unet/``, ``scheduler/``; a model
+        at the root also works), facebook/DiT-XL-2-256 (``transformer/``, ``vae/``, ``scheduler/``),
+        ``DDPMPipeline``/``DDAEPipeline.save_pretrained`` folders and ``train_unconditional.py`` outputs. A
+        bare model folder (``config.json`` of a ``UNet2DModel`` or ``DiTTransformer2DModel``) gets a default
+        ``DDPMScheduler()``. ``classifier=`` may be a ``DDAEForImageClassification`` or the folder/Hub id of
+        one (a probe or fine-tuning export). Other keyword arguments go to ``DiffusionPipeline.from_pretrained``.
+        """
+        path = os.fspath(pretrained_model_name_or_path)
+        _check_exists(path)
+        classifier = kwargs.get("classifier")
+        if isinstance(classifier, (str, os.PathLike)):
+            _check_exists(os.fspath(classifier))
+        hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir") if k in kwargs}
+        model_index = _read_json(path, "model_index.json", **hub_kwargs)
+        if model_index is not None:
+            _check_model_index(path, model_index)
+            if isinstance(classifier, (str, os.PathLike)):
+                kwargs["classifier"] = _load_classifier(os.fspath(classifier))
+            return super().from_pretrained(path, **kwargs)
+
+        config = _read_json(path, "config.json", **hub_kwargs)
+        if config is None:
+            where = "" if os.path.isdir(path) else " (as a Hub repo id: check the name; be online or have it cached)"
+            raise ValueError(
+                f"{path!r} holds neither model_index.json nor config.json{where}: pass a diffusers pipeline folder "
+                "or repo (model_index.json with unet/ or transformer/, scheduler/) or a UNet2DModel / "
+                "DiTTransformer2DModel folder."
+            )
+        class_name = config.get("_class_name")
+        if class_name not in DENOISER_CLASSES:
+            hint = ""
+            if config.get("model_type") == "ddae":
+                hint = (
+                    " It is a DDAEForImageClassification export: load the pipeline it came from and pass it "
+                    f"as DDAEPipeline.from_pretrained(pipeline_dir, classifier={path!r})."
+                )
+            raise TypeError(
+                f"{path!r} holds a {class_name or config.get('model_type') or 'non-diffusers'} model; DDAEPipeline "
+                f"supports {', '.join(DENOISER_CLASSES)}.{hint}"
+            )
+        denoiser_cls = DENOISER_CLASSES[class_name]
+        if isinstance(classifier, (str, os.PathLike)):
+            kwargs["classifier"] = _load_classifier(os.fspath(classifier))
+        model_kwargs = {k: kwargs.pop(k) for k in ("torch_dtype", *hub_kwargs) if k in kwargs}
+        denoiser = denoiser_cls.from_pretrained(path, **model_kwargs)
+        key = "unet" if denoiser_cls is UNet2DModel else "transformer"
+        return cls(**{key: denoiser}, **kwargs)
+
+    # ------------------------------------------------------------------ saving
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
+        """Writes ``model_index.json`` and one folder per component (safetensors), plus a model card
+        ``README.md`` unless the folder already has one. ``push_to_hub=True`` then uploads the folder
+        (``repo_id``, ``token``, ``private``, ``commit_message``, ``create_pr`` are read from ``kwargs``)."""
+        hub_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "token", "private", "commit_message", "create_pr")
+                      if k in kwargs}
+        super().save_pretrained(save_directory, push_to_hub=False, **kwargs)
+        readme = os.path.join(save_directory, "README.md")
+        if not os.path.exists(readme):
+            self.model_card(hub_kwargs.get("repo_id")).save(readme)
+        if push_to_hub:
+            repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
+            self._push_folder(save_directory, repo_id, **hub_kwargs)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | None = None,
+        create_pr: bool = False,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+    ) -> str:
+        """Saves the pipeline with its DDAE model card to a temporary folder and uploads it to ``repo_id``."""
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, safe_serialization=safe_serialization, variant=variant, repo_id=repo_id)
+            return self._push_folder(
+                tmp, repo_id, token=token, private=private, commit_message=commit_message, create_pr=create_pr
+            )
+
+    def _push_folder(self, folder: str, repo_id: str, token=None, private=None, commit_message=None,
+                     create_pr: bool = False) -> str:
+        repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        return self._upload_folder(folder, repo_id, token=token, commit_message=commit_message, create_pr=create_pr)
+
+    def model_card(self, repo_id: str | None = None) -> ModelCard:
+        """A model card (YAML metadata, components, usage) for this pipeline."""
+        denoiser, backbone = self.denoiser, self.backbone
+        names = backbone.layer_names()
+        details = {
+            "denoiser": f"`{type(denoiser).__name__}`, {sum(p.numel() for p in denoiser.parameters()) / 1e6:.1f}M "
+            f"parameters, {backbone.image_size or 'any'}px images, {len(names)} capturable blocks",
+            "scheduler": f"`{type(self.scheduler).__name__}`, {backbone.num_train_timesteps} training timesteps",
+        }
+        if self.vae is not None:
+            details["vae"] = f"`AutoencoderKL`, scaling factor {self.vae.config.scaling_factor}"
+        summary, accuracy = {}, None
+        if self.classifier is not None:
+            config = self.classifier.config
+            summary = dict(config.training_summary or {})
+            accuracy = summary.get("accuracy")
+            labels = [str(config.id2label[i]) for i in sorted(config.id2label)]
+            details["classifier"] = (
+                f"`DDAEForImageClassification` on `{config.feature_layer}` at t={config.timestep}, "
+                f"{len(labels)} labels ({', '.join(labels[:10])}{', ...' if len(labels) > 10 else ''})"
+            )
+        layer = self.classifier.config.feature_layer if self.classifier is not None else names[len(names) // 2]
+        usage = _CARD_USAGE.format(repo=repo_id or "path/to/this/folder", layer=layer)
+        if self.classifier is not None:
+            usage += 'pipe.classify(images).labels  # ["...", ...]\n'
+        return make_model_card(
+            model_name=(repo_id or "ddae-pipeline").split("/")[-1],
+            title=f"DDAE pipeline: {type(denoiser).__name__}" + (" + classifier" if self.classifier else ""),
+            description=_CARD_DESCRIPTION,
+            details=details,
+            usage=usage,
+            base_model=self.config.get("_name_or_path"),
+            dataset=summary.get("dataset"),
+            dataset_split=summary.get("eval_split"),
+            accuracy=accuracy,
+            library_name="diffusers",
+            pipeline_tag="image-classification" if self.classifier is not None else "unconditional-image-generation",
+            tags=["image-feature-extraction", "unconditional-image-generation", type(denoiser).__name__],
+        )
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        num_inference_steps: int = 1000,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ) -> ImagePipelineOutput | tuple:
+        r"""
+        Generates images unconditionally (a DiT gets the null class id).
+
+        Args:
+            batch_size (`int`, *optional*, defaults to 1):
+                The number of images to generate.
+            generator (`torch.Generator`, *optional*):
+                A [`torch.Generator`](https://pytorch.org/docs/stable/generated/torch.Generator.html) (or one per
+                image) to make generation deterministic.
+            num_inference_steps (`int`, *optional*, defaults to 1000):
+                The number of denoising steps. Swap in a `DDIMScheduler` (`DDIMScheduler.from_config(
+                pipe.scheduler.config)`) for good images in about 50 steps.
+            output_type (`str`, *optional*, defaults to `"pil"`):
+                `"pil"` (`PIL.Image` list), `"np"` ((B, H, W, C) float array in [0, 1]) or `"pt"` ((B, C, H, W)
+                tensor in [0, 1]).
+            return_dict (`bool`, *optional*, defaults to `True`):
+                Whether to return an [`~pipelines.ImagePipelineOutput`] instead of a plain tuple.
+
+        Examples:
+
+        Returns:
+            [`~pipelines.ImagePipelineOutput`] or `tuple`: the generated images (first element of the tuple).
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        num_train = self.scheduler.config.num_train_timesteps
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or not (
+            1 <= num_inference_steps <= num_train
+        ):
+            raise ValueError(f"num_inference_steps must be an integer in 1..{num_train}, got {num_inference_steps!r}.")
+        if output_type not in _OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {_OUTPUT_TYPES}, got {output_type!r}.")
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(f"Got {len(generator)} generators for batch_size {batch_size}: pass one per image.")
+
+        denoiser = self.denoiser
+        channels = denoiser.config.in_channels
+        size = denoiser.config.sample_size
+        if size is None:
+            raise ValueError(f"{type(denoiser).__name__} has no sample_size in its config: cannot choose a shape.")
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        device = self._execution_device
+        sample = randn_tensor(
+            (batch_size, channels, height, width), generator=generator, device=device, dtype=denoiser.dtype
+        )
+        sample = sample * self.scheduler.init_noise_sigma
+        extra = denoiser_kwargs(denoiser, batch_size, device)
+        step_kwargs = {"generator": generator} if _accepts(self.scheduler.step, "generator") else {}
+        learned_sigma = denoiser.config.out_channels == 2 * channels
+        scheduler_uses_sigma = self.scheduler.config.get("variance_type") in ("learned", "learned_range")
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        for t in self.progress_bar(self.scheduler.timesteps):
+            model_input = self.scheduler.scale_model_input(sample, t)
+            timestep = t.to(device).expand(batch_size)
+            output = denoiser(model_input, timestep, **extra).sample
+            if learned_sigma and not scheduler_uses_sigma:
+                output = output[:, :channels]  # (B, 2C) -> predicted noise; the variance half is unused
+            sample = self.scheduler.step(output, t, sample, **step_kwargs).prev_sample
+
+        if self.vae is not None:
+            sample = self.vae.decode(sample.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        images = (sample.float() / 2 + 0.5).clamp(0, 1)
+        if output_type != "pt":
+            images = images.cpu().permute(0, 2, 3, 1).numpy()
+            if output_type == "pil":
+                images = self.numpy_to_pil(images)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+    # ------------------------------------------------------------------ features
+    def layer_names(self) -> list[str]:
+        """Capturable block names of the denoiser, in execution order (``up_blocks.1.resnets.2``, ...)."""
+        return self.backbone.layer_names()
+
+    def preprocess(self, images: ImageInput, image_size: int | None = None) -> torch.Tensor:
+        """Images -> (B, 3, H, W) float pixel values in [-1, 1] on the CPU.
+
+        Tensors ((B, C, H, W) or (C, H, W), already in [-1, 1]) are used as they are, so their size must match
+        the model. PIL images and numpy arrays (uint8, or floats in [0, 1] as ``output_type="np"`` returns)
+        go through ``DDAEImageProcessor``: RGB, resized and centre-cropped to ``image_size`` (default: the
+        model's resolution).
+        """
+        if isinstance(images, torch.Tensor):
+            images = images.unsqueeze(0) if images.ndim == 3 else images
+        elif isinstance(images, (list, tuple)) and images and all(isinstance(im, torch.Tensor) for im in images):
+            images = torch.stack(list(images))
+        if isinstance(images, torch.Tensor):
+            return images.cpu()
+        image_size = image_size or self.backbone.image_size
+        if image_size is None:
+            raise ValueError("The denoiser config has no sample_size: pass image_size= to resize the images.")
+        return DDAEImageProcessor(size=image_size)(images)["pixel_values"]
+
+    def extract_features(
+        self,
+        images: ImageInput,
+        layers: str | Sequence[str] | None = None,
+        timesteps: int | Sequence[int] | None = None,
+        pooling: str | None = "avg",
+        seed: int = 0,
+        dtype: torch.dtype | None = None,
+        batch_size: int = 64,
+    ) -> dict[tuple[str, int], torch.Tensor]:
+        """DDAE features of ``images``: the denoiser's block outputs on the images noised at ``timesteps``.
+
+        Args:
+            images: PIL images, uint8/float arrays or tensors (see :meth:`preprocess`).
+            layers: names from :meth:`layer_names` (default: the classifier's ``feature_layer``).
+            timesteps: diffusers indices ``0..T-1``; the paper's t=11 is 10 (default: the classifier's).
+            pooling: ``"avg"`` -> (N, C) per (layer, t); ``None`` -> raw (N, C, h, w) maps or (N, tokens, D).
+            seed: the noise of the i-th image is drawn from (seed, i), whatever ``batch_size`` is.
+            dtype: autocast dtype, e.g. ``torch.bfloat16``.
+            batch_size: images per forward.
+
+        Returns ``{(layer, t): float32 tensor}`` on the CPU.
+        """
+        backbone = self.backbone
+        if layers is None or timesteps is None:
+            if self.classifier is None or getattr(self.classifier.config, "feature_layer", None) is None:
+                raise ValueError("Pass layers= and timesteps= (e.g. layers=['mid_block'], timesteps=[10]).")
+            layers = layers if layers is not None else [self.classifier.config.feature_layer]
+            timesteps = timesteps if timesteps is not None else [self.classifier.config.timestep]
+        layers = backbone.check_layers(layers)
+        timesteps = backbone.check_timesteps(timesteps)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        pixel_values = backbone.check_images(self.preprocess(images)).cpu()
+
+        chunks: dict[tuple[str, int], list[torch.Tensor]] = {}
+        starts = range(0, pixel_values.shape[0], batch_size)
+        for start in self.progress_bar(starts) if len(starts) > 1 else starts:
+            batch = pixel_values[start : start + batch_size].to(backbone.device)
+            ids = range(start, start + batch.shape[0])
+            out = backbone.features(batch, layers, timesteps, pooling=pooling, seed=seed, example_ids=ids,
+                                    dtype=dtype)
+            for key, value in out.items():
+                chunks.setdefault(key, []).append(value.cpu())
+        return {key: torch.cat(values) for key, values in chunks.items()}
+
+    # ------------------------------------------------------------------ classification
+    @torch.no_grad()
+    def classify(self, images: ImageInput, batch_size: int = 64) -> DDAEClassificationOutput:
+        """Labels and softmax scores of ``images`` from the ``classifier`` component."""
+        if self.classifier is None:
+            raise ValueError(
+                "This pipeline has no classifier: load one with DDAEPipeline.from_pretrained(path, "
+                "classifier='path/to/classifier_or_probe_folder') or pass classifier=DDAEForImageClassification."
+            )
+        config = self.classifier.config
+        # The classifier validates size and range itself (clear ValueErrors); PIL/uint8 are resized to its size.
+        pixel_values = self.preprocess(images, image_size=getattr(config, "image_size", None))
+        self.classifier.eval()
+        device = self.classifier.device
+        logits = torch.cat([
+            self.classifier(pixel_values=pixel_values[i : i + batch_size].to(device)).logits.float().cpu()
+            for i in range(0, pixel_values.shape[0], batch_size)
+        ])
+        probs = logits.softmax(dim=-1)
+        scores, label_ids = probs.max(dim=-1)
+        labels = [str(config.id2label.get(int(i), int(i))) for i in label_ids]
+        return DDAEClassificationOutput(labels=labels, label_ids=label_ids, scores=scores, logits=logits)
+
+
+DDAEPipeline.__call__.__doc__ = DDAEPipeline.__call__.__doc__.replace("        Examples:\n", EXAMPLE_DOC_STRING)
+
+_CARD_DESCRIPTION = (
+    "A diffusers pipeline of ddae-diffusers: an unconditional diffusion denoiser that generates images and, "
+    "fed a slightly noised image, gives linearly separable features from its intermediate blocks (Denoising "
+    "Diffusion Autoencoders)."
+)
+_CARD_USAGE = """
+import torch
+from ddae_diffusers import DDAEPipeline
+
+pipe = DDAEPipeline.from_pretrained("{repo}")
+images = pipe(batch_size=4, num_inference_steps=50, generator=torch.manual_seed(0)).images
+features = pipe.extract_features(images, layers=["{layer}"], timesteps=[10])  # {{(layer, t): (4, C)}}
+"""
+
+
+def _accepts(function, name: str) -> bool:
+    return name in inspect.signature(function).parameters
+
+
+def _is_single(images: PIL.Image.Image | np.ndarray | torch.Tensor) -> bool:
+    """True for one image: PIL, (H, W[, C]) arrays and (C, H, W) tensors; False for batches."""
+    if isinstance(images, PIL.Image.Image):
+        return True
+    return images.ndim == (3 if isinstance(images, torch.Tensor) else 2) or (
+        isinstance(images, np.ndarray) and images.ndim == 3
+    )
+
+
+def _check_exists(path: str) -> None:
+    """A path that is not a folder must at least look like a Hub repo id (``name`` or ``owner/name``)."""
+    if not os.path.isdir(path) and (os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1):
+        raise ValueError(f"{path!r} is not a folder: give an existing local folder or a Hub repo id (owner/name).")
+
+
+def _check_model_index(path: str, model_index: dict) -> None:
+    """Refuses a pipeline without a supported denoiser before any weight is loaded."""
+    present = [key for key in ("unet", "transformer") if (model_index.get(key) or [None])[0] is not None]
+    if len(present) != 1:
+        raise ValueError(
+            f"{path}/model_index.json names {' and '.join(present) or 'no denoiser'}: DDAEPipeline needs exactly "
+            "one 'unet' (UNet2DModel) or 'transformer' (DiTTransformer2DModel)."
+        )
+    library, class_name = model_index[present[0]]
+    if class_name not in _DENOISER_NAMES:
+        raise TypeError(
+            f"{path} has a {library}.{class_name} {present[0]}; DDAEPipeline supports {', '.join(DENOISER_CLASSES)}."
+        )
+
+
+def _load_classifier(path: str) -> DDAEForImageClassification:
+    """A saved ``DDAEForImageClassification`` (folder or Hub id) or a probe-engine result folder."""
+    if os.path.isfile(os.path.join(path, "results.json")) and os.path.isfile(os.path.join(path, "heads.safetensors")):
+        return DDAEForImageClassification.from_probe(path)
+    return DDAEForImageClassification.from_pretrained(path)
+
+

@@ -1,0 +1,325 @@
+"""Probe engine: heads, kNN, the resumable feature cache, the grid CLI, bad inputs, 2-process runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from conftest import CIFAR10_PATH, REPO_ROOT, make_tiny_unet
+from PIL import Image
+
+from ddae_diffusers import DDAEBackbone
+from ddae_diffusers.probing.cache import FeatureCache, View
+from ddae_diffusers.probing.cli import main as probe_main
+from ddae_diffusers.probing.engine import ProbeConfig, run_probe
+from ddae_diffusers.probing.heads import (
+    PAPER_RECIPE,
+    ProbeRecipe,
+    linear_probe_accuracy,
+    train_heads,
+)
+from ddae_diffusers.probing.knn import knn_accuracy, knn_predict
+from ddae_diffusers.probing.report import load_heads
+
+LAYERS = ["mid_block.resnets.1", "up_blocks.0.resnets.1", "up_blocks.1.resnets.1"]
+
+
+def separable(num: int, dim: int = 48, classes: int = 5, seed: int = 0):
+    """Gaussian blobs around well-separated centres, badly scaled per dimension."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, dim, generator=g) * 4
+    y = torch.randint(0, classes, (num,), generator=g)
+    x = centres[y] + 0.5 * torch.randn(num, dim, generator=g)
+    return x * (torch.rand(dim, generator=g) * 50 + 0.1) + 20, y
+
+
+# ------------------------------------------------------------------ heads and kNN
+def test_linear_probe_accuracy_on_separable_features():
+    x, y = separable(1200)
+    assert linear_probe_accuracy(x[:1000], y[:1000], x[1000:], y[1000:], epochs=20) >= 0.99
+
+
+def test_grid_heads_on_separable_features_choose_lr_on_validation():
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 5, (1200,), generator=g)
+    feats = {}
+    for i in range(3):
+        for t in (1, 2):
+            centres = torch.randn(5, 16 * (i + 1), generator=g) * 4
+            feats[f"layer{i}", t] = centres[y] + 0.5 * torch.randn(len(y), centres.shape[1], generator=g)
+    train = {k: v[:900] for k, v in feats.items()}
+    val = {k: v[900:1000] for k, v in feats.items()}
+    test = {k: v[1000:] for k, v in feats.items()}
+    recipe = ProbeRecipe(lrs=(1e-4, 1e-3, 1e-2), epochs=10)
+    fits = train_heads(train, y[:900], 5, recipe, val, y[900:1000], seed=0)
+    assert set(fits) == set(feats)
+    for key, fit in fits.items():
+        assert fit.head.accuracy(test[key], y[1000:]) >= 0.99
+        assert len(fit.val_accs) == 3 and fit.val_acc == max(fit.val_accs)
+        assert fit.lr == recipe.lrs[fit.val_accs.index(fit.val_acc)]
+        assert fit.head.weight.shape == (5, train[key].shape[1]) and fit.head.mean.shape == (train[key].shape[1],)
+    with pytest.raises(ValueError, match="validation"):
+        train_heads(train, y[:900], 5, recipe)
+    raw = train_heads(train, y[:900], 5, PAPER_RECIPE)
+    assert all(fit.head.mean is None and fit.val_acc is None for fit in raw.values())
+
+
+def test_knn_matches_brute_force():
+    g = torch.Generator().manual_seed(0)
+    bank, bank_y = torch.randn(200, 12, generator=g), torch.randint(0, 4, (200,), generator=g)
+    query, query_y = torch.randn(50, 12, generator=g), torch.randint(0, 4, (50,), generator=g)
+    expected = []
+    for q in query:
+        sims = [float(torch.dot(q, b) / (q.norm() * b.norm())) for b in bank]
+        nearest = sorted(range(len(bank)), key=lambda i: -sims[i])[:20]
+        votes = [0.0] * 4
+        for i in nearest:
+            votes[int(bank_y[i])] += float(np.exp(sims[i] / 0.07))
+        expected.append(int(np.argmax(votes)))
+    predicted = knn_predict(bank, bank_y, query, 4, chunk_size=7)
+    assert predicted.tolist() == expected
+    assert knn_accuracy(bank, bank_y, query, query_y) == pytest.approx(
+        float(np.mean(np.array(expected) == query_y.numpy()))
+    )
+
+
+# ------------------------------------------------------------------ feature cache
+@pytest.fixture(scope="module")
+def backbone():
+    return DDAEBackbone(make_tiny_unet())
+
+
+@pytest.fixture(scope="module")
+def cifar24(cifar_small):
+    return cifar_small.select(range(24))
+
+
+def _extract(backbone, dataset, cache_dir, view=None, on_batch=None):
+    view = view or View(0, 0, True)
+    cache = FeatureCache(str(cache_dir), backbone, LAYERS, [10, 100], resolution=16, seed=3)
+    return cache.extract(dataset, "train", "img", view, batch_size=8, on_batch=on_batch, progress=False)
+
+
+def test_cache_resume_after_interruption_is_identical(backbone, cifar24, tmp_path):
+    reference = _extract(backbone, cifar24, tmp_path / "reference")
+    assert set(reference) == {(layer, t) for layer in LAYERS for t in (10, 100)}
+    assert all(v.dtype == torch.float16 and v.shape[0] == 24 for v in reference.values())
+
+    written = []
+
+    def interrupt(start, stop):
+        written.append((start, stop))
+        if len(written) == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _extract(backbone, cifar24, tmp_path / "resumed", on_batch=interrupt)
+    resumed_batches = []
+    resumed = _extract(backbone, cifar24, tmp_path / "resumed", on_batch=lambda a, b: resumed_batches.append((a, b)))
+    assert resumed_batches == [(8, 16), (16, 24)]  # only what was missing
+    for key in reference:
+        assert torch.equal(reference[key], resumed[key])
+    # a complete cache is reused without any forward
+    again = []
+    _extract(backbone, cifar24, tmp_path / "resumed", on_batch=lambda a, b: again.append((a, b)))
+    assert again == []
+    # a different view gets different features (fresh noise and crops)
+    other = _extract(backbone, cifar24, tmp_path / "resumed", view=View(0, 1, True))
+    assert not torch.equal(other[LAYERS[0], 10], reference[LAYERS[0], 10])
+
+
+def test_cache_corruption_and_truncation_are_recomputed(backbone, cifar24, tmp_path):
+    reference = _extract(backbone, cifar24, tmp_path)
+    unit = next(p for p in sorted(os.listdir(tmp_path)) if "-t10-" in p)
+    array_path = tmp_path / unit / "features.npy"
+
+    row_bytes = np.load(array_path, mmap_mode="r").shape[1] * 2
+    data = bytearray(array_path.read_bytes())
+    offset = len(data) - 2 * row_bytes  # row 22, in the last batch
+    data[offset : offset + 8] = b"\x7f" * 8
+    array_path.write_bytes(bytes(data))
+    recomputed = []
+    repaired = _extract(backbone, cifar24, tmp_path, on_batch=lambda a, b: recomputed.append((a, b)))
+    assert recomputed == [(16, 24)]
+    for key in reference:
+        assert torch.equal(reference[key], repaired[key])
+
+    with open(array_path, "r+b") as f:
+        f.truncate(os.path.getsize(array_path) // 2)
+    recomputed.clear()
+    repaired = _extract(backbone, cifar24, tmp_path, on_batch=lambda a, b: recomputed.append((a, b)))
+    assert recomputed == [(0, 8), (8, 16), (16, 24)]
+    for key in reference:
+        assert torch.equal(reference[key], repaired[key])
+
+    (tmp_path / unit / "progress.jsonl").write_text("{not json\n")
+    recomputed.clear()
+    _extract(backbone, cifar24, tmp_path, on_batch=lambda a, b: recomputed.append((a, b)))
+    assert len(recomputed) == 3
+
+
+# ------------------------------------------------------------------ the grid end to end
+PROBE_ARGS = [
+    "--dataset", CIFAR10_PATH, "--max_train_samples", "120", "--max_eval_samples", "60",
+    "--layers", *LAYERS, "--timesteps", "10", "100", "--batch_size", "32", "--epochs", "8",
+    "--lrs", "0.001", "0.01", "--seed", "1",
+]
+
+
+@pytest.fixture(scope="module")
+def probe_run(tiny_unet_pipeline_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("probe")
+    results = probe_main(["--model", tiny_unet_pipeline_dir, "--output_dir", str(out), *PROBE_ARGS])
+    return out, results
+
+
+def test_probe_cli_writes_artefacts(probe_run):
+    out, results = probe_run
+    for name in ("results.json", "results.md", "heatmap.png", "knn_heatmap.png", "heads.safetensors"):
+        assert (out / name).is_file(), name
+    for name in ("heatmap.png", "knn_heatmap.png"):
+        with Image.open(out / name) as image:
+            image.load()
+            assert image.format == "PNG" and image.size[0] > 100
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["cells"] == results["cells"] and len(saved["cells"]) == 6
+    assert saved["num_labels"] == 10 and saved["id2label"]["0"] == "airplane"
+    assert saved["normalization"] == "standardize" and saved["protocol"] == "cached"
+    assert saved["num_train"] + saved["num_val"] == 120 and saved["num_eval"] == 60
+    best = saved["best"]
+    assert best["val_acc"] == max(c["val_acc"] for c in saved["cells"])
+    for cell in saved["cells"]:
+        assert 0 <= cell["linear_acc"] <= 1 and 0 <= cell["knn_acc"] <= 1 and cell["lr"] in (0.001, 0.01)
+    table = (out / "results.md").read_text()
+    assert f"| {best['layer']} | {best['timestep']} |" in table.splitlines()[6]
+
+
+def test_saved_heads_are_batchnorm_plus_linear(probe_run, tiny_unet_pipeline_dir, cifar_small):
+    out, results = probe_run
+    heads = load_heads(str(out))
+    assert set(heads) == {(c["layer"], c["timestep"]) for c in results["cells"]}
+    best = results["best"]
+    head = heads[best["layer"], best["timestep"]]
+    # recompute the test accuracy from the saved head and freshly extracted eval features
+    backbone = DDAEBackbone.from_pretrained(tiny_unet_pipeline_dir)
+    cache = FeatureCache(str(out / "feature_cache"), backbone, LAYERS, [10, 100], 16, seed=1)
+    evaluation = datasets.load_dataset(CIFAR10_PATH, split="test").select(range(60))
+    features = cache.extract(evaluation, "test", "img", View(1, 0, False), batch_size=60, progress=False)
+    x = features[best["layer"], best["timestep"]].float()
+    bn = torch.nn.BatchNorm1d(x.shape[1], affine=False, eps=1e-5).eval()
+    bn.running_mean.copy_(head.mean)
+    bn.running_var.copy_(head.var)
+    logits = torch.nn.functional.linear(bn(x), head.weight, head.bias)
+    torch.testing.assert_close(logits, head.logits(x))
+    accuracy = (logits.argmax(1) == torch.tensor(evaluation["label"])).float().mean().item()
+    assert accuracy == pytest.approx(best["linear_acc"])
+
+
+def test_same_seed_same_grid(probe_run, tiny_unet_pipeline_dir, tmp_path):
+    _, first = probe_run
+    second = probe_main(["--model", tiny_unet_pipeline_dir, "--output_dir", str(tmp_path), *PROBE_ARGS])
+    assert second["cells"] == first["cells"]
+
+
+def test_online_protocol_runs_the_paper_recipe(tiny_unet_pipeline_dir, tmp_path):
+    config = ProbeConfig(
+        model=tiny_unet_pipeline_dir, dataset=CIFAR10_PATH, output_dir=str(tmp_path), max_train_samples=48,
+        max_eval_samples=32, layers=LAYERS[1:], timesteps=[10], protocol="online", seed=2,
+    )
+    results = run_probe(config, progress=False)
+    assert results["protocol"] == "online" and results["epochs"] == 15 and results["lrs"] == [1e-3]
+    assert results["normalization"] == "none" and results["head_batch_size"] == 128
+    assert len(results["cells"]) == 2 and all(0 <= c["linear_acc"] <= 1 for c in results["cells"])
+    assert (tmp_path / "heatmap.png").is_file()
+    assert "up_blocks.1.resnets.1@10.mean" not in load_heads_keys(tmp_path)
+
+
+def load_heads_keys(folder) -> set[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "heads.safetensors"), "pt") as f:
+        return set(f.keys())
+
+
+# ------------------------------------------------------------------ bad inputs: errors before any extraction
+def _parquet_dataset(folder, columns: dict) -> str:
+    os.makedirs(folder, exist_ok=True)
+    datasets.Dataset.from_dict(columns).cast_column("img", datasets.Image()).to_parquet(
+        os.path.join(folder, "train.parquet")
+    )
+    datasets.Dataset.from_dict(columns).cast_column("img", datasets.Image()).to_parquet(
+        os.path.join(folder, "test.parquet")
+    )
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def odd_datasets(cifar_small, tmp_path_factory):
+    root = tmp_path_factory.mktemp("odd")
+    images = [np.asarray(image) for image in cifar_small.select(range(8))["img"]]
+    return {
+        "unlabelled": _parquet_dataset(root / "unlabelled", {"img": images}),
+        "float_labels": _parquet_dataset(root / "float", {"img": images, "label": [0.5] * 8}),
+        "one_class": _parquet_dataset(root / "one", {"img": images, "label": [3] * 8}),
+    }
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("unknown_layer", "Unknown layer"),
+        ("unknown_timestep", "(?i)timestep"),
+        ("unlabelled", "label"),
+        ("float_labels", "integer class labels"),
+        ("one_class", "at least two"),
+        ("bad_resolution", "resolution"),
+        ("unwritable_output", "--output_dir"),
+        ("unwritable_cache", "--cache_dir"),
+    ],
+)
+def test_bad_inputs_fail_before_extraction(case, match, tiny_unet_pipeline_dir, odd_datasets, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    kwargs = dict(model=tiny_unet_pipeline_dir, dataset=CIFAR10_PATH, output_dir=str(tmp_path / "out"),
+                  cache_dir=str(tmp_path / "cache"), max_train_samples=16, max_eval_samples=8, timesteps=[10])
+    kwargs.update({
+        "unknown_layer": {"layers": ["up_blocks.7.resnets.0"]},
+        "unknown_timestep": {"timesteps": [10, 1000]},
+        "unlabelled": {"dataset": odd_datasets["unlabelled"]},
+        "float_labels": {"dataset": odd_datasets["float_labels"]},
+        "one_class": {"dataset": odd_datasets["one_class"]},
+        "bad_resolution": {"resolution": 32},
+        "unwritable_output": {"output_dir": str(blocker / "out")},
+        "unwritable_cache": {"cache_dir": str(blocker / "cache")},
+    }[case])
+
+    def no_extraction(start, stop):
+        raise AssertionError("extraction started")
+
+    with pytest.raises(ValueError, match=match):
+        run_probe(ProbeConfig(**kwargs), on_batch=no_extraction, progress=False)
+    cache = tmp_path / "cache"
+    assert not cache.exists() or os.listdir(cache) == []
+
+
+# ------------------------------------------------------------------ distributed
+def test_two_process_run_equals_single_process(probe_run, tiny_unet_pipeline_dir, tmp_path):
+    _, single = probe_run
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "-m", "ddae_diffusers.probing.cli", "--model", tiny_unet_pipeline_dir, "--output_dir", str(tmp_path),
+        *PROBE_ARGS,
+    ]
+    done = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    distributed = json.loads((tmp_path / "results.json").read_text())
+    assert distributed["num_processes"] == 2
+    assert distributed["cells"] == single["cells"]

@@ -1,0 +1,298 @@
+"""Fine-tune a DDAE image classifier with the transformers ``Trainer`` (fully, frozen backbone, or LoRA).
+
+Starts from a diffusers model (folder or Hub id; ``--layer`` and ``--timestep`` pick the feature), from a
+probe-engine output folder (its best cell and trained head), or from a saved ``DDAEForImageClassification``.
+Training images get random crop (padding 4) and flip on the fly; evaluation reports accuracy.
+
+    accelerate launch training/finetune.py --model_name_or_path google/ddpm-cifar10-32 \\
+        --layer up_blocks.1.resnets.2 --timestep 10 --dataset_name uoft-cs/cifar10 \\
+        --output_dir ddae-cifar10 --num_train_epochs 15 --learning_rate 1e-3 --freeze_backbone
+
+LoRA: ``--lora_r 8 --lora_alpha 16`` (adapters in ``output_dir/adapter``, the merged model in
+``output_dir``). ``--push_to_hub --hub_model_id me/ddae-cifar10`` uploads the final model with its card.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+
+import datasets
+import numpy as np
+import torch
+from transformers import AutoModelForImageClassification, HfArgumentParser, Trainer, TrainingArguments
+
+from ddae_diffusers import DDAEForImageClassification, DDAEImageProcessor
+from ddae_diffusers.data import (
+    detect_image_column,
+    detect_label_column,
+    images_to_tensor,
+    label_names,
+    random_crop_flip,
+)
+from ddae_diffusers.io_utils import check_writable_dir
+
+DEFAULT_LORA_TARGETS = {
+    "UNet2DModel": "conv1,conv2,to_q,to_k,to_v,to_out.0",
+    "DiTTransformer2DModel": "to_q,to_k,to_v,to_out.0,ff.net.0.proj,ff.net.2",
+}
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        metadata={"help": "A diffusers model (pipeline or model folder / Hub id), a probe output folder "
+                  "(results.json + heads.safetensors), or a saved DDAEForImageClassification."}
+    )
+    layer: str | None = field(default=None, metadata={"help": "Feature block, e.g. up_blocks.1.resnets.2."})
+    timestep: int | None = field(default=None, metadata={"help": "Diffusers timestep index (paper t=11 is 10)."})
+    head_norm: str = field(default="batchnorm", metadata={"help": "batchnorm, layernorm or none."})
+    noise_policy: str = field(default="fixed", metadata={"help": "fixed, random or none."})
+    classifier_dropout: float = field(default=0.0)
+    freeze_backbone: bool = field(default=False, metadata={"help": "Train the head only (a linear probe)."})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank on the backbone; 0 disables LoRA."})
+    lora_alpha: int = field(default=16)
+    lora_dropout: float = field(default=0.0)
+    lora_target_modules: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated module-name suffixes; default: resnet convs and attention "
+                  "projections (UNet), attention and MLP projections (DiT)."},
+    )
+    license: str = field(default="apache-2.0", metadata={"help": "License in the model card."})
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str = field(metadata={"help": "A Hub dataset id or a local path load_dataset understands."})
+    dataset_config_name: str | None = field(default=None)
+    train_split: str = field(default="train")
+    eval_split: str | None = field(default="test", metadata={"help": "Evaluation split; empty to skip."})
+    image_column: str | None = field(default=None, metadata={"help": "Default: img or image."})
+    label_column: str | None = field(default=None, metadata={"help": "Default: label or labels."})
+    resolution: int | None = field(default=None, metadata={"help": "Default: the model's image size."})
+    center_crop: bool = field(default=True, metadata={"help": "Center crop (else squash) when resizing."})
+    random_crop_padding: int = field(default=4, metadata={"help": "Random-crop padding; 0 disables it."})
+    random_flip: bool = field(default=True)
+    max_train_samples: int | None = field(default=None)
+    max_eval_samples: int | None = field(default=None)
+    accuracy_metric: str = field(
+        default="accuracy", metadata={"help": "evaluate.load() name or local script; offline: local computation."}
+    )
+
+
+def load_accuracy(name: str = "accuracy"):
+    """``(fn(predictions, references) -> float, source)``: ``evaluate.load(name)``, or the same computation
+    locally when evaluate cannot load it (its metric scripts live on the Hub)."""
+    try:
+        import evaluate
+
+        metric = evaluate.load(name)
+
+        def evaluate_accuracy(predictions, references) -> float:
+            return float(metric.compute(predictions=predictions, references=references)["accuracy"])
+
+        return evaluate_accuracy, "evaluate"
+    except Exception:  # offline, or evaluate missing: fall back to the definition
+        return local_accuracy, "local"
+
+
+def local_accuracy(predictions, references) -> float:
+    """Fraction of predictions equal to their reference (what evaluate's ``accuracy`` computes)."""
+    predictions, references = np.asarray(predictions), np.asarray(references)
+    return float((predictions == references).mean())
+
+
+def is_probe_folder(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "results.json")) and os.path.isfile(
+        os.path.join(path, "heads.safetensors")
+    )
+
+
+def is_ddae_classifier(path: str) -> bool:
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
+        return False
+    with open(config) as f:
+        return json.load(f).get("model_type") == "ddae"
+
+
+def build_model(args: ModelArguments, num_labels: int, id2label: dict[int, str] | None):
+    """The classifier to train, from a probe folder, a saved classifier or a diffusers model."""
+    head_norm = None if args.head_norm in ("none", "") else args.head_norm
+    options = dict(head_norm=head_norm, noise_policy=args.noise_policy, classifier_dropout=args.classifier_dropout)
+    path = args.model_name_or_path
+    if os.path.isdir(path) and is_probe_folder(path):
+        options.pop("head_norm")  # the probe's normalisation is part of its head
+        model = DDAEForImageClassification.from_probe(path, layer=args.layer, timestep=args.timestep, **options)
+    elif os.path.isdir(path) and is_ddae_classifier(path):
+        model = AutoModelForImageClassification.from_pretrained(path)
+        for name, value in (("layer", args.layer), ("timestep", args.timestep)):
+            if value is not None:
+                raise ValueError(f"--{name} cannot change a saved DDAE classifier ({path}); start from the backbone.")
+    else:
+        if args.layer is None:
+            raise ValueError("--layer is required when starting from a diffusers model (e.g. up_blocks.1.resnets.2).")
+        model = DDAEForImageClassification.from_diffusers(
+            path,
+            layer=args.layer,
+            timestep=10 if args.timestep is None else args.timestep,
+            num_labels=num_labels,
+            id2label=id2label,
+            **options,
+        )
+    if model.config.num_labels != num_labels:
+        raise ValueError(
+            f"The model has {model.config.num_labels} classes but the data set has {num_labels}: use a data set "
+            "with the same classes, or start from the diffusers backbone to get a new head."
+        )
+    return model
+
+
+def add_lora(model, args: ModelArguments):
+    """Wraps the model in a peft LoRA model: adapters on the truncated backbone, head fully trained."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = args.lora_target_modules or DEFAULT_LORA_TARGETS[model.config.backbone_class]
+    modules_to_save = ["classifier"] + (["feature_norm"] if model.config.head_norm else [])
+    config = LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=[t.strip() for t in targets.split(",") if t.strip()],
+        modules_to_save=modules_to_save,
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as error:
+        raise ValueError(f"--lora_target_modules {targets!r} matches no backbone module: {error}") from None
+
+
+def prepare_split(dataset, image_column: str, label_column: str, resolution: int, data_args: DataArguments,
+                  train: bool):
+    """``with_transform`` returning ``pixel_values`` (3, R, R) in [-1, 1] and ``labels``, augmented if train."""
+
+    def transform(batch: dict) -> dict:
+        pixel_values = images_to_tensor(batch[image_column], resolution, data_args.center_crop)
+        if train and (data_args.random_crop_padding > 0 or data_args.random_flip):
+            pixel_values = random_crop_flip(pixel_values, data_args.random_crop_padding, data_args.random_flip)
+        return {"pixel_values": list(pixel_values), "labels": batch[label_column]}
+
+    return dataset.with_transform(transform)
+
+
+def collate(examples: list[dict]) -> dict:
+    return {
+        "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+        "labels": torch.tensor([e["labels"] for e in examples], dtype=torch.long),
+    }
+
+
+def load_split(data_args: DataArguments, split: str, limit: int | None):
+    try:
+        dataset = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name, split=split)
+    except ValueError as error:
+        raise ValueError(f"Cannot load split {split!r} of {data_args.dataset_name!r}: {error}") from None
+    if limit is not None:
+        dataset = dataset.select(range(min(limit, len(dataset))))
+    return dataset
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if model_args.lora_r < 0:
+        raise ValueError(f"--lora_r must be >= 0, got {model_args.lora_r}.")
+    if model_args.lora_r and model_args.freeze_backbone:
+        raise ValueError("--freeze_backbone and --lora_r are exclusive: LoRA already freezes the base weights.")
+    check_writable_dir(training_args.output_dir)
+
+    train_ds = load_split(data_args, data_args.train_split, data_args.max_train_samples)
+    eval_ds = load_split(data_args, data_args.eval_split, data_args.max_eval_samples) if data_args.eval_split else None
+    image_column = detect_image_column(train_ds, data_args.image_column)
+    label_column = detect_label_column(train_ds, data_args.label_column)
+    names = label_names(train_ds, label_column)
+    num_labels = len(names) if names else int(max(train_ds[label_column])) + 1
+    id2label = dict(enumerate(names)) if names else None
+
+    model = build_model(model_args, num_labels, id2label)
+    resolution = data_args.resolution or model.config.image_size
+    if resolution != model.config.image_size:
+        raise ValueError(
+            f"--resolution {resolution} does not match the model's {model.config.image_size}x"
+            f"{model.config.image_size} input: drop --resolution or pass {model.config.image_size}."
+        )
+    processor = DDAEImageProcessor(size=resolution, do_center_crop=data_args.center_crop)
+    train_set = prepare_split(train_ds, image_column, label_column, resolution, data_args, train=True)
+    eval_set = None
+    if eval_ds is not None:
+        eval_set = prepare_split(eval_ds, image_column, label_column, resolution, data_args, train=False)
+
+    base_model = model
+    if model_args.freeze_backbone:
+        model.denoiser.requires_grad_(False)
+    if model_args.lora_r:
+        model = add_lora(model, model_args)
+
+    accuracy, accuracy_source = load_accuracy(data_args.accuracy_metric)
+
+    def compute_metrics(prediction) -> dict:
+        return {"accuracy": accuracy(np.argmax(prediction.predictions, axis=-1), prediction.label_ids)}
+
+    push_to_hub = training_args.push_to_hub
+    training_args.push_to_hub = False  # the final model is pushed below, with its DDAE model card
+    training_args.remove_unused_columns = False  # the on-the-fly transform needs the raw image column
+    training_args.label_names = ["labels"]
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        data_collator=collate,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        processing_class=processor,
+        compute_metrics=compute_metrics if eval_set is not None else None,
+    )
+    train_result = trainer.train()
+    metrics = dict(train_result.metrics)
+    if eval_set is not None:
+        metrics.update(trainer.evaluate())
+
+    if model_args.lora_r:
+        if trainer.is_world_process_zero():
+            model.save_pretrained(os.path.join(training_args.output_dir, "adapter"))
+        final = model.merge_and_unload()
+    else:
+        final = base_model
+    protocol = (
+        "linear probe through the Trainer (frozen backbone)" if model_args.freeze_backbone
+        else f"LoRA fine-tuning (r={model_args.lora_r}, alpha={model_args.lora_alpha})" if model_args.lora_r
+        else "full fine-tuning"
+    )
+    previous = final.config.training_summary or {}
+    final.config.training_summary = {
+        **({"grid": previous["grid"]} if previous.get("grid") else {}),
+        "model_name": os.path.basename(os.path.normpath(training_args.output_dir)),
+        "protocol": protocol,
+        "dataset": data_args.dataset_name,
+        "train_split": data_args.train_split,
+        "eval_split": data_args.eval_split,
+        "epochs": training_args.num_train_epochs,
+        "accuracy": metrics.get("eval_accuracy"),
+        "accuracy_source": accuracy_source,
+        "license": model_args.license,
+        "hub_model_id": training_args.hub_model_id,
+    }
+    if trainer.is_world_process_zero():
+        final.save_pretrained(training_args.output_dir)
+        processor.save_pretrained(training_args.output_dir)
+        with open(os.path.join(training_args.output_dir, "all_results.json"), "w") as f:
+            json.dump(metrics, f, indent=2)
+        if push_to_hub:
+            repo_id = training_args.hub_model_id or os.path.basename(os.path.normpath(training_args.output_dir))
+            final.push_to_hub(repo_id, token=training_args.hub_token, private=training_args.hub_private_repo)
+    return metrics
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,735 @@
+#!/usr/bin/env python
+"""Pretrain a denoising diffusion autoencoder (DDAE): an unconditional DDPM (``UNet2DModel`` or pixel
+``DiTTransformer2DModel``) trained on a ``datasets`` image data set, while a probe monitor watches the
+linear separability of its features and keeps the best-probe weights.
+
+Flags that exist in diffusers' ``examples/unconditional_image_generation/train_unconditional.py`` keep
+their names and meaning. Run it with ``python`` or ``accelerate launch``, e.g. on CIFAR-10::
+
+    accelerate launch training/train_unconditional.py --dataset_name uoft-cs/cifar10 \\
+        --model_config ddpm-cifar10-32 --resolution 32 --random_flip --train_batch_size 128 \\
+        --learning_rate 2e-4 --lr_warmup_steps 5000 --use_ema --mixed_precision bf16 \\
+        --probe_every_n_steps 5000 --output_dir ddae-cifar10
+
+Outputs in ``--output_dir``: a pipeline folder with the EMA weights (``DDPMPipeline`` for UNets, a
+``DDAEPipeline`` folder with ``transformer/`` for DiT), a model card ``README.md``, ``best-probe/``,
+``checkpoint-N/`` folders (``accelerator.save_state``) and ``logs/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+
+import datasets
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers.optimization import SchedulerType, get_scheduler
+from diffusers.training_utils import EMAModel
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ddae_diffusers import DDAEBackbone
+from ddae_diffusers.data import detect_image_column, detect_label_column, to_rgb_array
+from ddae_diffusers.io_utils import atomic_path, check_writable_dir
+from ddae_diffusers.monitor import ProbeHistory, ProbeMonitor, default_probe_layer, load_probe_data
+from ddae_diffusers.presets import PRESETS, build_denoiser
+from ddae_diffusers.training_utils import (
+    PREDICTION_TYPES,
+    JSONLinesTracker,
+    NonFiniteLossError,
+    checkpoint_step,
+    list_checkpoints,
+    pretraining_model_card,
+    resolve_checkpoint,
+    save_checkpoint,
+    step_seed,
+    train_step,
+)
+
+logger = get_logger(__name__, log_level="INFO")
+
+LOGGERS = ("jsonl", "none", "tensorboard", "wandb", "all")
+UPLOAD_IGNORE_PATTERNS = ["checkpoint-*", ".*", "*.tmp", "*/.*"]
+DEFAULT_NUM_EPOCHS = 100
+DEFAULT_PROBE_EVERY = 500
+
+
+# ============================================================================================ arguments
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset_name", type=str, default=None,
+                      help="A Hub data set id (uoft-cs/cifar10) or a local folder load_dataset understands.")
+    data.add_argument("--dataset_config_name", type=str, default=None)
+    data.add_argument("--train_data_dir", type=str, default=None,
+                      help="A folder of images, read with the imagefolder builder (instead of --dataset_name).")
+    data.add_argument("--cache_dir", type=str, default=None)
+    data.add_argument("--image_column", type=str, default=None,
+                      help="Column with the images; default: 'img' or 'image', whichever exists.")
+    data.add_argument("--label_column", type=str, default=None,
+                      help="Integer class column for the probe monitor; default: 'label'/'labels'/...")
+    data.add_argument("--max_train_samples", type=int, default=None,
+                      help="Train on the first N examples only (debugging, quick runs).")
+    data.add_argument("--resolution", type=int, default=None,
+                      help="Training resolution; default: the model's sample_size (64 if it has none).")
+    data.add_argument("--center_crop", action="store_true",
+                      help="Centre-crop after resizing the shorter side; otherwise a random crop.")
+    data.add_argument("--random_flip", action="store_true", help="Random horizontal flips.")
+    data.add_argument("--dataloader_num_workers", type=int, default=0)
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--model_config", "--model_config_name_or_path", dest="model_config", type=str, default=None,
+                       help=f"A preset ({', '.join(PRESETS)}) or a diffusers config.json (or its folder) of a "
+                            "UNet2DModel / DiTTransformer2DModel; default ddpm-cifar10-32.")
+    model.add_argument("--pretrained_model_name_or_path", type=str, default=None,
+                       help="Continue from these weights: a pipeline folder/repo or a model folder.")
+    model.add_argument("--ddpm_num_steps", type=int, default=1000)
+    model.add_argument("--ddpm_num_inference_steps", type=int, default=1000)
+    model.add_argument("--ddpm_beta_schedule", type=str, default="linear")
+    model.add_argument("--prediction_type", type=str, default="epsilon", choices=PREDICTION_TYPES)
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--train_batch_size", type=int, default=16, help="Batch size per process.")
+    optim.add_argument("--eval_batch_size", type=int, default=16, help="Number of images to sample.")
+    optim.add_argument("--num_epochs", type=int, default=None,
+                       help=f"Epochs to train (default {DEFAULT_NUM_EPOCHS}); give this or --max_train_steps.")
+    optim.add_argument("--max_train_steps", type=int, default=None,
+                       help="Optimiser steps to train; give this or --num_epochs.")
+    optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    optim.add_argument("--learning_rate", type=float, default=1e-4)
+    optim.add_argument("--lr_scheduler", type=str, default="cosine", choices=[t.value for t in SchedulerType])
+    optim.add_argument("--lr_warmup_steps", type=int, default=500)
+    optim.add_argument("--adam_beta1", type=float, default=0.95)
+    optim.add_argument("--adam_beta2", type=float, default=0.999)
+    optim.add_argument("--adam_weight_decay", type=float, default=1e-6)
+    optim.add_argument("--adam_epsilon", type=float, default=1e-8)
+    optim.add_argument("--max_grad_norm", type=float, default=1.0)
+    optim.add_argument("--use_ema", action="store_true", help="Keep an EMA of the weights; it is what is saved.")
+    optim.add_argument("--ema_inv_gamma", type=float, default=1.0)
+    optim.add_argument("--ema_power", type=float, default=3 / 4)
+    optim.add_argument("--ema_max_decay", type=float, default=0.9999)
+    optim.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+                       help="Default: accelerate's config/launch flag, else no. bf16 is 2-3x faster on AMX CPUs.")
+    optim.add_argument("--seed", type=int, default=0, help="Seeds the weights, data order, augmentation and noise.")
+
+    probe = parser.add_argument_group("probe monitor")
+    probe.add_argument("--probe_every_n_steps", type=int, default=None,
+                       help=f"Probe the EMA weights every N steps (0: never). Default {DEFAULT_PROBE_EVERY} "
+                            "when labelled data is available, else 0.")
+    probe.add_argument("--probe_layer", type=str, default=None,
+                       help="Block to probe, e.g. up_blocks.1.resnets.2; default: the middle of the decoder.")
+    probe.add_argument("--probe_timestep", type=int, default=10,
+                       help="Diffusers timestep index of the probe (the paper's t=11 is 10).")
+    probe.add_argument("--probe_train_samples", type=int, default=1000)
+    probe.add_argument("--probe_eval_samples", type=int, default=500)
+    probe.add_argument("--probe_dataset_name", type=str, default=None,
+                       help="Labelled data set for probing (default: the training data set's labelled splits).")
+    probe.add_argument("--probe_dataset_config_name", type=str, default=None)
+    probe.add_argument("--probe_batch_size", type=int, default=256)
+    probe.add_argument("--probe_linear_epochs", type=int, default=30,
+                       help="Epochs of the quick linear probe (0: kNN only).")
+    probe.add_argument("--probe_linear_lr", type=float, default=3e-3)
+
+    save = parser.add_argument_group("saving and logging")
+    save.add_argument("--output_dir", type=str, default="ddae-model")
+    save.add_argument("--overwrite_output_dir", action="store_true",
+                      help="Delete checkpoints of an earlier run in --output_dir instead of refusing to start.")
+    save.add_argument("--checkpointing_steps", type=int, default=500)
+    save.add_argument("--checkpoints_total_limit", type=int, default=None)
+    save.add_argument("--resume_from_checkpoint", type=str, default=None,
+                      help="A checkpoint-N folder, or 'latest' (start fresh if there is none).")
+    save.add_argument("--save_images_epochs", type=int, default=10,
+                      help="Sample --eval_batch_size images every N epochs to samples/ (0: never).")
+    save.add_argument("--save_model_epochs", type=int, default=10,
+                      help="Also write the pipeline every N epochs (it is always written at the end).")
+    save.add_argument("--logger", type=str, default="jsonl", choices=LOGGERS,
+                      help="jsonl (logs/<run>/metrics.jsonl, no extra package), none, tensorboard, wandb, all.")
+    save.add_argument("--logging_dir", type=str, default="logs", help="Relative to --output_dir.")
+    save.add_argument("--push_to_hub", action="store_true")
+    save.add_argument("--hub_token", type=str, default=None)
+    save.add_argument("--hub_model_id", type=str, default=None)
+    save.add_argument("--hub_private_repo", action="store_true")
+    args = parser.parse_args(argv)
+    command_line = _redact(sys.argv[1:] if argv is None else argv)
+    args.command = " ".join(["train_unconditional.py", *map(shlex.quote, command_line)])
+    check_args(args)
+    return args
+
+
+def _redact(argv: list[str]) -> list[str]:
+    """The command line with the value of --hub_token replaced by *** (it goes into logs and the card)."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg.startswith("--hub_token="):
+            out[i] = "--hub_token=***"
+        elif arg == "--hub_token" and i + 1 < len(out):
+            out[i + 1] = "***"
+    return out
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Flag-level errors (conflicts, ranges), raised as ``ValueError`` before anything is loaded."""
+    if (args.dataset_name is None) == (args.train_data_dir is None):
+        raise ValueError("Give exactly one of --dataset_name (Hub id or local data set) and --train_data_dir.")
+    if args.num_epochs is not None and args.max_train_steps is not None:
+        raise ValueError("Give one of --num_epochs and --max_train_steps, not both: each sets the training length.")
+    for flag in ("num_epochs", "max_train_steps", "train_batch_size", "gradient_accumulation_steps",
+                 "checkpointing_steps", "checkpoints_total_limit", "resolution", "max_train_samples",
+                 "probe_batch_size", "ddpm_num_steps", "eval_batch_size"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag} must be >= 1, got {value}.")
+    for flag in ("probe_every_n_steps", "save_images_epochs", "save_model_epochs", "lr_warmup_steps",
+                 "probe_linear_epochs", "dataloader_num_workers"):
+        value = getattr(args, flag)
+        if value is not None and value < 0:
+            raise ValueError(f"--{flag} must be >= 0, got {value}.")
+    if args.model_config is not None and args.pretrained_model_name_or_path is not None:
+        raise ValueError(
+            "Give --model_config (a fresh model) or --pretrained_model_name_or_path (continue from weights), not both."
+        )
+    if (args.hub_model_id or args.hub_private_repo) and not args.push_to_hub:
+        raise ValueError("--hub_model_id/--hub_private_repo need --push_to_hub.")
+    if args.probe_dataset_config_name and not args.probe_dataset_name:
+        raise ValueError("--probe_dataset_config_name needs --probe_dataset_name.")
+    if args.learning_rate <= 0:
+        raise ValueError(f"--learning_rate must be > 0, got {args.learning_rate}.")
+    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("--mixed_precision fp16 needs a GPU; on CPU use bf16.")
+    if args.logger in ("tensorboard", "wandb", "all"):
+        missing = [p for p in (("tensorboard", "wandb") if args.logger == "all" else (args.logger,))
+                   if not _importable(p)]
+        if missing:
+            raise ValueError(f"--logger {args.logger} needs {' and '.join(missing)} installed; "
+                             "use --logger jsonl (no extra package) or none.")
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+# ============================================================================================ data
+def load_image_dataset(args: argparse.Namespace):
+    """The training ``DatasetDict`` from --dataset_name or --train_data_dir (clear errors if missing)."""
+    try:
+        if args.dataset_name is not None:
+            return datasets.load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir)
+        return datasets.load_dataset("imagefolder", data_dir=args.train_data_dir, cache_dir=args.cache_dir)
+    except Exception as error:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ...)
+        source = args.dataset_name or args.train_data_dir
+        raise ValueError(f"Could not load the data set {source!r}: {type(error).__name__}: {error}") from None
+
+
+class TrainImages(torch.utils.data.Dataset):
+    """Training images keyed by ``(epoch, index)``: resize the shorter side to ``resolution``, crop
+    (centre or random), maybe flip, -> (3, R, R) float32 in [-1, 1]. The random crop and flip of an
+    example are drawn from (seed, epoch, index), so they do not depend on batching or processes."""
+
+    def __init__(self, split, image_column: str, resolution: int, center_crop: bool, random_flip: bool, seed: int):
+        self.split = split
+        self.image_column = image_column
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
+        epoch, index = key
+        rng = np.random.default_rng([self.seed, epoch, index])
+        image = self.split[int(index)][self.image_column]
+        if self.center_crop:
+            array = to_rgb_array(image, self.resolution, center_crop=True)
+        else:
+            array = _random_crop(image, self.resolution, rng)
+        if self.random_flip and rng.random() < 0.5:
+            array = array[:, ::-1]
+        return torch.from_numpy(np.array(array)).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+def _random_crop(image: Image.Image, resolution: int, rng: np.random.Generator) -> np.ndarray:
+    """Shorter side resized to ``resolution`` (bilinear), then a random square crop: (R, R, 3) uint8."""
+    image = image.convert("RGB")
+    scale = resolution / min(image.size)
+    size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
+    if size != image.size:
+        image = image.resize(size, Image.BILINEAR)
+    left = int(rng.integers(0, image.width - resolution + 1))
+    top = int(rng.integers(0, image.height - resolution + 1))
+    return np.asarray(image.crop((left, top, left + resolution, top + resolution)), dtype=np.uint8)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Yields ``(epoch, index)`` keys in a permutation seeded by (seed, epoch): the data order is a
+    function of the seed alone, so a resumed run sees the same batches as an uninterrupted one."""
+
+    def __init__(self, num_examples: int, seed: int):
+        self.num_examples = num_examples
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def __iter__(self):
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_examples)
+        return iter([(self.epoch, int(i)) for i in order])
+
+
+# ============================================================================================ model
+def build_model(args: argparse.Namespace, resolution: int | None) -> tuple[torch.nn.Module, DDPMScheduler]:
+    """The denoiser (fresh from --model_config, or --pretrained_model_name_or_path) and the DDPM scheduler."""
+    if args.pretrained_model_name_or_path is not None:
+        try:
+            backbone = DDAEBackbone.from_pretrained(args.pretrained_model_name_or_path, cache_dir=args.cache_dir)
+        except (OSError, ValueError, TypeError) as error:
+            raise ValueError(
+                f"Could not load --pretrained_model_name_or_path {args.pretrained_model_name_or_path!r}: {error}"
+            ) from None
+        if backbone.vae is not None:
+            raise ValueError("Latent (VAE) models are not supported for pretraining: give a pixel-space model.")
+        denoiser = backbone.denoiser
+        size = backbone.image_size
+        if resolution is not None and size is not None and resolution != size:
+            raise ValueError(
+                f"--resolution {resolution} does not match the pretrained model's sample_size {size}: "
+                f"use --resolution {size}."
+            )
+    else:
+        from ddae_diffusers.presets import load_model_config
+
+        config = load_model_config(args.model_config or "ddpm-cifar10-32")
+        resolution = resolution or _config_size(config) or 64
+        _check_resolution(config, resolution)
+        config["sample_size"] = resolution
+        torch.manual_seed(args.seed)
+        denoiser = build_denoiser(config)
+    noise_scheduler = DDPMScheduler(
+        num_train_timesteps=args.ddpm_num_steps,
+        beta_schedule=args.ddpm_beta_schedule,
+        prediction_type=args.prediction_type,
+    )
+    return denoiser, noise_scheduler
+
+
+def _config_size(config: dict) -> int | None:
+    size = config.get("sample_size")
+    return size[0] if isinstance(size, (list, tuple)) else size
+
+
+def _check_resolution(config: dict, resolution: int) -> None:
+    """``ValueError`` if the architecture cannot take ``resolution`` x ``resolution`` images."""
+    if config.get("_class_name") == "DiTTransformer2DModel":
+        patch = config.get("patch_size", 2)
+        if resolution % patch:
+            raise ValueError(f"--resolution {resolution} is not a multiple of the DiT patch size {patch}.")
+    else:
+        factor = 2 ** (len(config.get("down_block_types", [None] * 4)) - 1)
+        if resolution % factor:
+            raise ValueError(
+                f"--resolution {resolution} cannot go through this UNet's {factor}x down-sampling: "
+                f"use a multiple of {factor} (e.g. {max(factor, round(resolution / factor) * factor)})."
+            )
+
+
+def pipeline_for(denoiser, noise_scheduler):
+    """The pipeline to save: ``DDPMPipeline`` for a UNet, ``DDAEPipeline`` for a DiT."""
+    if isinstance(denoiser, UNet2DModel):
+        return DDPMPipeline(unet=denoiser, scheduler=noise_scheduler)
+    from ddae_diffusers.pipelines.pipeline_ddae import DDAEPipeline
+
+    return DDAEPipeline(transformer=denoiser, scheduler=noise_scheduler)
+
+
+def save_pipeline(denoiser, noise_scheduler, folder: str, card=None) -> None:
+    """Writes the pipeline (and model card) into ``folder`` without ever leaving half-written entries:
+    each component is written aside and renamed into place; ``model_index.json`` comes last."""
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".pipeline.", dir=folder) as staging:
+        pipeline_for(denoiser, noise_scheduler).save_pretrained(staging)
+        if card is not None:
+            card.save(os.path.join(staging, "README.md"))
+        for name in sorted(os.listdir(staging), key=lambda n: n == "model_index.json"):
+            with atomic_path(os.path.join(folder, name)) as target:
+                os.replace(os.path.join(staging, name), target)
+
+
+class EMAWeights:
+    """``with EMAWeights(ema, model):`` swaps the EMA weights into ``model`` and restores them after."""
+
+    def __init__(self, ema: EMAModel | None, model: torch.nn.Module):
+        self.ema, self.model = ema, model
+
+    def __enter__(self):
+        if self.ema is not None:
+            self.ema.store(self.model.parameters())
+            self.ema.copy_to(self.model.parameters())
+        return self.model
+
+    def __exit__(self, *exc):
+        if self.ema is not None:
+            self.ema.restore(self.model.parameters())
+
+
+class TrainState:
+    """Counters that are part of every checkpoint (with the model, optimiser, EMA and probe history)."""
+
+    def __init__(self):
+        self.global_step = 0
+        self.images_seen = 0
+        self.wall_time = 0.0
+
+    def state_dict(self) -> dict:
+        return {"global_step": self.global_step, "images_seen": self.images_seen, "wall_time": self.wall_time}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.global_step = int(state["global_step"])
+        self.images_seen = int(state["images_seen"])
+        self.wall_time = float(state["wall_time"])
+
+
+# ============================================================================================ main
+def main(args: argparse.Namespace) -> str:
+    """Trains and returns the output folder."""
+    start_time = time.time()
+    logging_dir = os.path.join(args.output_dir, args.logging_dir)
+    log_with = {"none": None, "jsonl": [JSONLinesTracker("train_unconditional", logging_dir)]}.get(
+        args.logger, args.logger
+    )
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=log_with,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
+    )
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and accelerator.num_processes == 1:
+        raise ValueError(
+            f"WORLD_SIZE={world_size} but accelerate sees 1 process: the processes would train independent "
+            "copies into one folder. On CPU launch with `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu "
+            "--num_processes N ...` (or torchrun with ACCELERATE_USE_CPU=true)."
+        )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if accelerator.is_main_process:
+        datasets.utils.logging.set_verbosity_warning()
+    else:
+        datasets.utils.logging.set_verbosity_error()
+
+    # ---- everything that can be wrong with the inputs is checked here, before any training step
+    check_writable_dir(args.output_dir)
+    old_checkpoints = list_checkpoints(args.output_dir)
+    if old_checkpoints and args.resume_from_checkpoint is None:
+        if not args.overwrite_output_dir:
+            raise ValueError(
+                f"{args.output_dir!r} holds checkpoints of an earlier run ({os.path.basename(old_checkpoints[-1])}): "
+                "pass --resume_from_checkpoint latest to continue it, or --overwrite_output_dir to start over."
+            )
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            for old in old_checkpoints:
+                shutil.rmtree(old)
+    resume_path = None
+    if args.resume_from_checkpoint is not None:
+        resume_path = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
+
+    dataset_dict = load_image_dataset(args)
+    if "train" not in dataset_dict:
+        raise ValueError(f"The data set has no 'train' split (splits: {list(dataset_dict)}).")
+    train_split = dataset_dict["train"]
+    image_column = detect_image_column(train_split, args.image_column)
+    if args.max_train_samples is not None:
+        train_split = train_split.select(range(min(args.max_train_samples, len(train_split))))
+
+    denoiser, noise_scheduler = build_model(args, args.resolution)
+    resolution = args.resolution or DDAEBackbone(denoiser, noise_scheduler).image_size
+
+    monitor = _build_monitor(args, dataset_dict, image_column, denoiser, noise_scheduler, resolution)
+    probe_every = args.probe_every_n_steps if monitor is not None else 0
+    probe_layer = monitor.layer if monitor else (args.probe_layer or default_probe_layer(denoiser))
+
+    repo_id = None
+    if args.push_to_hub and accelerator.is_main_process:
+        from huggingface_hub import HfApi
+
+        repo_id = HfApi(token=args.hub_token).create_repo(
+            args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
+            exist_ok=True, private=args.hub_private_repo,
+        ).repo_id
+
+    # ---- model, EMA, optimiser, data
+    denoiser.train()
+    ema = None
+    if args.use_ema:
+        ema = EMAModel(
+            denoiser.parameters(), decay=args.ema_max_decay, use_ema_warmup=True, inv_gamma=args.ema_inv_gamma,
+            power=args.ema_power, model_cls=type(denoiser), model_config=denoiser.config,
+        )
+    optimizer = torch.optim.AdamW(
+        denoiser.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+    )
+    sampler = EpochSampler(len(train_split), args.seed)
+    train_dataloader = torch.utils.data.DataLoader(
+        TrainImages(train_split, image_column, resolution, args.center_crop, args.random_flip, args.seed),
+        batch_size=args.train_batch_size, sampler=sampler, num_workers=args.dataloader_num_workers,
+    )
+    batches_per_process = math.ceil(len(train_dataloader) / accelerator.num_processes)
+    steps_per_epoch = math.ceil(batches_per_process / args.gradient_accumulation_steps)
+    if args.max_train_steps is not None:
+        max_train_steps = args.max_train_steps
+        num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    else:
+        num_epochs = args.num_epochs or DEFAULT_NUM_EPOCHS
+        max_train_steps = num_epochs * steps_per_epoch
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler, optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_train_steps * accelerator.num_processes,
+    )
+    model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        denoiser, optimizer, train_dataloader, lr_scheduler
+    )
+    state, history = TrainState(), ProbeHistory()
+    for obj in (state, history) if ema is None else (state, history, ema):
+        accelerator.register_for_checkpointing(obj)
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+
+    if resume_path is not None:
+        accelerator.print(f"Resuming from {resume_path}")
+        accelerator.load_state(resume_path)
+        if state.global_step != checkpoint_step(resume_path):
+            raise ValueError(f"{resume_path} holds the state of step {state.global_step}, not its name's step.")
+    elif args.resume_from_checkpoint is not None:
+        accelerator.print(f"No checkpoint in {args.output_dir!r}: starting a new run.")
+
+    if accelerator.is_main_process:
+        config = {k: v for k, v in vars(args).items()
+                  if isinstance(v, (int, float, str, bool, type(None))) and k != "hub_token"}
+        accelerator.init_trackers("train_unconditional", config=config)
+    logger.info(
+        f"{len(train_split)} images, {num_epochs} epochs, {max_train_steps} steps of {total_batch_size} images "
+        f"({accelerator.num_processes} processes x {args.train_batch_size} x {args.gradient_accumulation_steps} "
+        f"accumulation), {sum(p.numel() for p in denoiser.parameters()) / 1e6:.2f}M parameters, "
+        f"mixed precision {accelerator.mixed_precision}."
+    )
+
+    # ---- training loop
+    unwrapped = accelerator.unwrap_model(model)
+    first_epoch = state.global_step // steps_per_epoch
+    skip_batches = (state.global_step % steps_per_epoch) * args.gradient_accumulation_steps
+    progress = tqdm(total=max_train_steps, initial=state.global_step, disable=not accelerator.is_local_main_process,
+                    desc="Steps")
+    postfix: dict[str, str] = {}
+    segment_start = time.time()
+    for epoch in range(first_epoch, num_epochs):
+        if state.global_step >= max_train_steps:
+            break
+        model.train()
+        loader, offset = train_dataloader, 0
+        if epoch == first_epoch and skip_batches:
+            loader, offset = accelerator.skip_first_batches(train_dataloader, skip_batches), skip_batches
+        loader.set_epoch(epoch)  # reaches the EpochSampler (a fresh skip loader would otherwise say epoch 0)
+        for batch_index, clean_images in enumerate(loader, start=offset):
+            # Every micro-step draws its noise, timesteps and dropout from its own seed.
+            torch.manual_seed(step_seed(args.seed, epoch * batches_per_process + batch_index,
+                                        accelerator.process_index))
+            try:
+                loss = train_step(accelerator, model, optimizer, lr_scheduler, noise_scheduler, clean_images,
+                                  generator=None, ema=ema, max_grad_norm=args.max_grad_norm)
+            except NonFiniteLossError as error:
+                last = list_checkpoints(args.output_dir)
+                raise NonFiniteLossError(
+                    f"Stopping: the loss became non-finite ({error}) at step {state.global_step + 1} "
+                    f"(epoch {epoch}). Nothing was updated with it; the last good checkpoint is "
+                    f"{last[-1] if last else 'none (no checkpoint was written yet)'}. Resume with "
+                    "--resume_from_checkpoint latest and a lower --learning_rate or --mixed_precision no."
+                ) from None
+            state.images_seen += clean_images.shape[0] * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+            state.global_step += 1
+            progress.update(1)
+            logs = {"loss": loss.item(), "lr": lr_scheduler.get_last_lr()[0], "step": state.global_step,
+                    "epoch": epoch, "images_seen": state.images_seen}
+            if ema is not None:
+                logs["ema_decay"] = ema.cur_decay_value
+            postfix["loss"] = f"{logs['loss']:.4f}"
+
+            is_last = state.global_step >= max_train_steps
+            if probe_every and (state.global_step % probe_every == 0 or is_last):
+                if accelerator.is_main_process:
+                    metrics = run_probe(monitor, unwrapped, ema, noise_scheduler, history, state, args.output_dir)
+                    logs.update({f"probe/{k}": v for k, v in metrics.items()})
+                    postfix.update({k.replace("_acc", ""): f"{v:.3f}" for k, v in metrics.items()})
+                accelerator.wait_for_everyone()
+            progress.set_postfix(postfix)
+            accelerator.log(logs, step=state.global_step)
+            if state.global_step % args.checkpointing_steps == 0:
+                now = time.time()
+                state.wall_time += now - segment_start
+                segment_start = now
+                path = save_checkpoint(accelerator, args.output_dir, state.global_step, args.checkpoints_total_limit)
+                logger.info(f"Saved state to {path}")
+            if is_last:
+                break
+
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            done = state.global_step >= max_train_steps or epoch == num_epochs - 1
+            if args.save_images_epochs and ((epoch + 1) % args.save_images_epochs == 0):
+                with EMAWeights(ema, unwrapped):
+                    save_samples(args, unwrapped, noise_scheduler, epoch, accelerator)
+            if args.save_model_epochs and (epoch + 1) % args.save_model_epochs == 0 and not done:
+                with EMAWeights(ema, unwrapped):
+                    save_pipeline(unwrapped, noise_scheduler, args.output_dir)
+        accelerator.wait_for_everyone()
+    progress.close()
+    state.wall_time += time.time() - segment_start
+
+    # ---- final pipeline (EMA weights) and model card
+    if accelerator.is_main_process:
+        card = pretraining_model_card(
+            model_name=os.path.basename(os.path.abspath(args.output_dir)),
+            model_class=type(unwrapped).__name__,
+            num_params=sum(p.numel() for p in unwrapped.parameters()),
+            dataset=args.dataset_name or args.train_data_dir,
+            hub_dataset=_hub_dataset_id(args.dataset_name),
+            command=args.command,
+            steps=state.global_step,
+            images_seen=state.images_seen,
+            wall_time_s=state.wall_time,
+            total_batch_size=total_batch_size,
+            mixed_precision=accelerator.mixed_precision,
+            probe_layer=probe_layer,
+            probe_timestep=args.probe_timestep,
+            probe_description=monitor.data.description if monitor else "probe monitor off",
+            history=history.records,
+            best=history.best,
+            use_ema=ema is not None,
+            repo_or_path=repo_id or args.output_dir,
+        )
+        with EMAWeights(ema, unwrapped):
+            save_pipeline(unwrapped, noise_scheduler, args.output_dir, card=card)
+        logger.info(f"Saved the pipeline to {args.output_dir} ({state.global_step} steps, "
+                    f"{state.images_seen} images, {time.time() - start_time:.0f}s in this process)")
+        if repo_id is not None:
+            from huggingface_hub import HfApi
+
+            HfApi(token=args.hub_token).upload_folder(
+                repo_id=repo_id, folder_path=args.output_dir, commit_message="End of training",
+                ignore_patterns=UPLOAD_IGNORE_PATTERNS,
+            )
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return args.output_dir
+
+
+def _build_monitor(args, dataset_dict, image_column, denoiser, noise_scheduler, resolution) -> ProbeMonitor | None:
+    """The probe monitor, or None when probing is off; all its inputs are validated here."""
+    if args.probe_every_n_steps == 0:
+        return None
+    probe_dict = dataset_dict
+    probe_image_column = image_column
+    if args.probe_dataset_name is not None:
+        try:
+            probe_dict = datasets.load_dataset(
+                args.probe_dataset_name, args.probe_dataset_config_name, cache_dir=args.cache_dir
+            )
+        except Exception as error:
+            raise ValueError(f"Could not load --probe_dataset_name {args.probe_dataset_name!r}: {error}") from None
+        probe_image_column = None
+    elif args.probe_every_n_steps is None:
+        try:
+            detect_label_column(dataset_dict["train"], args.label_column)
+        except ValueError:
+            logger.info("The training data has no label column: the probe monitor is off.")
+            return None
+    if args.probe_every_n_steps is None:
+        args.probe_every_n_steps = DEFAULT_PROBE_EVERY
+    data = load_probe_data(
+        probe_dict, resolution, args.probe_train_samples, args.probe_eval_samples,
+        image_column=probe_image_column, label_column=args.label_column, seed=args.seed,
+    )
+    monitor = ProbeMonitor(
+        data, args.probe_layer or default_probe_layer(denoiser), args.probe_timestep,
+        batch_size=args.probe_batch_size, linear_epochs=args.probe_linear_epochs, linear_lr=args.probe_linear_lr,
+        dtype=torch.bfloat16 if args.mixed_precision == "bf16" else None, seed=args.seed,
+    )
+    monitor.check(denoiser, noise_scheduler)
+    return monitor
+
+
+def run_probe(monitor, model, ema, noise_scheduler, history, state, output_dir) -> dict[str, float]:
+    """Probes the EMA weights; a new best is written to ``output_dir/best-probe`` (atomically)."""
+    with EMAWeights(ema, model):
+        metrics = monitor.evaluate(model, noise_scheduler)
+        if history.add(state.global_step, state.images_seen, metrics):
+            with atomic_path(os.path.join(output_dir, "best-probe")) as target:
+                pipeline_for(model, noise_scheduler).save_pretrained(target)
+    logger.info(f"step {state.global_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return metrics
+
+
+def save_samples(args, model, noise_scheduler, epoch: int, accelerator: Accelerator) -> None:
+    """Samples ``--eval_batch_size`` images (seed 0) into ``samples/epoch-<e>.png`` and the trackers."""
+    pipeline = pipeline_for(model, noise_scheduler)
+    pipeline.set_progress_bar_config(disable=True)
+    was_training = model.training
+    model.eval()
+    images = pipeline(
+        batch_size=args.eval_batch_size, num_inference_steps=args.ddpm_num_inference_steps,
+        generator=torch.Generator(device=model.device).manual_seed(0), output_type="np",
+    ).images
+    model.train(was_training)
+    grid = _grid((np.asarray(images) * 255).round().astype(np.uint8))
+    path = os.path.join(args.output_dir, "samples", f"epoch-{epoch + 1:04d}.png")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(grid).save(path)
+    if args.logger in ("tensorboard", "all"):
+        accelerator.get_tracker("tensorboard", unwrap=True).add_image("samples", grid, epoch, dataformats="HWC")
+
+
+def _grid(images: np.ndarray) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> one (rows*H, cols*W, 3) image."""
+    n, h, w, c = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.zeros((rows * h, cols * w, c), dtype=np.uint8)
+    for i, image in enumerate(images):
+        r, q = divmod(i, cols)
+        grid[r * h : (r + 1) * h, q * w : (q + 1) * w] = image
+    return grid
+
+
+def _hub_dataset_id(name: str | None) -> str | None:
+    """``name`` if it looks like a Hub data set id (not a local path), for the card's metadata."""
+    if name is None or os.path.exists(name) or name.startswith((".", "/")):
+        return None
+    return name
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except (ValueError, NonFiniteLossError) as error:
+        print(f"train_unconditional.py: error: {error}", file=sys.stderr)
+        sys.exit(1)
