@@ -262,7 +262,7 @@ def _parquet_dataset(folder, columns: dict) -> str:
 @pytest.fixture(scope="module")
 def odd_datasets(cifar_small, tmp_path_factory):
     root = tmp_path_factory.mktemp("odd")
-    images = [np.asarray(image) for image in cifar_small.select(range(8))["img"]]
+    images = list(cifar_small.select(range(8))["img"])
     return {
         "unlabelled": _parquet_dataset(root / "unlabelled", {"img": images}),
         "float_labels": _parquet_dataset(root / "float", {"img": images, "label": [0.5] * 8}),

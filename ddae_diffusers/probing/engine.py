@@ -9,6 +9,7 @@ kNN and writes the report.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -186,6 +187,19 @@ def prepare(config: ProbeConfig, backbone: DDAEBackbone | None = None) -> Prepar
     )
 
 
+class Stopwatch:
+    """Wall and process-CPU seconds of consecutive stages: ``laps[name] = {"wall_s", "cpu_s"}``."""
+
+    def __init__(self):
+        self.laps: dict[str, dict[str, float]] = {}
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+
+    def lap(self, name: str) -> None:
+        wall, cpu = time.perf_counter(), time.process_time()
+        self.laps[name] = {"wall_s": round(wall - self._wall, 3), "cpu_s": round(cpu - self._cpu, 3)}
+        self._wall, self._cpu = wall, cpu
+
+
 def _rows(features: dict, rows: list[int]) -> dict:
     index = torch.as_tensor(rows)
     return {key: value[index] for key, value in features.items()}
@@ -202,7 +216,9 @@ def run_probe(
     from .online import train_online
     from .report import write_report
 
+    clock = Stopwatch()
     prep = prepare(config, backbone)
+    clock.lap("prepare")
     backbone = prep.backbone
     if accelerator is not None:
         backbone.to(accelerator.device)
@@ -216,17 +232,20 @@ def run_probe(
     extract = dict(batch_size=config.batch_size, accelerator=accelerator, on_batch=on_batch, progress=progress)
     eval_features = cache.extract(prep.eval, config.eval_split, prep.image_column, View(1, 0, False), **extract)
     recipe = config.probe_recipe()
+    clock.lap("extract_eval")
     if config.protocol == "online":
         fits, knn_bank, knn_labels = train_online(
             backbone, prep.train, prep.image_column, prep.train_labels, prep.fit_rows, prep.val_rows,
             prep.layers, prep.timesteps, prep.resolution, prep.num_labels, config.seed, dtype, recipe,
             accelerator, progress,
         )
+        clock.lap("online_train")
     else:
         views = [
             cache.extract(prep.train, config.train_split, prep.image_column, View(0, k, True), **extract)
             for k in range(config.train_views)
         ]
+        clock.lap("extract_train")
         if is_main:
             keys = list(views[0])
             fit_x = {key: torch.cat([_rows(v, prep.fit_rows)[key] for v in views]) for key in keys}
@@ -235,6 +254,7 @@ def run_probe(
             val_y = prep.train_labels[prep.val_rows].repeat(len(views))
             fits = train_heads(fit_x, fit_y, prep.num_labels, recipe, val_x, val_y, seed=config.seed)
             knn_bank, knn_labels = _rows(views[0], prep.fit_rows), prep.train_labels[prep.fit_rows]
+            clock.lap("heads")
     if not is_main:
         accelerator.wait_for_everyone()
         return None
@@ -254,6 +274,7 @@ def run_probe(
                 "val_accs": fit.val_accs,
             })
     best = cells[choose_lr([cell["val_acc"] for cell in cells])]
+    clock.lap("score")
     results = {
         "model": config.model,
         "dataset": config.dataset,
@@ -283,6 +304,7 @@ def run_probe(
         "cells": cells,
         "best": best,
         "config": asdict(config),
+        "timings": clock.laps,
     }
     write_report(config.output_dir, results, {(c["layer"], c["timestep"]): fits[c["layer"], c["timestep"]].head
                                               for c in cells})
