@@ -12,9 +12,8 @@ import json
 import os
 from collections.abc import Mapping
 
-import numpy as np
-
 from ..io_utils import atomic_path
+from ..modelcard import grid_heatmap
 from .heads import LinearHead
 
 
@@ -72,33 +71,8 @@ def markdown_table(results: dict) -> str:
 
 def heatmap(results: dict, metric: str, path: str, title: str, marked: tuple[str, int]) -> None:
     """Layers (execution order) x timesteps, annotated in %, with ``marked`` outlined; PNG at ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    layers, timesteps = results["layers"], results["timesteps"]
-    grid = np.full((len(layers), len(timesteps)), np.nan)
-    for c in results["cells"]:
-        grid[layers.index(c["layer"]), timesteps.index(c["timestep"])] = 100 * c[metric]
-    fig, ax = plt.subplots(figsize=(1.1 * len(timesteps) + 3.5, 0.38 * len(layers) + 1.6))
-    image = ax.imshow(grid, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(timesteps)), [str(t) for t in timesteps])
-    ax.set_yticks(range(len(layers)), layers, fontsize=8)
-    ax.set_xlabel("timestep (diffusers index; paper t = index + 1)")
-    ax.set_title(title, fontsize=10)
-    middle = np.nanmean(grid)
-    for i in range(len(layers)):
-        for j in range(len(timesteps)):
-            color = "black" if grid[i, j] > middle else "white"
-            ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", fontsize=7, color=color)
-    row, col = layers.index(marked[0]), timesteps.index(marked[1])
-    ax.add_patch(plt.Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5))
-    fig.colorbar(image, ax=ax, label="accuracy (%)")
-    fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+        grid_heatmap(results["cells"], tmp, metric, title=title, marked=marked, layers=results["layers"])
 
 
 def write_report(output_dir: str, results: dict, heads: Mapping[tuple[str, int], LinearHead]) -> None:
