@@ -404,7 +404,7 @@ class DDAEBackbone:
             pooling: ``"avg"`` -> (B, C) / (B, D); ``None`` -> (B, C, h, w) / (B, N, D).
             seed, example_ids: the noise of example ``example_ids[i]`` (default ``i``) is drawn
                 from (seed, id), so results do not depend on batching or sharding.
-            dtype: autocast dtype, e.g. ``torch.bfloat16`` (2-3x faster on AMX CPUs and GPUs).
+            dtype: autocast dtype, e.g. ``torch.bfloat16`` (faster on CPUs with bf16 instructions and on GPUs).
 
         Returns ``{(layer, t): float32 tensor}``.
         """

@@ -112,7 +112,7 @@ class ProbeMonitor:
         data: the fixed subsets.
         layer, timestep: where features are taken (diffusers timestep index).
         batch_size: images per feature-extraction forward.
-        dtype: autocast dtype for extraction (``torch.bfloat16`` is 2-3x faster on AMX CPUs).
+        dtype: autocast dtype for extraction (``torch.bfloat16`` is faster on CPUs with bf16 instructions and on GPUs).
         linear_epochs, linear_lr: the quick linear probe (0 epochs: kNN only).
         seed: noise seed; the same every time, so changes in accuracy come from the weights.
     """

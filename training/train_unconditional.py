@@ -121,7 +121,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     optim.add_argument("--ema_power", type=float, default=3 / 4)
     optim.add_argument("--ema_max_decay", type=float, default=0.9999)
     optim.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
-                       help="Default: accelerate's config/launch flag, else no. bf16 is 2-3x faster on AMX CPUs.")
+                       help="Default: accelerate's config/launch flag, else no. bf16 is ~1.9x faster here.")
     optim.add_argument("--seed", type=int, default=0, help="Seeds the weights, data order, augmentation and noise.")
 
     probe = parser.add_argument_group("probe monitor")
