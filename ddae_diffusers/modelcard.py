@@ -114,10 +114,10 @@ def grid_heatmap(
     """Writes a layers x timesteps heatmap of ``metric`` (annotated in %) as a PNG at ``path``.
 
     ``layers`` fixes the row order (default: first appearance in ``cells``); ``marked`` (layer, t) is
-    outlined. Returns False, writing nothing, when fewer than 2 cells have ``metric``.
+    outlined. Returns False, writing nothing, when no cell has ``metric``.
     """
     cells = [c for c in cells if c.get(metric) is not None]
-    if len(cells) < 2:
+    if not cells:
         return False
     import matplotlib
 
@@ -187,7 +187,8 @@ def classifier_model_card(config, save_directory: str | None = None, tags: list[
             for c in grid
         )
         extra = "\n## Probe grid\n\n| layer | t | linear % | kNN % |\n|---|---|---|---|\n" + table + "\n"
-        if save_directory is not None and grid_heatmap(grid, os.path.join(save_directory, HEATMAP_FILE)):
+        heatmap_path = os.path.join(save_directory, HEATMAP_FILE) if save_directory is not None else None
+        if heatmap_path is not None and len(grid) > 1 and grid_heatmap(grid, heatmap_path):
             extra += f"\n![layer x timestep probe accuracy]({HEATMAP_FILE})\n"
     repo = summary.get("hub_model_id") or "<this-repo-or-folder>"
     usage = f"""
