@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -198,6 +199,18 @@ def test_probe_cli_writes_artefacts(probe_run):
         assert 0 <= cell["linear_acc"] <= 1 and 0 <= cell["knn_acc"] <= 1 and cell["lr"] in (0.001, 0.01)
     table = (out / "results.md").read_text()
     assert f"| {best['layer']} | {best['timestep']} |" in table.splitlines()[6]
+
+
+def test_installed_console_script_exits_zero(probe_run, tiny_unet_pipeline_dir):
+    out, results = probe_run  # same output folder: the feature cache is reused, so this is quick
+    script = Path(sys.executable).parent / "ddae-probe"
+    done = subprocess.run(
+        [str(script), "--model", tiny_unet_pipeline_dir, "--output_dir", str(out), *PROBE_ARGS],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "best cell (on validation)" in done.stdout
+    assert json.loads((out / "results.json").read_text())["cells"] == results["cells"]
 
 
 def test_saved_heads_are_batchnorm_plus_linear(probe_run, tiny_unet_pipeline_dir, cifar_small):

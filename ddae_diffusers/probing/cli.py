@@ -74,5 +74,10 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     return results
 
 
-if __name__ == "__main__":
+def console_main() -> None:
+    """Entry point of the ``ddae-probe`` command: exits 0 on success (``main`` returns the results dict)."""
     main()
+
+
+if __name__ == "__main__":
+    console_main()
