@@ -196,7 +196,7 @@ class DDAEBackbone:
         of a supported class; the scheduler is then ``DDPMScheduler()``)."""
         import diffusers
 
-        model_index = _read_json(path_or_hub_id, "model_index.json", **hub_kwargs)
+        model_index = read_root_json(path_or_hub_id, "model_index.json", **hub_kwargs)
         if model_index is not None:
             # Optional components saved as None (DDAEPipeline) are recorded as [null, null].
             denoiser_key = next((k for k in ("unet", "transformer") if model_index.get(k, [None])[0]), None)
@@ -223,7 +223,7 @@ class DDAEBackbone:
             vae = component("vae") if model_index.get("vae", [None])[0] else None
             return cls(denoiser, scheduler, vae)
 
-        config = _read_json(path_or_hub_id, "config.json", **hub_kwargs)
+        config = read_root_json(path_or_hub_id, "config.json", **hub_kwargs)
         if config is None:
             raise ValueError(
                 f"{path_or_hub_id!r} holds no diffusers config: expected a pipeline folder with "
@@ -431,7 +431,7 @@ class DDAEBackbone:
         return results
 
 
-def _read_json(path_or_hub_id: str, filename: str, **hub_kwargs) -> dict | None:
+def read_root_json(path_or_hub_id: str, filename: str, **hub_kwargs) -> dict | None:
     """The JSON ``filename`` at the root of a folder or Hub repo, or None if it is not there."""
     if os.path.isdir(path_or_hub_id):
         path = os.path.join(path_or_hub_id, filename)

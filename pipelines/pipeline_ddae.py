@@ -30,7 +30,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import ModelCard, create_repo
 
-from ddae_diffusers.capture import DDAEBackbone, _read_json, check_denoiser, denoiser_kwargs
+from ddae_diffusers.capture import DDAEBackbone, check_denoiser, denoiser_kwargs, read_root_json
 from ddae_diffusers.image_processing_ddae import DDAEImageProcessor
 from ddae_diffusers.modelcard import make_model_card
 from ddae_diffusers.modeling_ddae import DDAEForImageClassification
@@ -189,14 +189,14 @@ class DDAEPipeline(DiffusionPipeline):
         if isinstance(classifier, (str, os.PathLike)):
             _check_exists(os.fspath(classifier))
         hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir") if k in kwargs}
-        model_index = _read_json(path, "model_index.json", **hub_kwargs)
+        model_index = read_root_json(path, "model_index.json", **hub_kwargs)
         if model_index is not None:
             _check_model_index(path, model_index)
             if isinstance(classifier, (str, os.PathLike)):
                 kwargs["classifier"] = _load_classifier(os.fspath(classifier))
             return super().from_pretrained(path, **kwargs)
 
-        config = _read_json(path, "config.json", **hub_kwargs)
+        config = read_root_json(path, "config.json", **hub_kwargs)
         if config is None:
             where = "" if os.path.isdir(path) else " (as a Hub repo id: check the name; be online or have it cached)"
             raise ValueError(
