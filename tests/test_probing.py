@@ -16,6 +16,8 @@ from conftest import CIFAR10_PATH, REPO_ROOT, make_tiny_unet
 from PIL import Image
 
 from ddae_diffusers import DDAEBackbone
+from ddae_diffusers.data import images_to_tensor
+from ddae_diffusers.probing.baselines import pixel_features, random_init
 from ddae_diffusers.probing.cache import FeatureCache, View
 from ddae_diffusers.probing.cli import main as probe_main
 from ddae_diffusers.probing.engine import ProbeConfig, run_probe
@@ -197,8 +199,12 @@ def test_probe_cli_writes_artefacts(probe_run):
     assert best["val_acc"] == max(c["val_acc"] for c in saved["cells"])
     for cell in saved["cells"]:
         assert 0 <= cell["linear_acc"] <= 1 and 0 <= cell["knn_acc"] <= 1 and cell["lr"] in (0.001, 0.01)
-    table = (out / "results.md").read_text()
-    assert f"| {best['layer']} | {best['timestep']} |" in table.splitlines()[6]
+    table = (out / "results.md").read_text().splitlines()
+    first_row = table.index("## All cells") + 4
+    assert table[first_row].startswith(f"| {best['layer']} | {best['timestep']} |")
+    # the best cell of each part: the mid block and the decoder (up_blocks) are both in LAYERS
+    assert any(line.startswith("| mid block: mid_block.resnets.1 |") for line in table)
+    assert any(line.startswith("| decoder: up_blocks.") for line in table)
 
 
 def test_installed_console_script_exits_zero(probe_run, tiny_unet_pipeline_dir):
@@ -253,6 +259,48 @@ def test_online_protocol_runs_the_paper_recipe(tiny_unet_pipeline_dir, tmp_path)
     assert "up_blocks.1.resnets.1@10.mean" not in load_heads_keys(tmp_path)
 
 
+def test_random_init_baseline(probe_run, tiny_unet_pipeline_dir):
+    out, trained = probe_run
+    backbone = DDAEBackbone.from_pretrained(tiny_unet_pipeline_dir)
+    state = torch.get_rng_state()
+    # the fixture's weights come from seed 0 (make_tiny_unet), so use other seeds
+    fresh, again, other = random_init(backbone, 1), random_init(backbone, 1), random_init(backbone, 2)
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is left alone
+    assert type(fresh.denoiser) is type(backbone.denoiser) and fresh.denoiser.config == backbone.denoiser.config
+    assert fresh.scheduler is backbone.scheduler
+    pairs = list(zip(backbone.denoiser.parameters(), fresh.denoiser.parameters(), again.denoiser.parameters(),
+                     other.denoiser.parameters(), strict=True))
+    assert all(torch.equal(b, c) for _, b, c, _ in pairs)  # same seed, same weights
+    assert not all(torch.equal(a, b) for a, b, _, _ in pairs)  # not the loaded weights
+    assert not all(torch.equal(b, d) for _, b, _, d in pairs)  # another seed, other weights
+    # the same cache folder as the trained run: features are keyed by the weights, so nothing is reused
+    results = probe_main(["--model", tiny_unet_pipeline_dir, "--output_dir", str(out / "random"),
+                          "--cache_dir", str(out / "feature_cache"), "--random_init", *PROBE_ARGS])
+    assert results["random_init"] is True
+    assert [c["knn_acc"] for c in results["cells"]] != [c["knn_acc"] for c in trained["cells"]]
+    assert "(random init, seed 1)" in (out / "random" / "results.md").read_text().splitlines()[0]
+
+
+def test_pixel_baseline(cifar_small, tiny_unet_pipeline_dir, tmp_path):
+    images = cifar_small.select(range(40))
+    plain = pixel_features(images, "img", View(1, 0, False), 16, seed=0, batch_size=16, progress=False)
+    torch.testing.assert_close(plain, images_to_tensor(images["img"], 16).flatten(1))
+    cropped = pixel_features(images, "img", View(0, 0, True), 16, seed=0, batch_size=7, progress=False)
+    assert cropped.shape == (40, 3 * 16 * 16) and not torch.equal(cropped, plain)
+
+    config = ProbeConfig(
+        model=tiny_unet_pipeline_dir, dataset=CIFAR10_PATH, output_dir=str(tmp_path), max_train_samples=200,
+        max_eval_samples=100, layers=LAYERS[:1], timesteps=[10], pixel_baseline=True, epochs=10,
+    )
+    results = run_probe(config, progress=False)
+    pixels = results["baselines"]["pixels"]
+    assert pixels["feature_dim"] == 3 * 16 * 16 and pixels["lr"] in config.lrs
+    assert 0.15 < pixels["linear_acc"] <= 1 and 0.1 < pixels["knn_acc"] <= 1  # 10 classes: chance is 0.1
+    assert json.loads((tmp_path / "results.json").read_text())["baselines"] == results["baselines"]
+    row = next(line for line in (tmp_path / "results.md").read_text().splitlines() if "baseline: pixels" in line)
+    assert f"{100 * pixels['linear_acc']:.2f}" in row
+
+
 def load_heads_keys(folder) -> set[str]:
     from safetensors import safe_open
 
@@ -294,6 +342,7 @@ def odd_datasets(cifar_small, tmp_path_factory):
         ("bad_resolution", "resolution"),
         ("unwritable_output", "--output_dir"),
         ("unwritable_cache", "--cache_dir"),
+        ("pixels_online", "--pixel_baseline"),
     ],
 )
 def test_bad_inputs_fail_before_extraction(case, match, tiny_unet_pipeline_dir, odd_datasets, tmp_path):
@@ -310,6 +359,7 @@ def test_bad_inputs_fail_before_extraction(case, match, tiny_unet_pipeline_dir, 
         "bad_resolution": {"resolution": 32},
         "unwritable_output": {"output_dir": str(blocker / "out")},
         "unwritable_cache": {"cache_dir": str(blocker / "cache")},
+        "pixels_online": {"pixel_baseline": True, "protocol": "online"},
     }[case])
 
     def no_extraction(start, stop):

@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="'online': the paper's protocol, features recomputed every epoch (slow reference).")
     add("--dtype", choices=list(DTYPES), default="float32", help="Autocast dtype of the forward passes.")
     add("--seed", type=int, default=0)
+    add("--random_init", action="store_true",
+        help="Baseline: probe the same architecture with freshly initialised weights (seeded by --seed).")
+    add("--pixel_baseline", action="store_true",
+        help="Baseline: also probe the flattened raw pixels (same views, rows and heads) and report them.")
     return parser
 
 

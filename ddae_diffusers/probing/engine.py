@@ -18,6 +18,7 @@ import torch
 from ..capture import DDAEBackbone
 from ..data import detect_image_column, detect_label_column, label_names
 from ..io_utils import check_writable_dir
+from .baselines import pixel_views, random_init
 from .cache import FeatureCache, View
 from .heads import PAPER_RECIPE, ProbeRecipe, choose_lr, train_heads
 from .knn import knn_accuracy
@@ -56,6 +57,9 @@ class ProbeConfig:
     dtype: str = "float32"
     seed: int = 0
     val_fraction: float = 0.1
+    random_init: bool = False  # baseline: the same architecture, freshly initialised with `seed`
+    pixel_baseline: bool = False  # baseline: also probe the flattened raw pixels
+
 
     def probe_recipe(self) -> ProbeRecipe:
         if self.recipe == "paper" or self.protocol == "online":
@@ -132,6 +136,8 @@ def prepare(config: ProbeConfig, backbone: DDAEBackbone | None = None) -> Prepar
         raise ValueError(f"--dtype must be one of {list(DTYPES)}, got {config.dtype!r}.")
     if config.train_views < 1 or config.batch_size < 1:
         raise ValueError("--train_views and --batch_size must be >= 1.")
+    if config.pixel_baseline and config.protocol != "cached":
+        raise ValueError("--pixel_baseline runs with --protocol cached; drop one of the two.")
     if not 0 < config.val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {config.val_fraction}.")
     config.probe_recipe()  # validates lrs, epochs, normalization
@@ -140,6 +146,8 @@ def prepare(config: ProbeConfig, backbone: DDAEBackbone | None = None) -> Prepar
 
     if backbone is None:
         backbone = DDAEBackbone.from_pretrained(config.model)
+    if config.random_init:
+        backbone = random_init(backbone, config.seed)
     layers = backbone.check_layers(config.layers if config.layers else default_layers(backbone))
     timesteps = backbone.check_timesteps(config.timesteps)
     resolution = config.resolution or backbone.image_size or 32
@@ -205,6 +213,32 @@ def _rows(features: dict, rows: list[int]) -> dict:
     return {key: value[index] for key, value in features.items()}
 
 
+def _score(fit, knn_bank: torch.Tensor, knn_labels: torch.Tensor, eval_x: torch.Tensor, eval_y: torch.Tensor) -> dict:
+    """One cell's entry of ``results.json``: test linear and kNN accuracy, dim, chosen lr, validation accuracy."""
+    return {
+        "feature_dim": eval_x.shape[1],
+        "linear_acc": fit.head.accuracy(eval_x, eval_y),
+        "knn_acc": knn_accuracy(knn_bank, knn_labels, eval_x, eval_y),
+        "lr": fit.lr,
+        "val_acc": fit.val_acc,
+        "val_accs": fit.val_accs,
+    }
+
+
+def _pixel_baseline(prep: Prepared, recipe: ProbeRecipe, progress: bool) -> dict:
+    """The grid's heads and kNN on flattened raw pixels of the same views and rows."""
+    config = prep.config
+    views, eval_x = pixel_views(
+        prep.train, prep.eval, prep.image_column, prep.resolution, config.seed, config.train_views, progress
+    )
+    fit_x = torch.cat([v[prep.fit_rows] for v in views])
+    val_x = torch.cat([v[prep.val_rows] for v in views])
+    fit_y = prep.train_labels[prep.fit_rows].repeat(len(views))
+    val_y = prep.train_labels[prep.val_rows].repeat(len(views))
+    fit = train_heads({"pixels": fit_x}, fit_y, prep.num_labels, recipe, {"pixels": val_x}, val_y, seed=config.seed)
+    return _score(fit["pixels"], views[0][prep.fit_rows], prep.train_labels[prep.fit_rows], eval_x, prep.eval_labels)
+
+
 def run_probe(
     config: ProbeConfig,
     accelerator=None,
@@ -259,22 +293,18 @@ def run_probe(
         accelerator.wait_for_everyone()
         return None
 
-    cells = []
-    for layer in prep.layers:
-        for t in prep.timesteps:
-            fit = fits[layer, t]
-            cells.append({
-                "layer": layer,
-                "timestep": t,
-                "feature_dim": backbone.layer_info(layer).feature_dim,
-                "linear_acc": fit.head.accuracy(eval_features[layer, t], prep.eval_labels),
-                "knn_acc": knn_accuracy(knn_bank[layer, t], knn_labels, eval_features[layer, t], prep.eval_labels),
-                "lr": fit.lr,
-                "val_acc": fit.val_acc,
-                "val_accs": fit.val_accs,
-            })
+    cells = [
+        {"layer": layer, "timestep": t, **_score(fits[layer, t], knn_bank[layer, t], knn_labels,
+                                                  eval_features[layer, t], prep.eval_labels)}
+        for layer in prep.layers
+        for t in prep.timesteps
+    ]
     best = cells[choose_lr([cell["val_acc"] for cell in cells])]
     clock.lap("score")
+    baselines = {}
+    if config.pixel_baseline:
+        baselines["pixels"] = _pixel_baseline(prep, recipe, progress)
+        clock.lap("pixel_baseline")
     results = {
         "model": config.model,
         "dataset": config.dataset,
@@ -301,8 +331,10 @@ def run_probe(
         "id2label": prep.id2label,
         "layers": prep.layers,
         "timesteps": prep.timesteps,
+        "random_init": config.random_init,
         "cells": cells,
         "best": best,
+        "baselines": baselines,
         "config": asdict(config),
         "timings": clock.laps,
     }

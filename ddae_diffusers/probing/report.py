@@ -45,12 +45,45 @@ def load_heads(folder: str) -> dict[tuple[str, int], LinearHead]:
     return heads
 
 
+PARTS = {"down_blocks": "encoder", "mid_block": "mid block", "up_blocks": "decoder"}
+
+
+def part_of(layer: str) -> str:
+    """The part of the denoiser a layer belongs to: encoder, mid block, decoder (UNet) or its first name."""
+    root = layer.split(".", 1)[0]
+    return PARTS.get(root, root)
+
+
+def best_per_part(cells: list[dict]) -> dict[str, dict]:
+    """The best cell (on validation) of each part, in order of first appearance."""
+    best: dict[str, dict] = {}
+    for cell in cells:
+        part = part_of(cell["layer"])
+        rank = (cell["val_acc"], cell["linear_acc"])
+        if part not in best or rank > (best[part]["val_acc"], best[part]["linear_acc"]):
+            best[part] = cell
+    return best
+
+
+def model_title(results: dict) -> str:
+    name = os.path.basename(str(results["model"]).rstrip("/"))
+    return f"{name} (random init, seed {results['seed']})" if results.get("random_init") else name
+
+
+def _row(name: str, t, c: dict) -> str:
+    return (
+        f"| {name} | {t} | {c['feature_dim']} | {100 * c['linear_acc']:.2f} | {100 * c['knn_acc']:.2f} | "
+        f"{100 * c['val_acc']:.2f} | {c['lr']:g} |"
+    )
+
+
 def markdown_table(results: dict) -> str:
-    """``results.md``: the run's settings and every cell, best validation accuracy first."""
+    """``results.md``: the run's settings, the best cell per part, the baselines and every cell."""
     cells = sorted(results["cells"], key=lambda c: (-c["val_acc"], -c["linear_acc"]))
     best = results["best"]
+    header = ["| layer | t | dim | linear acc (%) | kNN acc (%) | val acc (%) | lr |", "|---|---|---|---|---|---|---|"]
     lines = [
-        f"# Probe grid: {results['model']} on {results['dataset']}",
+        f"# Probe grid: {model_title(results)} on {results['dataset']}",
         "",
         f"Protocol `{results['protocol']}` (recipe `{results['recipe']}`, normalization "
         f"`{results['normalization']}`), {results['num_train']} train / {results['num_val']} validation / "
@@ -58,14 +91,14 @@ def markdown_table(results: dict) -> str:
         f"seed {results['seed']}. Best cell (chosen on validation): **{best['layer']} @ t={best['timestep']}**, "
         f"linear {100 * best['linear_acc']:.2f}%, kNN {100 * best['knn_acc']:.2f}%.",
         "",
-        "| layer | t | dim | linear acc (%) | kNN acc (%) | val acc (%) | lr |",
-        "|---|---|---|---|---|---|---|",
     ]
-    for c in cells:
-        lines.append(
-            f"| {c['layer']} | {c['timestep']} | {c['feature_dim']} | {100 * c['linear_acc']:.2f} | "
-            f"{100 * c['knn_acc']:.2f} | {100 * c['val_acc']:.2f} | {c['lr']:g} |"
-        )
+    parts = best_per_part(results["cells"])
+    if len(parts) > 1 or results.get("baselines"):
+        lines += ["## Best cell per part, and baselines", "", *header]
+        lines += [_row(f"{part}: {c['layer']}", c["timestep"], c) for part, c in parts.items()]
+        lines += [_row(f"baseline: {name}", "-", c) for name, c in results.get("baselines", {}).items()]
+        lines += ["", "## All cells", ""]
+    lines += header + [_row(c["layer"], c["timestep"], c) for c in cells]
     return "\n".join(lines) + "\n"
 
 
@@ -87,7 +120,7 @@ def write_report(output_dir: str, results: dict, heads: Mapping[tuple[str, int],
         json.dump(results, f, indent=1)
     with atomic_path(os.path.join(output_dir, "results.md")) as tmp, open(tmp, "w") as f:
         f.write(markdown_table(results))
-    name = os.path.basename(str(results["model"]).rstrip("/"))
+    name = model_title(results)
     heatmap(results, "linear_acc", os.path.join(output_dir, "heatmap.png"),
             f"linear probe accuracy, {name} (box: best on validation)", (best["layer"], best["timestep"]))
     top_knn = max(results["cells"], key=lambda c: c["knn_acc"])

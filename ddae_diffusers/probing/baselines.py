@@ -1,0 +1,61 @@
+"""Baselines for the probe grid: the same denoiser at random initialisation, and raw pixels.
+
+Both answer "what did diffusion pretraining add?" under the grid's exact protocol: same
+images, splits, views, validation rows and head recipe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..capture import DDAEBackbone
+from .cache import View
+
+
+def random_init(backbone: DDAEBackbone, seed: int) -> DDAEBackbone:
+    """The same architecture (config, scheduler, VAE) with freshly initialised denoiser weights.
+
+    Initialisation is diffusers' own (``from_config``) under ``torch.manual_seed(seed)``.
+    """
+    denoiser = backbone.denoiser
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fresh = type(denoiser).from_config(denoiser.config)
+    fresh.to(denoiser.device)
+    if fresh.dtype != denoiser.dtype:
+        fresh.to(dtype=denoiser.dtype)
+    return DDAEBackbone(fresh, backbone.scheduler, backbone.vae)
+
+
+def pixel_features(
+    dataset,
+    image_column: str,
+    view: View,
+    resolution: int,
+    seed: int,
+    batch_size: int = 256,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Flattened pixels of one view of a split: (N, 3 * R * R) in [-1, 1], crops/flips as in the grid."""
+    rows = []
+    for start in tqdm(range(0, len(dataset), batch_size), desc="raw pixels", disable=not progress):
+        stop = min(start + batch_size, len(dataset))
+        images = dataset[start:stop][image_column]
+        rows.append(view.pixels(images, range(start, stop), resolution, seed).flatten(1))
+    return torch.cat(rows)
+
+
+def pixel_views(
+    train, evaluation, image_column: str, resolution: int, seed: int, train_views: int, progress: bool = True
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Raw-pixel features of the grid's train views (crop + flip) and of its un-augmented eval view."""
+    views: Sequence[View] = [View(0, k, True) for k in range(train_views)]
+    train_x = [pixel_features(train, image_column, view, resolution, seed, progress=progress) for view in views]
+    eval_x = pixel_features(evaluation, image_column, View(1, 0, False), resolution, seed, progress=progress)
+    return train_x, eval_x
+
+
+__all__ = ["random_init", "pixel_features", "pixel_views"]
