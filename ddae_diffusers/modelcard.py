@@ -154,9 +154,11 @@ def grid_heatmap(
 
 def classifier_model_card(config, save_directory: str | None = None, tags: list[str] | None = None) -> ModelCard:
     """The card of a ``DDAEForImageClassification`` from its ``DDAEConfig`` (``base_model`` and
-    ``training_summary``); writes the probe heatmap next to it when the model came from a probe grid."""
+    ``training_summary``); writes the probe heatmap next to it when the model came from a probe grid.
+    The model is named by ``training_summary["model_name"]``, else by the folder it is saved to."""
     summary = dict(config.training_summary or {})
-    name = summary.get("model_name") or f"ddae-{config.backbone_class.lower()}-classifier"
+    folder_name = os.path.basename(os.path.normpath(save_directory)) if save_directory else None
+    name = summary.get("model_name") or folder_name or f"ddae-{config.backbone_class.lower()}-classifier"
     dataset = summary.get("dataset")
     accuracy = summary.get("accuracy")
     details = {

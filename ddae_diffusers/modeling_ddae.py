@@ -418,11 +418,12 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp, max_shard_size=max_shard_size, tags=tags)
+            folder = os.path.join(tmp, repo_id.split("/")[-1])  # the card names the model after its folder
+            self.save_pretrained(folder, max_shard_size=max_shard_size, tags=tags)
             operations = [
-                CommitOperationAdd(path_in_repo=os.path.relpath(os.path.join(root, name), tmp),
+                CommitOperationAdd(path_in_repo=os.path.relpath(os.path.join(root, name), folder),
                                    path_or_fileobj=os.path.join(root, name))
-                for root, _, names in os.walk(tmp)
+                for root, _, names in os.walk(folder)
                 for name in sorted(names)
             ]
             return api.create_commit(

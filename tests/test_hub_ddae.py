@@ -125,6 +125,7 @@ def test_push_probe_export(tiny_unet_pipeline_dir, tmp_path):
     assert data.datasets == ["uoft-cs/cifar10"]
     result = data.eval_results[0]
     assert (result.metric_type, result.metric_value, result.dataset_split) == ("accuracy", 0.6, "test")
+    assert data.model_name == "ddae-tiny-probe"  # named after the repo, as a folder saved locally is
     assert "up_blocks.0.resnets.1" in card.text and "probe_grid.png" in card.text
 
     pixel_values = images()
