@@ -152,6 +152,12 @@ def grid_heatmap(
     return True
 
 
+def _seconds(value: float | None) -> str | None:
+    if not value:
+        return None
+    return f"{value:.0f} s ({value / 60:.0f} min)" if value >= 60 else f"{value:.1f} s"
+
+
 def classifier_model_card(config, save_directory: str | None = None, tags: list[str] | None = None) -> ModelCard:
     """The card of a ``DDAEForImageClassification`` from its ``DDAEConfig`` (``base_model`` and
     ``training_summary``); writes the probe heatmap next to it when the model came from a probe grid.
@@ -174,6 +180,8 @@ def classifier_model_card(config, save_directory: str | None = None, tags: list[
         "train split": summary.get("train_split"),
         "eval split": summary.get("eval_split"),
         "epochs": summary.get("epochs"),
+        "optimisation": summary.get("optimisation"),
+        "training time": _seconds(summary.get("train_runtime_s")),
         "accuracy": f"{100 * accuracy:.2f}%" if accuracy is not None else None,
         "kNN accuracy": f"{100 * summary['knn_accuracy']:.2f}%" if summary.get("knn_accuracy") is not None else None,
     }

@@ -98,6 +98,8 @@ def test_linear_probe_through_trainer(tiny_unet_pipeline_dir, tmp_path, cifar_ev
     assert eval_accuracy(tmp_path, cifar_eval) == pytest.approx(metrics["eval_accuracy"])
     card = (tmp_path / "README.md").read_text()
     assert "frozen backbone" in card and f"value: {metrics['eval_accuracy']}" in card
+    assert "lr 0.001 (linear, 0 warm-up steps), weight decay 0, batch 32, fp32, seed 0 |" in card
+    assert f"| training time | {metrics['train_runtime']:.1f} s |" in card
 
 
 def test_full_finetune_updates_backbone(tiny_unet_pipeline_dir, tmp_path):

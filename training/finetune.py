@@ -189,6 +189,17 @@ def collate(examples: list[dict]) -> dict:
     }
 
 
+def optimisation_summary(args: TrainingArguments) -> str:
+    """One line for the model card: optimiser, lr schedule, total batch, precision, seed."""
+    batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    return (
+        f"{getattr(args.optim, 'value', args.optim)}, lr {args.learning_rate:g} "
+        f"({getattr(args.lr_scheduler_type, 'value', args.lr_scheduler_type)}, {args.warmup_steps:g} warm-up steps), "
+        f"weight decay {args.weight_decay:g}, batch {batch}, {precision}, seed {args.seed}"
+    )
+
+
 def load_split(data_args: DataArguments, split: str, limit: int | None):
     try:
         dataset = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name, split=split)
@@ -278,6 +289,8 @@ def main(argv: list[str] | None = None) -> dict:
         "train_split": data_args.train_split,
         "eval_split": data_args.eval_split,
         "epochs": training_args.num_train_epochs,
+        "optimisation": optimisation_summary(training_args),
+        "train_runtime_s": metrics.get("train_runtime"),
         "accuracy": metrics.get("eval_accuracy"),
         "accuracy_source": accuracy_source,
         "license": model_args.license,

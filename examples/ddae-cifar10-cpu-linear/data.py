@@ -1,0 +1,124 @@
+"""Data sets and pixels: column detection, PIL/numpy -> [-1, 1] tensors, crop/flip augmentation.
+
+No torchvision: PIL does the resizing, torch the augmentation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_COLUMN_CANDIDATES = ("img", "image", "pixel_values")
+LABEL_COLUMN_CANDIDATES = ("label", "labels", "fine_label", "class")
+
+ImageLike = Image.Image | np.ndarray
+
+
+def detect_image_column(dataset, image_column: str | None = None) -> str:
+    """The column of ``dataset`` holding images: ``image_column`` if given, else ``img``/``image``."""
+    import datasets
+
+    features = dataset.features
+    if image_column is None:
+        image_column = next((c for c in IMAGE_COLUMN_CANDIDATES if c in features), None)
+        if image_column is None:
+            raise ValueError(
+                f"No image column found among {list(features)}: pass --image_column with the right name."
+            )
+    elif image_column not in features:
+        raise ValueError(f"--image_column {image_column!r} is not a column of the data set: {list(features)}.")
+    if not isinstance(features[image_column], datasets.Image):
+        raise ValueError(
+            f"Column {image_column!r} holds {features[image_column]}, not images: pass --image_column with "
+            f"an image column ({[c for c, f in features.items() if isinstance(f, datasets.Image)]})."
+        )
+    return image_column
+
+
+def detect_label_column(dataset, label_column: str | None = None) -> str:
+    """The integer class-label column: ``label_column`` if given, else ``label``/``labels``/...."""
+    import datasets
+
+    features = dataset.features
+    if label_column is None:
+        label_column = next((c for c in LABEL_COLUMN_CANDIDATES if c in features), None)
+        if label_column is None:
+            raise ValueError(
+                f"The data set has no label column among {list(features)}: probing and classification need "
+                "integer class labels; pass --label_column."
+            )
+    elif label_column not in features:
+        raise ValueError(f"--label_column {label_column!r} is not a column of the data set: {list(features)}.")
+    feature = features[label_column]
+    is_int = isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint"))
+    if not isinstance(feature, datasets.ClassLabel) and not is_int:
+        raise ValueError(
+            f"Column {label_column!r} holds {feature}, not integer class labels: "
+            "cast it to ClassLabel (dataset.class_encode_column) or pass another --label_column."
+        )
+    return label_column
+
+
+def label_names(dataset, label_column: str) -> list[str] | None:
+    """Class names of a ``ClassLabel`` column, else None."""
+    import datasets
+
+    feature = dataset.features[label_column]
+    return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+
+
+def to_rgb_array(image: ImageLike, resolution: int, center_crop: bool = True) -> np.ndarray:
+    """One PIL image or (H, W[, C]) uint8 array -> (resolution, resolution, 3) uint8 array.
+
+    Grayscale and RGBA become RGB; the shorter side is resized to ``resolution``
+    (bilinear), then the centre (or, with ``center_crop=False``, the whole image
+    resized to a square) is kept.
+    """
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"Expected a PIL image or a uint8 numpy array, got {type(image).__name__}.")
+    image = image.convert("RGB")
+    width, height = image.size
+    if center_crop:
+        scale = resolution / min(width, height)
+        new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+        if new_size != image.size:
+            image = image.resize(new_size, Image.BILINEAR)
+        left = (image.width - resolution) // 2
+        top = (image.height - resolution) // 2
+        image = image.crop((left, top, left + resolution, top + resolution))
+    elif image.size != (resolution, resolution):
+        image = image.resize((resolution, resolution), Image.BILINEAR)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def images_to_tensor(images: Sequence[ImageLike], resolution: int, center_crop: bool = True) -> torch.Tensor:
+    """PIL images or uint8 arrays -> (B, 3, resolution, resolution) float32 in [-1, 1]."""
+    batch = np.stack([to_rgb_array(image, resolution, center_crop) for image in images])
+    return torch.from_numpy(batch).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def random_crop_flip(
+    pixel_values: torch.Tensor,
+    padding: int = 4,
+    flip: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Random crop after ``padding`` pixels of black (-1) on each side, and random horizontal flip.
+
+    ``pixel_values``: (B, C, H, W) in [-1, 1]; each example draws its own offsets and flip.
+    """
+    batch, _, height, width = pixel_values.shape
+    padded = torch.nn.functional.pad(pixel_values, (padding,) * 4, value=-1.0)
+    offsets = torch.randint(0, 2 * padding + 1, (batch, 2), generator=generator)
+    flips = torch.rand(batch, generator=generator) < 0.5 if flip else torch.zeros(batch, dtype=torch.bool)
+    out = torch.empty_like(pixel_values)
+    for i in range(batch):
+        top, left = offsets[i].tolist()
+        crop = padded[i, :, top : top + height, left : left + width]
+        out[i] = crop.flip(-1) if flips[i] else crop
+    return out

@@ -1,0 +1,108 @@
+"""``DDAEImageProcessor``: images -> (B, 3, R, R) ``pixel_values`` in [-1, 1], without torchvision.
+
+The pixel conversion itself (RGB, resize, crop, scale) is ``ddae_diffusers.data.images_to_tensor``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.image_processing_utils import BaseImageProcessor
+
+from .data import images_to_tensor
+
+
+def _as_image(image) -> Image.Image | np.ndarray:
+    """One PIL image, numpy array or tensor -> PIL image or (H, W[, C]) uint8 array.
+
+    Arrays and tensors may be HWC or CHW; floats are taken to be in [0, 1].
+    """
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    if not isinstance(image, np.ndarray):
+        raise TypeError(
+            f"DDAEImageProcessor takes PIL images, numpy arrays or torch tensors, not {type(image).__name__}."
+        )
+    if image.ndim == 3 and image.shape[0] in (1, 3, 4) and image.shape[-1] not in (1, 3, 4):
+        image = image.transpose(1, 2, 0)  # CHW -> HWC
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    if image.ndim not in (2, 3):
+        raise ValueError(f"Expected an (H, W), (H, W, C) or (C, H, W) image, got shape {image.shape}.")
+    if image.dtype != np.uint8:
+        if np.issubdtype(image.dtype, np.floating):
+            if image.min() < 0 or image.max() > 1:
+                raise ValueError(
+                    "Float images must be in [0, 1] (pass uint8 arrays for 0..255 values); "
+                    f"got range [{image.min():.3g}, {image.max():.3g}]."
+                )
+            image = image * 255.0
+        image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    return image
+
+
+class DDAEImageProcessor(BaseImageProcessor):
+    r"""Prepares images for a DDAE classifier: RGB conversion (grayscale and RGBA too), resize, optional
+    center crop, rescale to [-1, 1].
+
+    Args:
+        size (`int`, *optional*, defaults to 32):
+            Output side in pixels (the denoiser's resolution).
+        do_center_crop (`bool`, *optional*, defaults to `True`):
+            Resize the shorter side to `size` and keep the centre; otherwise resize the whole image to
+            `size` x `size`.
+
+    Returns a `BatchFeature` with `pixel_values` of shape (B, 3, size, size), float32 in [-1, 1].
+    """
+
+    model_input_names = ["pixel_values"]
+
+    def __init__(self, size: int = 32, do_center_crop: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(size, dict):  # {"height": s, "width": s} from other conventions
+            size = size.get("shortest_edge") or size["height"]
+        if not isinstance(size, int) or size <= 0:
+            raise ValueError(f"size must be a positive int, got {size!r}.")
+        self.size = size
+        self.do_center_crop = do_center_crop
+
+    def to_dict(self) -> dict:
+        # No "image_processor_type": AutoImageProcessor then resolves the class from the model's config.json
+        # (model_type "ddae" locally, its auto_map with trust_remote_code=True). With the type recorded,
+        # transformers' pipeline() would also look for a remote "DDAEVideoProcessor" and prompt the user.
+        output = super().to_dict()
+        output.pop("image_processor_type", None)
+        return output
+
+    def __call__(self, images, **kwargs) -> BatchFeature:
+        return self.preprocess(images, **kwargs)
+
+    def preprocess(
+        self,
+        images,
+        size: int | None = None,
+        do_center_crop: bool | None = None,
+        return_tensors: str | None = "pt",
+        **kwargs,
+    ) -> BatchFeature:
+        """images: one image, a sequence of PIL images / arrays / tensors, or a (B, ...) array or tensor."""
+        size = size or self.size
+        do_center_crop = self.do_center_crop if do_center_crop is None else do_center_crop
+        if isinstance(images, (Image.Image, np.ndarray, torch.Tensor)):
+            is_batch = not isinstance(images, Image.Image) and images.ndim == 4
+        else:  # a list, tuple or any other sequence (e.g. a datasets Column)
+            is_batch, images = True, list(images)
+        batch = [_as_image(image) for image in (images if is_batch else [images])]
+        if not batch:
+            raise ValueError("No images given.")
+        pixel_values = images_to_tensor(batch, size, do_center_crop)
+        if return_tensors == "np":
+            pixel_values = pixel_values.numpy()
+        return BatchFeature(data={"pixel_values": pixel_values})
+
+
+__all__ = ["DDAEImageProcessor"]

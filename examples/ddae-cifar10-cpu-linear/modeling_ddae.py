@@ -1,0 +1,503 @@
+"""``DDAEForImageClassification``: a truncated diffusers denoiser plus a linear head, as a transformers model.
+
+The forward noises ``pixel_values`` at the configured timestep with ``DDPMScheduler.add_noise``, runs the
+denoiser through the capture core (forward hooks, early exit right after ``feature_layer``), pools the
+activation and applies ``norm -> dropout -> linear``. Modules the forward never reaches are replaced by
+parameter-free placeholders, so they are neither trained nor saved. Pixel-space models only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+import torch
+from diffusers import DDPMScheduler
+from diffusers.models.embeddings import PatchEmbed, get_2d_sincos_pos_embed
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import ImageClassifierOutput
+
+from .capture import (
+    DDAEBackbone,
+    candidate_layers,
+    capture_activations,
+    check_denoiser,
+    example_noise,
+    pool_activation,
+)
+from .configuration_ddae import DDAEConfig
+from .image_processing_ddae import DDAEImageProcessor
+from .modelcard import classifier_model_card
+from .presets import DENOISER_CLASSES
+
+_PROBE_EPS = 1e-5
+_PROCESSOR_REF = "image_processing_ddae.DDAEImageProcessor"
+
+
+class PrunedModule(nn.Module):
+    """Placeholder for a backbone module the truncated forward never reaches (holds no weights)."""
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError(
+            "A pruned DDAE backbone module was called: the forward went past the feature layer. "
+            "This is a bug; please report it with your diffusers version."
+        )
+
+
+def _dummy_input(denoiser: nn.Module) -> torch.Tensor:
+    size = denoiser.config.sample_size or 32
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    param = next(denoiser.parameters())
+    return torch.randn(1, denoiser.config.in_channels, size, size, device=param.device, dtype=param.dtype)
+
+
+def unreached_modules(denoiser: nn.Module, layer: str) -> list[str]:
+    """Outermost modules holding weights that a forward stopping after ``layer`` never calls.
+
+    Found by tracing one dummy forward with pre-hooks on every module.
+    """
+    called: set[str] = set()
+    handles = [
+        module.register_forward_pre_hook(lambda mod, args, name=name: called.add(name))
+        for name, module in denoiser.named_modules()
+        if name
+    ]
+    try:
+        with torch.no_grad():
+            capture_activations(denoiser, _dummy_input(denoiser), 0, [layer], stop_after=layer)
+    finally:
+        for handle in handles:
+            handle.remove()
+    # A container (ModuleList) is never called itself: it is reached when one of its children is.
+    reached = {".".join(name.split(".")[:i]) for name in called for i in range(1, name.count(".") + 2)}
+    pruned: list[str] = []
+    for name, module in denoiser.named_modules():
+        if not name or name in reached or any(name.startswith(p + ".") for p in pruned):
+            continue
+        if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+            continue  # iterated, not called: keep the container (and its length), prune its elements
+        if next(module.parameters(), None) is not None or next(module.buffers(), None) is not None:
+            pruned.append(name)
+    return pruned
+
+
+def prune_modules(denoiser: nn.Module, names: list[str]) -> None:
+    """Replaces each named module by a ``PrunedModule`` in place (ModuleList lengths are kept)."""
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = denoiser.get_submodule(parent_name) if parent_name else denoiser
+        setattr(parent, child, PrunedModule())
+
+
+class DDAEPreTrainedModel(PreTrainedModel):
+    """Base class: config, weight init limited to the new head, input name."""
+
+    config_class = DDAEConfig
+    base_model_prefix = "denoiser"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = False
+    # The loss is a per-batch mean: the Trainer must not rescale it by a token count (it would multiply it by
+    # the number of processes).
+    accepts_loss_kwargs = False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Only the head is new. The denoiser keeps its diffusers (pretrained or default) weights: the generic
+        # transformers init would silently overwrite them.
+        if module is getattr(self, "classifier", None):
+            init.normal_(module.weight, mean=0.0, std=0.01)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm) and module is getattr(self, "feature_norm", None):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, PatchEmbed) and "pos_embed" in module._non_persistent_buffers_set:
+            # Not saved, so from_pretrained leaves it empty: recompute DiT's fixed sin-cos position table.
+            grid = int(module.pos_embed.shape[1] ** 0.5)
+            table = get_2d_sincos_pos_embed(
+                module.proj.out_channels,
+                grid,
+                base_size=module.base_size,
+                interpolation_scale=module.interpolation_scale,
+                output_type="pt",
+            )
+            init.copy_(module.pos_embed, table.float().unsqueeze(0))
+
+
+class DDAEForImageClassification(DDAEPreTrainedModel):
+    """A diffusion denoiser as an image classifier (DDAE, Xiang et al. 2023).
+
+    ``forward(pixel_values (B, 3, H, W) in [-1, 1], labels=None) -> ImageClassifierOutput`` with
+    ``logits`` (B, num_labels) and, with ``output_hidden_states=True``, ``hidden_states = (activation,)``:
+    the raw feature-layer output (B, C, h, w) or (B, N, D).
+
+    Build one with :meth:`from_diffusers` (any ``UNet2DModel`` / pixel ``DiTTransformer2DModel``) or
+    :meth:`from_probe` (a probe-engine result folder), fine-tune it with the ``Trainer``, save it with
+    ``save_pretrained`` (also writes ``preprocessor_config.json`` and a model card) and load it back with
+    ``AutoModelForImageClassification``.
+    """
+
+    def __init__(self, config: DDAEConfig):
+        super().__init__(config)
+        if config.backbone_config is None or config.feature_layer is None:
+            raise ValueError(
+                "DDAEConfig needs backbone_config and feature_layer: build the model with "
+                "DDAEForImageClassification.from_diffusers(model_or_path, layer=..., timestep=...)."
+            )
+        denoiser = DENOISER_CLASSES[config.backbone_class].from_config(config.backbone_config)
+        if denoiser.config.in_channels != 3:
+            raise ValueError(
+                f"The {config.backbone_class} takes {denoiser.config.in_channels}-channel inputs: "
+                "DDAEForImageClassification supports pixel-space (RGB) denoisers only, not latent models."
+            )
+        layers = candidate_layers(denoiser)
+        if config.feature_layer not in layers:
+            raise ValueError(
+                f"feature_layer {config.feature_layer!r} is not a block of this {config.backbone_class}: "
+                f"use one of DDAEBackbone(denoiser).layer_names() (e.g. {layers[len(layers) // 2]!r})."
+            )
+        if config.pruned_modules is None:
+            config.pruned_modules = unreached_modules(denoiser, config.feature_layer)
+        prune_modules(denoiser, config.pruned_modules)
+        if config.feature_dim is None:
+            with torch.no_grad():
+                act = capture_activations(
+                    denoiser, _dummy_input(denoiser), 0, [config.feature_layer], config.feature_layer
+                )[config.feature_layer]
+            config.feature_dim = int(act.shape[1] if act.ndim == 4 else act.shape[-1])
+        if config.image_size is None:
+            config.image_size = int(_dummy_input(denoiser).shape[-1])
+
+        self.denoiser = denoiser
+        self.noise_scheduler = DDPMScheduler(**config.scheduler_kwargs())
+        dim = config.feature_dim
+        if config.head_norm == "batchnorm":
+            self.feature_norm = nn.BatchNorm1d(dim, affine=False, eps=_PROBE_EPS)
+        elif config.head_norm == "layernorm":
+            self.feature_norm = nn.LayerNorm(dim)
+        else:
+            self.feature_norm = nn.Identity()
+        self.dropout = nn.Dropout(config.classifier_dropout)
+        self.classifier = nn.Linear(dim, config.num_labels)
+        self.post_init()
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_diffusers(
+        cls,
+        model_or_path: Any,
+        layer: str,
+        timestep: int = 10,
+        num_labels: int | None = None,
+        id2label: dict[int, str] | None = None,
+        label2id: dict[str, int] | None = None,
+        **config_kwargs,
+    ) -> DDAEForImageClassification:
+        """A classifier on a pretrained diffusers denoiser (new, untrained head; eval mode).
+
+        Args:
+            model_or_path: a ``UNet2DModel`` / ``DiTTransformer2DModel``, a ``DDAEBackbone``, or a folder or
+                Hub id that ``DDAEBackbone.from_pretrained`` loads (pipeline or bare model).
+            layer: feature block, one of ``DDAEBackbone.layer_names()``.
+            timestep: diffusers timestep index (paper t=11 is 10).
+            num_labels, id2label, label2id: the classes (``num_labels`` defaults to ``len(id2label)``).
+            config_kwargs: other :class:`DDAEConfig` arguments (``head_norm``, ``noise_policy``, ...).
+        """
+        base_model = config_kwargs.pop("base_model", None)
+        if isinstance(model_or_path, DDAEBackbone):
+            backbone = model_or_path
+        elif isinstance(model_or_path, (str, os.PathLike)):
+            base_model = base_model or os.fspath(model_or_path)
+            backbone = DDAEBackbone.from_pretrained(os.fspath(model_or_path))
+        else:
+            check_denoiser(model_or_path)
+            backbone = DDAEBackbone(model_or_path)
+        denoiser = backbone.denoiser
+        if backbone.vae is not None or denoiser.config.in_channels != 3:
+            raise ValueError(
+                "DDAEForImageClassification supports pixel-space denoisers only: this one is a latent model "
+                "(it has a VAE or takes non-RGB inputs). Use DDAEBackbone.features for latent models."
+            )
+        layer = backbone.check_layers([layer])[0]
+        timestep = backbone.check_timesteps([timestep])[0]
+        schedule = _schedule_kwargs(backbone.scheduler, timestep)
+        if id2label is not None:
+            id2label = {int(k): str(v) for k, v in id2label.items()}
+            num_labels = num_labels or len(id2label)
+            if len(id2label) != num_labels:
+                raise ValueError(f"id2label has {len(id2label)} classes but num_labels is {num_labels}.")
+        if num_labels is None:
+            raise ValueError("Pass num_labels (or id2label) to build the classification head.")
+        extra = {"id2label": id2label, "label2id": label2id or {v: k for k, v in id2label.items()}} if id2label else {}
+        config = DDAEConfig(
+            backbone_config=dict(denoiser.config),
+            backbone_class=type(denoiser).__name__,
+            feature_layer=layer,
+            timestep=timestep,
+            feature_dim=backbone.layer_info(layer).feature_dim,
+            image_size=backbone.image_size,
+            pruned_modules=unreached_modules(denoiser, layer),
+            base_model=base_model or denoiser.config.get("_name_or_path") or None,
+            num_labels=num_labels,
+            **schedule,
+            **extra,
+            **config_kwargs,
+        )
+        model = cls(config)
+        pruned = tuple(p + "." for p in config.pruned_modules)
+        state = {k: v for k, v in denoiser.state_dict().items() if not k.startswith(pruned)}
+        model.denoiser.load_state_dict(state, strict=True)
+        model.to(denoiser.device, denoiser.dtype).eval()
+        _check_truncation(denoiser, model.denoiser, layer)
+        return model
+
+    @classmethod
+    def from_probe(
+        cls, probe_folder: str | os.PathLike, layer: str | None = None, timestep: int | None = None, **config_kwargs
+    ) -> DDAEForImageClassification:
+        """A classifier with a trained probe head from a probe-engine output folder.
+
+        ``results.json`` names the model, the data and the grid cells; ``heads.safetensors`` holds
+        ``"{layer}@{t}.weight|bias"`` (and ``.mean|.var`` for standardised features). Without ``layer`` and
+        ``timestep`` the best cell is used; with one or both, the best matching cell.
+        """
+        from safetensors.torch import load_file
+
+        probe_folder = os.fspath(probe_folder)
+        results_path = os.path.join(probe_folder, "results.json")
+        heads_path = os.path.join(probe_folder, "heads.safetensors")
+        for path in (results_path, heads_path):
+            if not os.path.isfile(path):
+                raise ValueError(
+                    f"{probe_folder!r} is not a probe output folder: {os.path.basename(path)} is missing."
+                )
+        with open(results_path) as f:
+            results = json.load(f)
+        cell = _pick_cell(results, layer, timestep)
+        key = f"{cell['layer']}@{cell['timestep']}"
+        heads = load_file(heads_path)
+        if f"{key}.weight" not in heads:
+            raise ValueError(f"heads.safetensors has no head for {key}: the probe folder is incomplete.")
+        standardize = results.get("normalization", "none") == "standardize"
+        model_path = results["model"]
+        local = os.path.join(probe_folder, model_path)
+        if not os.path.exists(model_path) and os.path.exists(local):
+            model_path = local
+        id2label = {int(k): v for k, v in results["id2label"].items()} if results.get("id2label") else None
+        summary = {
+            "protocol": f"linear probe ({results.get('protocol', 'probe')})",
+            "dataset": results.get("dataset"),
+            "train_split": results.get("train_split"),
+            "eval_split": results.get("eval_split"),
+            "resolution": results.get("resolution"),
+            "accuracy": cell.get("linear_acc"),
+            "knn_accuracy": cell.get("knn_acc"),
+            "grid": [
+                {k: c.get(k) for k in ("layer", "timestep", "linear_acc", "knn_acc")} for c in results.get("cells", [])
+            ],
+        }
+        config_kwargs.setdefault("head_norm", "batchnorm" if standardize else None)
+        model = cls.from_diffusers(
+            model_path,
+            layer=cell["layer"],
+            timestep=int(cell["timestep"]),
+            num_labels=int(results["num_labels"]),
+            id2label=id2label,
+            base_model=results["model"],
+            training_summary=summary,
+            **config_kwargs,
+        )
+        resolution = results.get("resolution")
+        if resolution is not None and model.config.image_size is not None and resolution != model.config.image_size:
+            raise ValueError(
+                f"The probe ran at resolution {resolution} but the model takes {model.config.image_size}x"
+                f"{model.config.image_size} images."
+            )
+        with torch.no_grad():
+            model.classifier.weight.copy_(heads[f"{key}.weight"])
+            model.classifier.bias.copy_(heads[f"{key}.bias"])
+            if standardize:
+                if not isinstance(model.feature_norm, nn.BatchNorm1d):
+                    raise ValueError("A standardised probe head needs head_norm='batchnorm'.")
+                model.feature_norm.running_mean.copy_(heads[f"{key}.mean"])
+                model.feature_norm.running_var.copy_(heads[f"{key}.var"])
+        return model
+
+    def train(self, mode: bool = True) -> DDAEForImageClassification:
+        """Like ``nn.Module.train``, but a fully frozen backbone stays in eval mode (no dropout): a linear
+        probe through the Trainer then sees the same features as the probe engine."""
+        super().train(mode)
+        if mode and not any(p.requires_grad for p in self.denoiser.parameters()):
+            self.denoiser.eval()
+        return self
+
+    # ------------------------------------------------------------------ forward
+    @property
+    def feature_layer(self) -> str:
+        return self.config.feature_layer
+
+    def check_pixel_values(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Validates a (B, 3, H, W) float batch in [-1, 1] at the model's resolution (clear errors)."""
+        backbone = DDAEBackbone(self.denoiser, self.noise_scheduler)
+        return backbone.check_images(pixel_values)
+
+    def noisy_input(self, pixel_values: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """x_t = add_noise(x_0, eps, t) under the configured noise policy: (B, 3, H, W)."""
+        policy = self.config.noise_policy
+        if policy == "none":
+            return pixel_values
+        if noise is None:
+            if policy == "fixed" and not self.training:
+                noise = example_noise(pixel_values.shape[1:], range(pixel_values.shape[0]), self.config.noise_seed)
+            else:
+                noise = torch.randn_like(pixel_values)
+        t = torch.full((pixel_values.shape[0],), self.config.timestep, dtype=torch.long, device=pixel_values.device)
+        return self.noise_scheduler.add_noise(pixel_values, noise.to(pixel_values), t)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutput | tuple:
+        """pixel_values (B, 3, H, W) in [-1, 1]; labels (B,) class ids (or floats for regression /
+        multi-label); noise: optional (B, 3, H, W) eps overriding the noise policy."""
+        dtype = next(self.denoiser.parameters()).dtype
+        pixel_values = self.check_pixel_values(pixel_values).to(dtype)
+        noisy = self.noisy_input(pixel_values, noise)
+        layer = self.config.feature_layer
+        activation = capture_activations(self.denoiser, noisy, self.config.timestep, [layer], stop_after=layer)[layer]
+        features = pool_activation(activation, self.config.pooling)
+        logits = self.classifier(self.dropout(self.feature_norm(features.to(self.classifier.weight.dtype))))
+        loss = self.loss_function(labels, logits, self.config) if labels is not None else None
+        hidden_states = (activation,) if output_hidden_states else None
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if not return_dict:
+            output = (logits,) + ((hidden_states,) if hidden_states is not None else ())
+            return ((loss,) + output) if loss is not None else output
+        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=hidden_states)
+
+    # ------------------------------------------------------------------ saving
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """``PreTrainedModel.save_pretrained`` plus a model card (README.md) and, if the folder has none,
+        a ``preprocessor_config.json`` for this resolution, so the folder works with ``pipeline()``."""
+        tags = kwargs.pop("tags", None)
+        # Remote code for AutoImageProcessor is declared in config.json, not in preprocessor_config.json: there
+        # transformers' pipeline() would also look for a remote "DDAEVideoProcessor" and prompt the user.
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), "AutoImageProcessor": _PROCESSOR_REF}
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            if not os.path.isfile(os.path.join(save_directory, "preprocessor_config.json")):
+                DDAEImageProcessor(size=self.config.image_size).save_pretrained(save_directory)
+            classifier_model_card(self.config, save_directory, tags=tags).save(
+                os.path.join(save_directory, "README.md")
+            )
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: bool | str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        max_shard_size: int | str | None = "50GB",
+        tags: list[str] | None = None,
+    ):
+        """Uploads weights, config, remote code, image processor and the model card in one commit."""
+        from huggingface_hub import CommitOperationAdd, HfApi
+
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = os.path.join(tmp, repo_id.split("/")[-1])  # the card names the model after its folder
+            self.save_pretrained(folder, max_shard_size=max_shard_size, tags=tags)
+            operations = [
+                CommitOperationAdd(path_in_repo=os.path.relpath(os.path.join(root, name), folder),
+                                   path_or_fileobj=os.path.join(root, name))
+                for root, _, names in os.walk(folder)
+                for name in sorted(names)
+            ]
+            return api.create_commit(
+                repo_id=repo_id,
+                operations=operations,
+                commit_message=commit_message or "Upload DDAEForImageClassification",
+                commit_description=commit_description,
+                revision=revision,
+                create_pr=create_pr,
+            )
+
+
+def _schedule_kwargs(scheduler, timestep: int) -> dict[str, Any]:
+    """DDPMScheduler settings whose ``add_noise`` at ``timestep`` equals ``scheduler``'s (clear error if none)."""
+    config = scheduler.config
+    kwargs = {
+        key: config[key]
+        for key in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
+        if key in config
+    }
+    if kwargs.get("trained_betas") is not None:
+        kwargs["trained_betas"] = [float(b) for b in kwargs["trained_betas"]]
+    rebuilt = DDPMScheduler(**kwargs)
+    sample = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    t = torch.full((2,), timestep, dtype=torch.long)
+    try:
+        same = torch.allclose(scheduler.add_noise(sample, noise, t), rebuilt.add_noise(sample, noise, t), atol=1e-5)
+    except Exception:  # schedulers whose add_noise needs set_timesteps() first, or other index conventions
+        same = False
+    if not same:
+        raise ValueError(
+            f"The {type(scheduler).__name__} of this model does not noise like a DDPMScheduler with {kwargs}: "
+            "DDAEForImageClassification supports DDPM-style variance-preserving schedules (DDPM, DDIM, PNDM...)."
+        )
+    return kwargs
+
+
+def _check_truncation(full: nn.Module, truncated: nn.Module, layer: str) -> None:
+    """Asserts the truncated denoiser gives the same feature as the full one on a dummy input."""
+    x = _dummy_input(full)
+    was_training = full.training
+    full.eval()
+    try:
+        with torch.no_grad():
+            expected = capture_activations(full, x, 1, [layer], stop_after=layer)[layer]
+            got = capture_activations(truncated, x, 1, [layer], stop_after=layer)[layer]
+    finally:
+        full.train(was_training)
+    if not torch.allclose(expected, got, atol=1e-5, rtol=1e-4):
+        raise RuntimeError(f"Truncating the backbone after {layer!r} changed its output: please report this bug.")
+
+
+def _pick_cell(results: dict, layer: str | None, timestep: int | None) -> dict:
+    """The best probe cell, or the best among those matching ``layer``/``timestep``."""
+    if layer is None and timestep is None and results.get("best"):
+        return results["best"]
+    cells = [
+        c
+        for c in results.get("cells", [])
+        if (layer is None or c["layer"] == layer) and (timestep is None or int(c["timestep"]) == int(timestep))
+    ]
+    if not cells:
+        available = sorted({(c["layer"], int(c["timestep"])) for c in results.get("cells", [])})
+        raise ValueError(
+            f"The probe has no cell for layer={layer!r}, timestep={timestep!r}: available (layer, t) are {available}."
+        )
+
+    def score(cell: dict) -> float:
+        return cell.get("val_acc") if cell.get("val_acc") is not None else cell.get("linear_acc") or 0.0
+
+    return max(cells, key=score)
+
+
+DDAEForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+
+__all__ = ["DDAEForImageClassification", "DDAEPreTrainedModel", "unreached_modules"]
