@@ -6,6 +6,9 @@ and the report. Writes ``bench/results/probe.json`` and the heatmaps of each run
 
     python bench/bench_probe.py                       # 5,000 train / 1,000 test, ddpm-small
     python bench/bench_probe.py --num_train 1000 --num_eval 500 --model ddpm-tiny   # scaled down
+    python bench/bench_probe.py --model examples/ddae-cifar10-cpu --output bench/results/probe_trained.json
+
+Heatmaps go beside the JSON: ``<output stem>_<run>_heatmap.png``.
 """
 
 from __future__ import annotations
@@ -91,7 +94,7 @@ def main() -> None:
                       for c in results["cells"]],
         }
         for name in ("heatmap.png", "knn_heatmap.png"):
-            shutil.copy(os.path.join(out, name), os.path.join(os.path.dirname(args.output), f"probe_{run}_{name}"))
+            shutil.copy(os.path.join(out, name), f"{os.path.splitext(args.output)[0]}_{run}_{name}")
         shutil.rmtree(out, ignore_errors=True)
         print(f"{run}: {seconds:.1f} s wall, {cpu_seconds:.1f} s CPU, best {runs[run]['best_cell']} "
               f"linear {100 * best['linear_acc']:.2f}%", flush=True)
