@@ -6,8 +6,6 @@ images, splits, views, validation rows and head recipe.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from tqdm.auto import tqdm
 
@@ -48,14 +46,4 @@ def pixel_features(
     return torch.cat(rows)
 
 
-def pixel_views(
-    train, evaluation, image_column: str, resolution: int, seed: int, train_views: int, progress: bool = True
-) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Raw-pixel features of the grid's train views (crop + flip) and of its un-augmented eval view."""
-    views: Sequence[View] = [View(0, k, True) for k in range(train_views)]
-    train_x = [pixel_features(train, image_column, view, resolution, seed, progress=progress) for view in views]
-    eval_x = pixel_features(evaluation, image_column, View(1, 0, False), resolution, seed, progress=progress)
-    return train_x, eval_x
-
-
-__all__ = ["random_init", "pixel_features", "pixel_views"]
+__all__ = ["random_init", "pixel_features"]

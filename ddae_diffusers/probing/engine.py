@@ -18,7 +18,7 @@ import torch
 from ..capture import DDAEBackbone
 from ..data import detect_image_column, detect_label_column, label_names
 from ..io_utils import check_writable_dir
-from .baselines import pixel_views, random_init
+from .baselines import pixel_features, random_init
 from .cache import FeatureCache, View
 from .heads import PAPER_RECIPE, ProbeRecipe, choose_lr, train_heads
 from .knn import knn_accuracy
@@ -59,7 +59,6 @@ class ProbeConfig:
     val_fraction: float = 0.1
     random_init: bool = False  # baseline: the same architecture, freshly initialised with `seed`
     pixel_baseline: bool = False  # baseline: also probe the flattened raw pixels
-
 
     def probe_recipe(self) -> ProbeRecipe:
         if self.recipe == "paper" or self.protocol == "online":
@@ -225,18 +224,30 @@ def _score(fit, knn_bank: torch.Tensor, knn_labels: torch.Tensor, eval_x: torch.
     }
 
 
+def _fit_heads(prep: Prepared, views: list[dict], recipe: ProbeRecipe) -> tuple[dict, dict, torch.Tensor]:
+    """Heads of every cell on the fit rows of all train views (lr chosen on their validation rows);
+    also the kNN bank (fit rows of the first view) and its labels."""
+    keys = list(views[0])
+    fit_x = {key: torch.cat([_rows(v, prep.fit_rows)[key] for v in views]) for key in keys}
+    val_x = {key: torch.cat([_rows(v, prep.val_rows)[key] for v in views]) for key in keys}
+    fit_y = prep.train_labels[prep.fit_rows].repeat(len(views))
+    val_y = prep.train_labels[prep.val_rows].repeat(len(views))
+    fits = train_heads(fit_x, fit_y, prep.num_labels, recipe, val_x, val_y, seed=prep.config.seed)
+    return fits, _rows(views[0], prep.fit_rows), prep.train_labels[prep.fit_rows]
+
+
 def _pixel_baseline(prep: Prepared, recipe: ProbeRecipe, progress: bool) -> dict:
     """The grid's heads and kNN on flattened raw pixels of the same views and rows."""
     config = prep.config
-    views, eval_x = pixel_views(
-        prep.train, prep.eval, prep.image_column, prep.resolution, config.seed, config.train_views, progress
-    )
-    fit_x = torch.cat([v[prep.fit_rows] for v in views])
-    val_x = torch.cat([v[prep.val_rows] for v in views])
-    fit_y = prep.train_labels[prep.fit_rows].repeat(len(views))
-    val_y = prep.train_labels[prep.val_rows].repeat(len(views))
-    fit = train_heads({"pixels": fit_x}, fit_y, prep.num_labels, recipe, {"pixels": val_x}, val_y, seed=config.seed)
-    return _score(fit["pixels"], views[0][prep.fit_rows], prep.train_labels[prep.fit_rows], eval_x, prep.eval_labels)
+
+    def pixels(dataset, view: View) -> dict:
+        return {"pixels": pixel_features(dataset, prep.image_column, view, prep.resolution, config.seed,
+                                         progress=progress)}
+
+    views = [pixels(prep.train, View(0, k, True)) for k in range(config.train_views)]
+    eval_x = pixels(prep.eval, View(1, 0, False))["pixels"]
+    fits, knn_bank, knn_labels = _fit_heads(prep, views, recipe)
+    return _score(fits["pixels"], knn_bank["pixels"], knn_labels, eval_x, prep.eval_labels)
 
 
 def run_probe(
@@ -281,13 +292,7 @@ def run_probe(
         ]
         clock.lap("extract_train")
         if is_main:
-            keys = list(views[0])
-            fit_x = {key: torch.cat([_rows(v, prep.fit_rows)[key] for v in views]) for key in keys}
-            val_x = {key: torch.cat([_rows(v, prep.val_rows)[key] for v in views]) for key in keys}
-            fit_y = prep.train_labels[prep.fit_rows].repeat(len(views))
-            val_y = prep.train_labels[prep.val_rows].repeat(len(views))
-            fits = train_heads(fit_x, fit_y, prep.num_labels, recipe, val_x, val_y, seed=config.seed)
-            knn_bank, knn_labels = _rows(views[0], prep.fit_rows), prep.train_labels[prep.fit_rows]
+            fits, knn_bank, knn_labels = _fit_heads(prep, views, recipe)
             clock.lap("heads")
     if not is_main:
         accelerator.wait_for_everyone()
