@@ -43,7 +43,9 @@ def load_backbone(model: str, seed: int) -> tuple[DDAEBackbone, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="ddpm-small", help="Preset (random init) or pipeline folder.")
-    parser.add_argument("--dataset", default=os.path.join(os.path.dirname(REPO), "shared", "data", "cifar10"))
+    parser.add_argument("--dataset", default="uoft-cs/cifar10",
+                        help="CIFAR-10 in Hub layout: the Hub id or a local copy (the recorded runs read one); "
+                             "data/cifar10-sample (exactly 5,000 / 1,000) runs offline but gives other numbers.")
     parser.add_argument("--num_train", type=int, default=5000)
     parser.add_argument("--num_eval", type=int, default=1000)
     parser.add_argument("--timesteps", type=int, nargs="+", default=[10, 50, 100])

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel, SchedulerMixin, UNet2DModel
 
+from .errors import UsageError, UsageTypeError
+from .loading import check_source
 from .presets import DENOISER_CLASSES
 
 Denoiser = UNet2DModel | DiTTransformer2DModel
@@ -132,7 +134,7 @@ def pool_activation(activation: torch.Tensor, pooling: Pooling = "avg") -> torch
     if pooling is None:
         return activation
     if pooling != "avg":
-        raise ValueError(f"Unknown pooling {pooling!r}: use 'avg' or None.")
+        raise UsageError(f"Unknown pooling {pooling!r}: use 'avg' or None.")
     return activation.mean(dim=(2, 3)) if activation.ndim == 4 else activation.mean(dim=1)
 
 
@@ -182,7 +184,7 @@ class DDAEBackbone:
     ):
         check_denoiser(denoiser)
         if scheduler is not None and not hasattr(scheduler, "add_noise"):
-            raise TypeError(f"{type(scheduler).__name__} has no add_noise(); pass a DDPM-style scheduler.")
+            raise UsageTypeError(f"{type(scheduler).__name__} has no add_noise(); pass a DDPM-style scheduler.")
         self.denoiser = denoiser
         self.scheduler = scheduler if scheduler is not None else DDPMScheduler()
         self.vae = vae
@@ -196,19 +198,20 @@ class DDAEBackbone:
         of a supported class; the scheduler is then ``DDPMScheduler()``)."""
         import diffusers
 
+        path_or_hub_id = check_source(os.fspath(path_or_hub_id), "model")
         model_index = read_root_json(path_or_hub_id, "model_index.json", **hub_kwargs)
         if model_index is not None:
             # Optional components saved as None (DDAEPipeline) are recorded as [null, null].
             denoiser_key = next((k for k in ("unet", "transformer") if model_index.get(k, [None])[0]), None)
             if denoiser_key is None:
-                raise ValueError(
+                raise UsageError(
                     f"{path_or_hub_id}/model_index.json has no 'unet' or 'transformer' component."
                 )
 
             def component(key: str):
                 library, class_name = model_index[key]
                 if library != "diffusers" or not hasattr(diffusers, class_name):
-                    raise TypeError(
+                    raise UsageTypeError(
                         f"Component {key!r} is {library}.{class_name}; ddae_diffusers supports "
                         f"{', '.join(DENOISER_CLASSES)} with a diffusers scheduler."
                     )
@@ -225,7 +228,7 @@ class DDAEBackbone:
 
         config = read_root_json(path_or_hub_id, "config.json", **hub_kwargs)
         if config is None:
-            raise ValueError(
+            raise UsageError(
                 f"{path_or_hub_id!r} holds no diffusers config: expected a pipeline folder with "
                 "model_index.json or a model folder with config.json."
             )
@@ -312,13 +315,13 @@ class DDAEBackbone:
         """Validates layer names; returns them deduplicated, in execution order."""
         layers = [layers] if isinstance(layers, str) else list(layers)
         if not layers:
-            raise ValueError("No layers requested: pass at least one name from backbone.layer_names().")
+            raise UsageError("No layers requested: pass at least one name from backbone.layer_names().")
         index = {info.name: info.index for info in self.layers}
         for name in layers:
             if name not in index:
                 close = difflib.get_close_matches(name, index, n=5, cutoff=0.5)
                 hint = f" Did you mean {', '.join(close)}?" if close else ""
-                raise ValueError(
+                raise UsageError(
                     f"Unknown layer {name!r} for {type(self.denoiser).__name__}.{hint} "
                     "See backbone.layer_names() for all of them."
                 )
@@ -328,10 +331,10 @@ class DDAEBackbone:
         """Validates diffusers timestep indices (0..num_train_timesteps-1)."""
         timesteps = [timesteps] if isinstance(timesteps, (int, np.integer)) else list(timesteps)
         if not timesteps:
-            raise ValueError("No timesteps requested: pass at least one, e.g. timesteps=[10].")
+            raise UsageError("No timesteps requested: pass at least one, e.g. timesteps=[10].")
         for t in timesteps:
             if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < self.num_train_timesteps:
-                raise ValueError(
+                raise UsageError(
                     f"Timestep {t!r} is out of range: use integer diffusers indices 0..{self.num_train_timesteps - 1} "
                     "(the DDAE paper's t=11 is diffusers t=10)."
                 )
@@ -340,31 +343,31 @@ class DDAEBackbone:
     def check_images(self, images: torch.Tensor) -> torch.Tensor:
         """Validates a (B, C, H, W) float batch in [-1, 1]; returns it on the backbone's device."""
         if not isinstance(images, torch.Tensor):
-            raise TypeError(
+            raise UsageTypeError(
                 f"images must be a (B, C, H, W) float tensor in [-1, 1], not {type(images).__name__}: "
                 "convert PIL or numpy images with ddae_diffusers.DDAEImageProcessor."
             )
         if not images.is_floating_point():
-            raise TypeError(
+            raise UsageTypeError(
                 f"images have dtype {images.dtype}: pass floats in [-1, 1] "
                 "(DDAEImageProcessor does the conversion, or use images / 127.5 - 1)."
             )
         if images.ndim != 4 or images.shape[0] == 0:
-            raise ValueError(f"images must be a non-empty (B, C, H, W) batch, got shape {tuple(images.shape)}.")
+            raise UsageError(f"images must be a non-empty (B, C, H, W) batch, got shape {tuple(images.shape)}.")
         if images.shape[1] != self.image_channels:
-            raise ValueError(
+            raise UsageError(
                 f"images have {images.shape[1]} channels but the model takes {self.image_channels}: "
                 "convert them (DDAEImageProcessor turns grayscale into RGB)."
             )
         height, width = images.shape[-2:]
         if self.image_size is not None and (height, width) != (self.image_size, self.image_size):
-            raise ValueError(
+            raise UsageError(
                 f"images are {height}x{width} but the model takes {self.image_size}x{self.image_size}: "
                 f"resize them (DDAEImageProcessor(size={self.image_size}))."
             )
         low, high = images.min().item(), images.max().item()
         if low < -1 - _RANGE_TOLERANCE or high > 1 + _RANGE_TOLERANCE:
-            raise ValueError(
+            raise UsageError(
                 f"images range over [{low:.3g}, {high:.3g}] but must be in [-1, 1]: "
                 "preprocess them with ddae_diffusers.DDAEImageProcessor (or images * 2 - 1 for [0, 1] inputs)."
             )
@@ -411,13 +414,13 @@ class DDAEBackbone:
         layers = self.check_layers(layers)
         timesteps = self.check_timesteps(timesteps)
         if pooling not in ("avg", None):
-            raise ValueError(f"Unknown pooling {pooling!r}: use 'avg' or None.")
+            raise UsageError(f"Unknown pooling {pooling!r}: use 'avg' or None.")
         images = self.check_images(images)
         if example_ids is None:
             example_ids = range(images.shape[0])
         example_ids = [int(i) for i in example_ids]
         if len(example_ids) != images.shape[0]:
-            raise ValueError(f"{len(example_ids)} example_ids for a batch of {images.shape[0]} images.")
+            raise UsageError(f"{len(example_ids)} example_ids for a batch of {images.shape[0]} images.")
 
         results: dict[tuple[str, int], torch.Tensor] = {}
         with torch.inference_mode(), _autocast(self.device, dtype):
@@ -438,13 +441,23 @@ def read_root_json(path_or_hub_id: str, filename: str, **hub_kwargs) -> dict | N
         if not os.path.isfile(path):
             return None
     elif os.path.exists(path_or_hub_id):
-        raise ValueError(f"{path_or_hub_id!r} is a file: pass the folder that holds the diffusers config.")
+        raise UsageError(f"{path_or_hub_id!r} is a file: pass the folder that holds the diffusers config.")
     else:
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
         try:
             path = hf_hub_download(path_or_hub_id, filename, **hub_kwargs)
+        except LocalEntryNotFoundError:
+            raise UsageError(
+                f"{path_or_hub_id!r} is not a local folder, and as a Hub repo it is neither reachable nor cached: "
+                "go online (or fill the cache), or pass a local folder."
+            ) from None
+        except RepositoryNotFoundError:
+            raise UsageError(
+                f"There is no Hub repo {path_or_hub_id!r} (or it is private or gated): check the name, or log in "
+                "with `hf auth login`."
+            ) from None
         except EntryNotFoundError:
             return None
     with open(path) as f:

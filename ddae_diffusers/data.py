@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .errors import UsageError, UsageTypeError
+
 IMAGE_COLUMN_CANDIDATES = ("img", "image", "pixel_values")
 LABEL_COLUMN_CANDIDATES = ("label", "labels", "fine_label", "class")
 
@@ -25,13 +27,13 @@ def detect_image_column(dataset, image_column: str | None = None) -> str:
     if image_column is None:
         image_column = next((c for c in IMAGE_COLUMN_CANDIDATES if c in features), None)
         if image_column is None:
-            raise ValueError(
+            raise UsageError(
                 f"No image column found among {list(features)}: pass --image_column with the right name."
             )
     elif image_column not in features:
-        raise ValueError(f"--image_column {image_column!r} is not a column of the data set: {list(features)}.")
+        raise UsageError(f"--image_column {image_column!r} is not a column of the data set: {list(features)}.")
     if not isinstance(features[image_column], datasets.Image):
-        raise ValueError(
+        raise UsageError(
             f"Column {image_column!r} holds {features[image_column]}, not images: pass --image_column with "
             f"an image column ({[c for c, f in features.items() if isinstance(f, datasets.Image)]})."
         )
@@ -46,16 +48,16 @@ def detect_label_column(dataset, label_column: str | None = None) -> str:
     if label_column is None:
         label_column = next((c for c in LABEL_COLUMN_CANDIDATES if c in features), None)
         if label_column is None:
-            raise ValueError(
+            raise UsageError(
                 f"The data set has no label column among {list(features)}: probing and classification need "
                 "integer class labels; pass --label_column."
             )
     elif label_column not in features:
-        raise ValueError(f"--label_column {label_column!r} is not a column of the data set: {list(features)}.")
+        raise UsageError(f"--label_column {label_column!r} is not a column of the data set: {list(features)}.")
     feature = features[label_column]
     is_int = isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint"))
     if not isinstance(feature, datasets.ClassLabel) and not is_int:
-        raise ValueError(
+        raise UsageError(
             f"Column {label_column!r} holds {feature}, not integer class labels: "
             "cast it to ClassLabel (dataset.class_encode_column) or pass another --label_column."
         )
@@ -80,7 +82,7 @@ def to_rgb_array(image: ImageLike, resolution: int, center_crop: bool = True) ->
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
     if not isinstance(image, Image.Image):
-        raise TypeError(f"Expected a PIL image or a uint8 numpy array, got {type(image).__name__}.")
+        raise UsageTypeError(f"Expected a PIL image or a uint8 numpy array, got {type(image).__name__}.")
     image = image.convert("RGB")
     width, height = image.size
     if center_crop:

@@ -12,6 +12,7 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 
 from .data import images_to_tensor
+from .errors import UsageError, UsageTypeError
 
 
 def _as_image(image) -> Image.Image | np.ndarray:
@@ -24,7 +25,7 @@ def _as_image(image) -> Image.Image | np.ndarray:
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu().numpy()
     if not isinstance(image, np.ndarray):
-        raise TypeError(
+        raise UsageTypeError(
             f"DDAEImageProcessor takes PIL images, numpy arrays or torch tensors, not {type(image).__name__}."
         )
     if image.ndim == 3 and image.shape[0] in (1, 3, 4) and image.shape[-1] not in (1, 3, 4):
@@ -32,11 +33,11 @@ def _as_image(image) -> Image.Image | np.ndarray:
     if image.ndim == 3 and image.shape[-1] == 1:
         image = image[..., 0]
     if image.ndim not in (2, 3):
-        raise ValueError(f"Expected an (H, W), (H, W, C) or (C, H, W) image, got shape {image.shape}.")
+        raise UsageError(f"Expected an (H, W), (H, W, C) or (C, H, W) image, got shape {image.shape}.")
     if image.dtype != np.uint8:
         if np.issubdtype(image.dtype, np.floating):
             if image.min() < 0 or image.max() > 1:
-                raise ValueError(
+                raise UsageError(
                     "Float images must be in [0, 1] (pass uint8 arrays for 0..255 values); "
                     f"got range [{image.min():.3g}, {image.max():.3g}]."
                 )
@@ -66,7 +67,7 @@ class DDAEImageProcessor(BaseImageProcessor):
         if isinstance(size, dict):  # {"height": s, "width": s} from other conventions
             size = size.get("shortest_edge") or size["height"]
         if not isinstance(size, int) or size <= 0:
-            raise ValueError(f"size must be a positive int, got {size!r}.")
+            raise UsageError(f"size must be a positive int, got {size!r}.")
         self.size = size
         self.do_center_crop = do_center_crop
 
@@ -98,7 +99,7 @@ class DDAEImageProcessor(BaseImageProcessor):
             is_batch, images = True, list(images)
         batch = [_as_image(image) for image in (images if is_batch else [images])]
         if not batch:
-            raise ValueError("No images given.")
+            raise UsageError("No images given.")
         pixel_values = images_to_tensor(batch, size, do_center_crop)
         if return_tensors == "np":
             pixel_values = pixel_values.numpy()

@@ -8,6 +8,8 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 
+from .errors import UsageError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
@@ -44,5 +46,5 @@ def check_writable_dir(path: str | os.PathLike, flag: str = "--output_dir") -> s
         with tempfile.NamedTemporaryFile(dir=path):
             pass
     except OSError as error:
-        raise ValueError(f"{flag} {path!r} is not writable ({error.strerror}): choose another folder.") from None
+        raise UsageError(f"{flag} {path!r} is not writable ({error.strerror}): choose another folder.") from None
     return path

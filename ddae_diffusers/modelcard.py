@@ -7,6 +7,8 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .loading import is_hub_id
+
 PAPER_URL = "https://arxiv.org/abs/2303.09769"
 HEATMAP_FILE = "probe_grid.png"
 
@@ -33,11 +35,6 @@ _TEMPLATE = """---
 Xiang et al., *Denoising Diffusion Autoencoders are Unified Self-supervised Learners*, ICCV 2023
 ([arXiv 2303.09769]({{ paper_url }})). Built with ddae-diffusers on diffusers and transformers.
 """
-
-
-def is_hub_id(name: str | None) -> bool:
-    """True for ``owner/name`` or ``name`` strings that are not local paths."""
-    return bool(name) and not os.path.exists(name) and not name.startswith((".", "/", "~")) and name.count("/") <= 1
 
 
 def make_model_card(
@@ -158,6 +155,11 @@ def _seconds(value: float | None) -> str | None:
     return f"{value:.0f} s ({value / 60:.0f} min)" if value >= 60 else f"{value:.1f} s"
 
 
+def _split(name: str | None, size: int | None) -> str | None:
+    """``train (50,000 images)``, or the bare split name when its size is unknown."""
+    return f"{name} ({size:,} images)" if name and size is not None else name
+
+
 def classifier_model_card(config, save_directory: str | None = None, tags: list[str] | None = None) -> ModelCard:
     """The card of a ``DDAEForImageClassification`` from its ``DDAEConfig`` (``base_model`` and
     ``training_summary``); writes the probe heatmap next to it when the model came from a probe grid.
@@ -177,8 +179,8 @@ def classifier_model_card(config, save_directory: str | None = None, tags: list[
         "image size": f"{config.image_size}x{config.image_size}, scaled to [-1, 1]",
         "protocol": summary.get("protocol"),
         "data": dataset,
-        "train split": summary.get("train_split"),
-        "eval split": summary.get("eval_split"),
+        "train split": _split(summary.get("train_split"), summary.get("num_train")),
+        "eval split": _split(summary.get("eval_split"), summary.get("num_eval")),
         "epochs": summary.get("epochs"),
         "optimisation": summary.get("optimisation"),
         "training time": _seconds(summary.get("train_runtime_s")),

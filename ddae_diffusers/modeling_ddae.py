@@ -30,6 +30,7 @@ from .capture import (
     pool_activation,
 )
 from .configuration_ddae import DDAEConfig
+from .errors import UsageError
 from .image_processing_ddae import DDAEImageProcessor
 from .modelcard import classifier_model_card
 from .presets import DENOISER_CLASSES
@@ -143,19 +144,19 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
     def __init__(self, config: DDAEConfig):
         super().__init__(config)
         if config.backbone_config is None or config.feature_layer is None:
-            raise ValueError(
+            raise UsageError(
                 "DDAEConfig needs backbone_config and feature_layer: build the model with "
                 "DDAEForImageClassification.from_diffusers(model_or_path, layer=..., timestep=...)."
             )
         denoiser = DENOISER_CLASSES[config.backbone_class].from_config(config.backbone_config)
         if denoiser.config.in_channels != 3:
-            raise ValueError(
+            raise UsageError(
                 f"The {config.backbone_class} takes {denoiser.config.in_channels}-channel inputs: "
                 "DDAEForImageClassification supports pixel-space (RGB) denoisers only, not latent models."
             )
         layers = candidate_layers(denoiser)
         if config.feature_layer not in layers:
-            raise ValueError(
+            raise UsageError(
                 f"feature_layer {config.feature_layer!r} is not a block of this {config.backbone_class}: "
                 f"use one of DDAEBackbone(denoiser).layer_names() (e.g. {layers[len(layers) // 2]!r})."
             )
@@ -217,7 +218,7 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
             backbone = DDAEBackbone(model_or_path)
         denoiser = backbone.denoiser
         if backbone.vae is not None or denoiser.config.in_channels != 3:
-            raise ValueError(
+            raise UsageError(
                 "DDAEForImageClassification supports pixel-space denoisers only: this one is a latent model "
                 "(it has a VAE or takes non-RGB inputs). Use DDAEBackbone.features for latent models."
             )
@@ -228,9 +229,9 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
             id2label = {int(k): str(v) for k, v in id2label.items()}
             num_labels = num_labels or len(id2label)
             if len(id2label) != num_labels:
-                raise ValueError(f"id2label has {len(id2label)} classes but num_labels is {num_labels}.")
+                raise UsageError(f"id2label has {len(id2label)} classes but num_labels is {num_labels}.")
         if num_labels is None:
-            raise ValueError("Pass num_labels (or id2label) to build the classification head.")
+            raise UsageError("Pass num_labels (or id2label) to build the classification head.")
         extra = {"id2label": id2label, "label2id": label2id or {v: k for k, v in id2label.items()}} if id2label else {}
         config = DDAEConfig(
             backbone_config=dict(denoiser.config),
@@ -271,7 +272,7 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
         heads_path = os.path.join(probe_folder, "heads.safetensors")
         for path in (results_path, heads_path):
             if not os.path.isfile(path):
-                raise ValueError(
+                raise UsageError(
                     f"{probe_folder!r} is not a probe output folder: {os.path.basename(path)} is missing."
                 )
         with open(results_path) as f:
@@ -280,7 +281,7 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
         key = f"{cell['layer']}@{cell['timestep']}"
         heads = load_file(heads_path)
         if f"{key}.weight" not in heads:
-            raise ValueError(f"heads.safetensors has no head for {key}: the probe folder is incomplete.")
+            raise UsageError(f"heads.safetensors has no head for {key}: the probe folder is incomplete.")
         standardize = results.get("normalization", "none") == "standardize"
         model_path = results["model"]
         local = os.path.join(probe_folder, model_path)
@@ -292,6 +293,8 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
             "dataset": results.get("dataset"),
             "train_split": results.get("train_split"),
             "eval_split": results.get("eval_split"),
+            "num_train": results["num_train"] + results["num_val"] if "num_train" in results else None,
+            "num_eval": results.get("num_eval"),
             "resolution": results.get("resolution"),
             "accuracy": cell.get("linear_acc"),
             "knn_accuracy": cell.get("knn_acc"),
@@ -312,7 +315,7 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
         )
         resolution = results.get("resolution")
         if resolution is not None and model.config.image_size is not None and resolution != model.config.image_size:
-            raise ValueError(
+            raise UsageError(
                 f"The probe ran at resolution {resolution} but the model takes {model.config.image_size}x"
                 f"{model.config.image_size} images."
             )
@@ -321,7 +324,7 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
             model.classifier.bias.copy_(heads[f"{key}.bias"])
             if standardize:
                 if not isinstance(model.feature_norm, nn.BatchNorm1d):
-                    raise ValueError("A standardised probe head needs head_norm='batchnorm'.")
+                    raise UsageError("A standardised probe head needs head_norm='batchnorm'.")
                 model.feature_norm.running_mean.copy_(heads[f"{key}.mean"])
                 model.feature_norm.running_var.copy_(heads[f"{key}.var"])
         return model
@@ -455,7 +458,7 @@ def _schedule_kwargs(scheduler, timestep: int) -> dict[str, Any]:
     except Exception:  # schedulers whose add_noise needs set_timesteps() first, or other index conventions
         same = False
     if not same:
-        raise ValueError(
+        raise UsageError(
             f"The {type(scheduler).__name__} of this model does not noise like a DDPMScheduler with {kwargs}: "
             "DDAEForImageClassification supports DDPM-style variance-preserving schedules (DDPM, DDIM, PNDM...)."
         )
@@ -488,7 +491,7 @@ def _pick_cell(results: dict, layer: str | None, timestep: int | None) -> dict:
     ]
     if not cells:
         available = sorted({(c["layer"], int(c["timestep"])) for c in results.get("cells", [])})
-        raise ValueError(
+        raise UsageError(
             f"The probe has no cell for layer={layer!r}, timestep={timestep!r}: available (layer, t) are {available}."
         )
 

@@ -14,6 +14,7 @@ from diffusers import DiTTransformer2DModel, SchedulerMixin
 
 from .capture import DDAEBackbone, Denoiser
 from .data import detect_image_column, detect_label_column, images_to_tensor
+from .errors import UsageError
 from .probing.heads import linear_probe_accuracy
 from .probing.knn import knn_accuracy
 
@@ -68,9 +69,9 @@ def load_probe_data(
     splits/columns or too few examples.
     """
     if train_split not in dataset_dict:
-        raise ValueError(f"The probe data set has no {train_split!r} split (splits: {list(dataset_dict)}).")
+        raise UsageError(f"The probe data set has no {train_split!r} split (splits: {list(dataset_dict)}).")
     if num_train < 1 or num_eval < 1:
-        raise ValueError("--probe_train_samples and --probe_eval_samples must be >= 1.")
+        raise UsageError("--probe_train_samples and --probe_eval_samples must be >= 1.")
     train = dataset_dict[train_split]
     image_column = detect_image_column(train, image_column)
     label_column = detect_label_column(train, label_column)
@@ -102,7 +103,7 @@ def load_probe_data(
 
 def _check_size(split, needed: int, name: str, flag: str) -> None:
     if len(split) < needed:
-        raise ValueError(f"{flag} asks for {needed} images but split {name!r} has {len(split)}: lower it.")
+        raise UsageError(f"{flag} asks for {needed} images but split {name!r} has {len(split)}: lower it.")
 
 
 class ProbeMonitor:

@@ -13,6 +13,8 @@ from typing import Any
 
 from diffusers import DiTTransformer2DModel, UNet2DModel
 
+from .errors import UsageError
+
 # The google/ddpm-cifar10-32 UNet (35.7M parameters, identical to DDAE's CIFAR-10 DDPM),
 # with the dropout of 0.1 that the original model was trained with.
 _DDPM_CIFAR10_32 = {
@@ -82,7 +84,7 @@ def load_model_config(name_or_path: str) -> dict[str, Any]:
     if os.path.isdir(name_or_path):
         name_or_path = os.path.join(name_or_path, "config.json")
     if not os.path.isfile(name_or_path):
-        raise ValueError(
+        raise UsageError(
             f"Unknown model config {name_or_path!r}: give a preset name ({', '.join(PRESETS)}) "
             "or the path of a diffusers config.json."
         )
@@ -95,7 +97,7 @@ def build_denoiser(name_or_path: str | dict[str, Any]) -> UNet2DModel | DiTTrans
     config = load_model_config(name_or_path) if isinstance(name_or_path, str) else dict(name_or_path)
     class_name = config.get("_class_name", "UNet2DModel")
     if class_name not in DENOISER_CLASSES:
-        raise ValueError(
+        raise UsageError(
             f"Unsupported denoiser class {class_name!r}: supported are {', '.join(DENOISER_CLASSES)}."
         )
     return DENOISER_CLASSES[class_name].from_config(config)

@@ -20,6 +20,7 @@ from accelerate.tracking import GeneralTracker
 from diffusers import SchedulerMixin
 
 from .capture import Denoiser, denoiser_kwargs
+from .errors import UsageError
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -61,7 +62,7 @@ def diffusion_loss(
         alphas_cumprod = noise_scheduler.alphas_cumprod.to(clean_images.device)[timesteps]
         snr = (alphas_cumprod / (1 - alphas_cumprod)).view(-1, 1, 1, 1)
         return (snr * F.mse_loss(prediction, clean_images.float(), reduction="none")).mean()
-    raise ValueError(f"Unknown prediction_type {prediction_type!r}: use one of {', '.join(PREDICTION_TYPES)}.")
+    raise UsageError(f"Unknown prediction_type {prediction_type!r}: use one of {', '.join(PREDICTION_TYPES)}.")
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -166,7 +167,7 @@ def resolve_checkpoint(output_dir: str, resume_from_checkpoint: str) -> str | No
     for candidate in (resume_from_checkpoint, os.path.join(output_dir, resume_from_checkpoint)):
         if os.path.isdir(candidate):
             return candidate
-    raise ValueError(
+    raise UsageError(
         f"--resume_from_checkpoint {resume_from_checkpoint!r} does not exist: give a checkpoint-N folder, "
         f"or 'latest' for the newest one in {output_dir!r}."
     )
@@ -176,7 +177,7 @@ def checkpoint_step(path: str) -> int:
     """N of a ``checkpoint-N`` folder."""
     match = CHECKPOINT_PATTERN.match(os.path.basename(os.path.normpath(path)))
     if match is None:
-        raise ValueError(f"{path!r} is not a checkpoint-N folder.")
+        raise UsageError(f"{path!r} is not a checkpoint-N folder.")
     return int(match.group(1))
 
 

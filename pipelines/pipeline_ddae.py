@@ -31,7 +31,9 @@ from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import ModelCard, create_repo
 
 from ddae_diffusers.capture import DDAEBackbone, check_denoiser, denoiser_kwargs, read_root_json
+from ddae_diffusers.errors import UsageError, UsageTypeError
 from ddae_diffusers.image_processing_ddae import DDAEImageProcessor
+from ddae_diffusers.loading import check_source
 from ddae_diffusers.modelcard import make_model_card
 from ddae_diffusers.modeling_ddae import DDAEForImageClassification
 from ddae_diffusers.presets import DENOISER_CLASSES
@@ -119,23 +121,23 @@ class DDAEPipeline(DiffusionPipeline):
         super().__init__()
         if (unet is None) == (transformer is None):
             given = "both" if unet is not None else "neither"
-            raise ValueError(
+            raise UsageError(
                 f"DDAEPipeline needs exactly one denoiser, got {given} of unet and transformer: pass "
                 "unet=UNet2DModel(...) for a DDPM or transformer=DiTTransformer2DModel(...) for a DiT."
             )
         check_denoiser(unet if unet is not None else transformer)
         if unet is not None and not isinstance(unet, UNet2DModel):
-            raise TypeError(f"unet must be a UNet2DModel, got {type(unet).__name__}: pass a DiT as transformer=.")
+            raise UsageTypeError(f"unet must be a UNet2DModel, got {type(unet).__name__}: pass a DiT as transformer=.")
         if transformer is not None and not isinstance(transformer, DiTTransformer2DModel):
-            raise TypeError(
+            raise UsageTypeError(
                 f"transformer must be a DiTTransformer2DModel, got {type(transformer).__name__}: "
                 "pass a UNet2DModel as unet=."
             )
         if vae is not None and not isinstance(vae, AutoencoderKL):
-            raise TypeError(f"vae must be an AutoencoderKL, got {type(vae).__name__}.")
+            raise UsageTypeError(f"vae must be an AutoencoderKL, got {type(vae).__name__}.")
         if classifier is not None and not isinstance(classifier, DDAEForImageClassification):
             # diffusers would silently drop a plain nn.Module on save_pretrained: refuse it here.
-            raise TypeError(
+            raise UsageTypeError(
                 f"classifier must be a DDAEForImageClassification, got {type(classifier).__name__}: build one "
                 "with DDAEForImageClassification.from_diffusers / from_probe (diffusers cannot save plain modules)."
             )
@@ -162,7 +164,7 @@ class DDAEPipeline(DiffusionPipeline):
         key = (id(self.denoiser), id(self.scheduler), id(self.vae))
         if self._backbone is None or self._backbone_key != key:
             if not hasattr(self.scheduler, "alphas_cumprod"):
-                raise TypeError(
+                raise UsageTypeError(
                     f"{type(self.scheduler).__name__} defines no beta schedule (alphas_cumprod), so DDAE features "
                     "cannot be noised with it: use a DDPM/DDIM-style scheduler."
                 )
@@ -184,10 +186,10 @@ class DDAEPipeline(DiffusionPipeline):
         one (a probe or fine-tuning export). Other keyword arguments go to ``DiffusionPipeline.from_pretrained``.
         """
         path = os.fspath(pretrained_model_name_or_path)
-        _check_exists(path)
+        path = check_source(path, "pretrained_model_name_or_path")
         classifier = kwargs.get("classifier")
         if isinstance(classifier, (str, os.PathLike)):
-            _check_exists(os.fspath(classifier))
+            classifier = check_source(os.fspath(classifier), "classifier")
         hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir") if k in kwargs}
         model_index = read_root_json(path, "model_index.json", **hub_kwargs)
         if model_index is not None:
@@ -199,7 +201,7 @@ class DDAEPipeline(DiffusionPipeline):
         config = read_root_json(path, "config.json", **hub_kwargs)
         if config is None:
             where = "" if os.path.isdir(path) else " (as a Hub repo id: check the name; be online or have it cached)"
-            raise ValueError(
+            raise UsageError(
                 f"{path!r} holds neither model_index.json nor config.json{where}: pass a diffusers pipeline folder "
                 "or repo (model_index.json with unet/ or transformer/, scheduler/) or a UNet2DModel / "
                 "DiTTransformer2DModel folder."
@@ -212,7 +214,7 @@ class DDAEPipeline(DiffusionPipeline):
                     " It is a DDAEForImageClassification export: load the pipeline it came from and pass it "
                     f"as DDAEPipeline.from_pretrained(pipeline_dir, classifier={path!r})."
                 )
-            raise TypeError(
+            raise UsageTypeError(
                 f"{path!r} holds a {class_name or config.get('model_type') or 'non-diffusers'} model; DDAEPipeline "
                 f"supports {', '.join(DENOISER_CLASSES)}.{hint}"
             )
@@ -335,22 +337,22 @@ class DDAEPipeline(DiffusionPipeline):
             [`~pipelines.ImagePipelineOutput`] or `tuple`: the generated images (first element of the tuple).
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+            raise UsageError(f"batch_size must be a positive integer, got {batch_size!r}.")
         num_train = self.scheduler.config.num_train_timesteps
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or not (
             1 <= num_inference_steps <= num_train
         ):
-            raise ValueError(f"num_inference_steps must be an integer in 1..{num_train}, got {num_inference_steps!r}.")
+            raise UsageError(f"num_inference_steps must be an integer in 1..{num_train}, got {num_inference_steps!r}.")
         if output_type not in _OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {_OUTPUT_TYPES}, got {output_type!r}.")
+            raise UsageError(f"output_type must be one of {_OUTPUT_TYPES}, got {output_type!r}.")
         if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(f"Got {len(generator)} generators for batch_size {batch_size}: pass one per image.")
+            raise UsageError(f"Got {len(generator)} generators for batch_size {batch_size}: pass one per image.")
 
         denoiser = self.denoiser
         channels = denoiser.config.in_channels
         size = denoiser.config.sample_size
         if size is None:
-            raise ValueError(f"{type(denoiser).__name__} has no sample_size in its config: cannot choose a shape.")
+            raise UsageError(f"{type(denoiser).__name__} has no sample_size in its config: cannot choose a shape.")
         height, width = (size, size) if isinstance(size, int) else tuple(size)
         device = self._execution_device
         sample = randn_tensor(
@@ -404,7 +406,7 @@ class DDAEPipeline(DiffusionPipeline):
             return images.cpu()
         image_size = image_size or self.backbone.image_size
         if image_size is None:
-            raise ValueError("The denoiser config has no sample_size: pass image_size= to resize the images.")
+            raise UsageError("The denoiser config has no sample_size: pass image_size= to resize the images.")
         return DDAEImageProcessor(size=image_size)(images)["pixel_values"]
 
     def extract_features(
@@ -433,13 +435,13 @@ class DDAEPipeline(DiffusionPipeline):
         backbone = self.backbone
         if layers is None or timesteps is None:
             if self.classifier is None or getattr(self.classifier.config, "feature_layer", None) is None:
-                raise ValueError("Pass layers= and timesteps= (e.g. layers=['mid_block'], timesteps=[10]).")
+                raise UsageError("Pass layers= and timesteps= (e.g. layers=['mid_block'], timesteps=[10]).")
             layers = layers if layers is not None else [self.classifier.config.feature_layer]
             timesteps = timesteps if timesteps is not None else [self.classifier.config.timestep]
         layers = backbone.check_layers(layers)
         timesteps = backbone.check_timesteps(timesteps)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+            raise UsageError(f"batch_size must be a positive integer, got {batch_size!r}.")
         pixel_values = backbone.check_images(self.preprocess(images)).cpu()
 
         chunks: dict[tuple[str, int], list[torch.Tensor]] = {}
@@ -458,7 +460,7 @@ class DDAEPipeline(DiffusionPipeline):
     def classify(self, images: ImageInput, batch_size: int = 64) -> DDAEClassificationOutput:
         """Labels and softmax scores of ``images`` from the ``classifier`` component."""
         if self.classifier is None:
-            raise ValueError(
+            raise UsageError(
                 "This pipeline has no classifier: load one with DDAEPipeline.from_pretrained(path, "
                 "classifier='path/to/classifier_or_probe_folder') or pass classifier=DDAEForImageClassification."
             )
@@ -507,23 +509,17 @@ def _is_single(images: PIL.Image.Image | np.ndarray | torch.Tensor) -> bool:
     )
 
 
-def _check_exists(path: str) -> None:
-    """A path that is not a folder must at least look like a Hub repo id (``name`` or ``owner/name``)."""
-    if not os.path.isdir(path) and (os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1):
-        raise ValueError(f"{path!r} is not a folder: give an existing local folder or a Hub repo id (owner/name).")
-
-
 def _check_model_index(path: str, model_index: dict) -> None:
     """Refuses a pipeline without a supported denoiser before any weight is loaded."""
     present = [key for key in ("unet", "transformer") if (model_index.get(key) or [None])[0] is not None]
     if len(present) != 1:
-        raise ValueError(
+        raise UsageError(
             f"{path}/model_index.json names {' and '.join(present) or 'no denoiser'}: DDAEPipeline needs exactly "
             "one 'unet' (UNet2DModel) or 'transformer' (DiTTransformer2DModel)."
         )
     library, class_name = model_index[present[0]]
     if class_name not in _DENOISER_NAMES:
-        raise TypeError(
+        raise UsageTypeError(
             f"{path} has a {library}.{class_name} {present[0]}; DDAEPipeline supports {', '.join(DENOISER_CLASSES)}."
         )
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny real diffusers models saved to folders, and a small CIFAR-10 subset."""
+"""Common fixtures: tiny real diffusers models saved to folders, and the embedded CIFAR-10 sample."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import torch  # noqa: E402
 from diffusers import AutoencoderKL, DDPMPipeline, DDPMScheduler, DiTTransformer2DModel, UNet2DModel  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CIFAR10_PATH = str(REPO_ROOT.parent / "shared" / "data" / "cifar10")
+# The repository's own real CIFAR-10 sample (5,000 train / 1,000 test, uoft-cs/cifar10 layout).
+CIFAR10_SAMPLE = str(REPO_ROOT / "data" / "cifar10-sample")
 
 # A 2-level UNet with attention at 8x8, small enough for sub-second forwards.
 TINY_UNET_CONFIG = dict(
@@ -79,7 +80,7 @@ def tiny_unet_pipeline_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def cifar_small():
-    """256 real CIFAR-10 training images (columns ``img``, ``label``)."""
+    """256 real CIFAR-10 training images of the embedded sample (columns ``img``, ``label``)."""
     import datasets
 
-    return datasets.load_dataset(CIFAR10_PATH, split="train[:256]")
+    return datasets.load_dataset(CIFAR10_SAMPLE, split="train[:256]")

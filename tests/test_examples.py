@@ -10,7 +10,7 @@ import shlex
 import datasets
 import pytest
 import torch
-from conftest import CIFAR10_PATH, REPO_ROOT
+from conftest import CIFAR10_SAMPLE, REPO_ROOT
 from diffusers import DDPMPipeline
 from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 
@@ -29,7 +29,7 @@ CLASSIFIERS = [EXAMPLES / "ddae-cifar10-cpu-linear", EXAMPLES / "ddae-cifar10-cp
 @pytest.fixture(scope="module")
 def test_images():
     """The first 256 CIFAR-10 test images."""
-    return datasets.load_dataset(CIFAR10_PATH, split="test[:256]")
+    return datasets.load_dataset(CIFAR10_SAMPLE, split="test[:256]")
 
 
 def test_shipped_model_loads_with_diffusers():
@@ -87,10 +87,11 @@ def readme_main_command() -> list[str]:
 def test_readme_main_command_runs_on_the_shipped_model(tmp_path, monkeypatch):
     argv = readme_main_command()
     assert argv[argv.index("--model") + 1] == "examples/ddae-cifar10-cpu"
+    assert argv[argv.index("--dataset") + 1] == "data/cifar10-sample"  # the embedded sample: runs anywhere
     monkeypatch.chdir(REPO_ROOT)  # the README runs it from the repository root
     # the same command on a slice of the data, one timestep and the default layers
     small = ["--max_train_samples", "100", "--max_eval_samples", "50", "--timesteps", "10",
-             "--dataset", CIFAR10_PATH, "--output_dir", str(tmp_path)]
+             "--output_dir", str(tmp_path)]
     results = probe_main(argv + small)
     assert len(results["cells"]) == len(results["layers"]) == 15
     assert (tmp_path / "heatmap.png").is_file() and (tmp_path / "results.md").is_file()

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import CIFAR10_PATH, REPO_ROOT
+from conftest import CIFAR10_SAMPLE, REPO_ROOT
 from peft import PeftModel
 from safetensors.torch import load_file
 from sklearn.metrics import accuracy_score
@@ -34,7 +34,7 @@ finetune = load_finetune()
 
 def run(base: str, output_dir, *extra: str, train="train[:128]", eval_split="test[:64]") -> dict:
     return finetune.main([
-        "--model_name_or_path", base, "--dataset_name", CIFAR10_PATH, "--train_split", train,
+        "--model_name_or_path", base, "--dataset_name", CIFAR10_SAMPLE, "--train_split", train,
         "--eval_split", eval_split, "--output_dir", str(output_dir), "--num_train_epochs", "1",
         "--per_device_train_batch_size", "32", "--per_device_eval_batch_size", "64", "--learning_rate", "1e-3",
         "--save_strategy", "no", "--use_cpu", "--seed", "0", "--disable_tqdm", "true", *extra,
@@ -54,7 +54,7 @@ def eval_accuracy(folder, cifar_eval) -> float:
 def cifar_eval():
     import datasets
 
-    return datasets.load_dataset(CIFAR10_PATH, split="test[:64]")
+    return datasets.load_dataset(CIFAR10_SAMPLE, split="test[:64]")
 
 
 def test_accuracy_fallback_agrees_with_evaluate(tmp_path):
@@ -165,7 +165,7 @@ def test_two_process_lora_run(tiny_unet_pipeline_dir, tmp_path, cifar_eval):
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     command = [
         "accelerate", "launch", "--multi_gpu", "--num_processes", "2", str(REPO_ROOT / "training" / "finetune.py"),
-        "--model_name_or_path", tiny_unet_pipeline_dir, "--layer", LAYER, "--dataset_name", CIFAR10_PATH,
+        "--model_name_or_path", tiny_unet_pipeline_dir, "--layer", LAYER, "--dataset_name", CIFAR10_SAMPLE,
         "--train_split", "train[:128]", "--eval_split", "test[:64]", "--output_dir", str(tmp_path),
         "--num_train_epochs", "1", "--per_device_train_batch_size", "16", "--save_strategy", "no",
         "--lora_r", "4", "--disable_tqdm", "true",
@@ -198,7 +198,7 @@ def test_finetune_from_probe_folder(tiny_unet_pipeline_dir, tmp_path):
     from ddae_diffusers.probing.cli import main as probe
 
     results = probe([
-        "--model", tiny_unet_pipeline_dir, "--dataset", CIFAR10_PATH, "--train_split", "train[:64]",
+        "--model", tiny_unet_pipeline_dir, "--dataset", CIFAR10_SAMPLE, "--train_split", "train[:64]",
         "--eval_split", "test[:32]", "--layers", "mid_block", LAYER, "--timesteps", "10", "--epochs", "2",
         "--output_dir", str(tmp_path / "probe"),
     ])  # fmt: skip

@@ -105,7 +105,7 @@ def test_push_probe_export(tiny_unet_pipeline_dir, tmp_path):
     commit = hub.commits[0]
     assert set(commit["paths"]) == {
         "config.json", "model.safetensors", "preprocessor_config.json", "README.md", "probe_grid.png",
-        "data.py", "modelcard.py", "presets.py", *REMOTE_FILES,
+        "data.py", "errors.py", "loading.py", "modelcard.py", "presets.py", *REMOTE_FILES,
     }  # fmt: skip
     repo = commit["folder"]
 
@@ -151,12 +151,12 @@ def test_model_card_metadata_for_hub_ids(tiny_unet_pipeline_dir, tmp_path):
 
 
 def test_finetune_push_to_hub(tiny_unet_pipeline_dir, tmp_path):
-    from conftest import CIFAR10_PATH
+    from conftest import CIFAR10_SAMPLE
 
     hub = FakeHub(tmp_path / "hub")
     with hub.patch():
         metrics = finetune.main([
-            "--model_name_or_path", tiny_unet_pipeline_dir, "--layer", "mid_block", "--dataset_name", CIFAR10_PATH,
+            "--model_name_or_path", tiny_unet_pipeline_dir, "--layer", "mid_block", "--dataset_name", CIFAR10_SAMPLE,
             "--train_split", "train[:64]", "--eval_split", "test[:32]", "--output_dir", str(tmp_path / "run"),
             "--num_train_epochs", "1", "--per_device_train_batch_size", "32", "--save_strategy", "no",
             "--use_cpu", "--freeze_backbone", "--push_to_hub", "--hub_model_id", "someone/ddae-ft",

@@ -15,7 +15,7 @@ import PIL.Image
 import pytest
 import torch
 import yaml
-from conftest import CIFAR10_PATH, REPO_ROOT, TINY_DIT_CONFIG, make_tiny_dit, make_tiny_unet, make_tiny_vae
+from conftest import CIFAR10_SAMPLE, REPO_ROOT, TINY_DIT_CONFIG, make_tiny_dit, make_tiny_unet, make_tiny_vae
 from ddae_diffusers.pipelines import pipeline_ddae
 from diffusers import (
     DDIMPipeline,
@@ -186,7 +186,7 @@ def test_bare_model_folder_and_pixel_dit_training_output(tmp_path):
 
 def run_train_unconditional(tmp_path: Path, model_config: str, resolution: int) -> Path:
     out = tmp_path / "run"
-    cmd = [sys.executable, str(REPO_ROOT / "training" / "train_unconditional.py"), "--dataset_name", CIFAR10_PATH,
+    cmd = [sys.executable, str(REPO_ROOT / "training" / "train_unconditional.py"), "--dataset_name", CIFAR10_SAMPLE,
            "--max_train_samples", "16", "--resolution", str(resolution), "--model_config", model_config,
            "--max_train_steps", "2", "--train_batch_size", "4", "--lr_warmup_steps", "0", "--logger", "none",
            "--ddpm_num_inference_steps", "2", "--eval_batch_size", "2", "--output_dir", str(out)]
@@ -334,7 +334,7 @@ def test_classifier_from_a_separate_export(classifier_pipe, unet_pipe, tmp_path)
 def test_classifier_from_a_probe_result_folder(tiny_unet_pipeline_dir, cifar_small, tmp_path):
     from ddae_diffusers.probing.engine import ProbeConfig, run_probe
 
-    config = ProbeConfig(model=tiny_unet_pipeline_dir, dataset=CIFAR10_PATH, output_dir=str(tmp_path / "probe"),
+    config = ProbeConfig(model=tiny_unet_pipeline_dir, dataset=CIFAR10_SAMPLE, output_dir=str(tmp_path / "probe"),
                          max_train_samples=64, max_eval_samples=32, layers=["mid_block"], timesteps=[10],
                          epochs=2, lrs=[1e-2])
     run_probe(config, progress=False)

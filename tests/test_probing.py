@@ -12,7 +12,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import CIFAR10_PATH, REPO_ROOT, make_tiny_unet
+from conftest import CIFAR10_SAMPLE, REPO_ROOT, make_tiny_unet
 from PIL import Image
 
 from ddae_diffusers import DDAEBackbone
@@ -169,7 +169,7 @@ def test_cache_corruption_and_truncation_are_recomputed(backbone, cifar24, tmp_p
 
 # ------------------------------------------------------------------ the grid end to end
 PROBE_ARGS = [
-    "--dataset", CIFAR10_PATH, "--max_train_samples", "120", "--max_eval_samples", "60",
+    "--dataset", CIFAR10_SAMPLE, "--max_train_samples", "120", "--max_eval_samples", "60",
     "--layers", *LAYERS, "--timesteps", "10", "100", "--batch_size", "32", "--epochs", "8",
     "--lrs", "0.001", "0.01", "--seed", "1",
 ]
@@ -228,7 +228,7 @@ def test_saved_heads_are_batchnorm_plus_linear(probe_run, tiny_unet_pipeline_dir
     # recompute the test accuracy from the saved head and freshly extracted eval features
     backbone = DDAEBackbone.from_pretrained(tiny_unet_pipeline_dir)
     cache = FeatureCache(str(out / "feature_cache"), backbone, LAYERS, [10, 100], 16, seed=1)
-    evaluation = datasets.load_dataset(CIFAR10_PATH, split="test").select(range(60))
+    evaluation = datasets.load_dataset(CIFAR10_SAMPLE, split="test").select(range(60))
     features = cache.extract(evaluation, "test", "img", View(1, 0, False), batch_size=60, progress=False)
     x = features[best["layer"], best["timestep"]].float()
     bn = torch.nn.BatchNorm1d(x.shape[1], affine=False, eps=1e-5).eval()
@@ -248,7 +248,7 @@ def test_same_seed_same_grid(probe_run, tiny_unet_pipeline_dir, tmp_path):
 
 def test_online_protocol_runs_the_paper_recipe(tiny_unet_pipeline_dir, tmp_path):
     config = ProbeConfig(
-        model=tiny_unet_pipeline_dir, dataset=CIFAR10_PATH, output_dir=str(tmp_path), max_train_samples=48,
+        model=tiny_unet_pipeline_dir, dataset=CIFAR10_SAMPLE, output_dir=str(tmp_path), max_train_samples=48,
         max_eval_samples=32, layers=LAYERS[1:], timesteps=[10], protocol="online", seed=2,
     )
     results = run_probe(config, progress=False)
@@ -289,7 +289,7 @@ def test_pixel_baseline(cifar_small, tiny_unet_pipeline_dir, tmp_path):
     assert cropped.shape == (40, 3 * 16 * 16) and not torch.equal(cropped, plain)
 
     config = ProbeConfig(
-        model=tiny_unet_pipeline_dir, dataset=CIFAR10_PATH, output_dir=str(tmp_path), max_train_samples=200,
+        model=tiny_unet_pipeline_dir, dataset=CIFAR10_SAMPLE, output_dir=str(tmp_path), max_train_samples=200,
         max_eval_samples=100, layers=LAYERS[:1], timesteps=[10], pixel_baseline=True, epochs=10,
     )
     results = run_probe(config, progress=False)
@@ -348,7 +348,7 @@ def odd_datasets(cifar_small, tmp_path_factory):
 def test_bad_inputs_fail_before_extraction(case, match, tiny_unet_pipeline_dir, odd_datasets, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    kwargs = dict(model=tiny_unet_pipeline_dir, dataset=CIFAR10_PATH, output_dir=str(tmp_path / "out"),
+    kwargs = dict(model=tiny_unet_pipeline_dir, dataset=CIFAR10_SAMPLE, output_dir=str(tmp_path / "out"),
                   cache_dir=str(tmp_path / "cache"), max_train_samples=16, max_eval_samples=8, timesteps=[10])
     kwargs.update({
         "unknown_layer": {"layers": ["up_blocks.7.resnets.0"]},

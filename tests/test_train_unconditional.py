@@ -20,7 +20,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from conftest import CIFAR10_PATH, REPO_ROOT, TINY_DIT_CONFIG, make_tiny_unet
+from conftest import CIFAR10_SAMPLE, REPO_ROOT, TINY_DIT_CONFIG, make_tiny_unet
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from huggingface_hub import HfApi
 from huggingface_hub.hf_api import RepoUrl
@@ -36,7 +36,7 @@ _spec.loader.exec_module(train_unconditional)
 
 # 64 CIFAR-10 images, ddpm-tiny (2.6M, dropout 0.1), small probe subsets.
 BASE = [
-    "--dataset_name", CIFAR10_PATH, "--max_train_samples", "64", "--model_config", "ddpm-tiny",
+    "--dataset_name", CIFAR10_SAMPLE, "--max_train_samples", "64", "--model_config", "ddpm-tiny",
     "--train_batch_size", "8", "--lr_warmup_steps", "0", "--save_images_epochs", "0",
     "--probe_train_samples", "60", "--probe_eval_samples", "40", "--probe_linear_epochs", "10",
 ]
@@ -157,8 +157,8 @@ def test_bad_input_fails_before_training(tmp_path, extra, message):
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path):
-    args = [a if a != CIFAR10_PATH else str(tmp_path / "no-such-data") for a in BASE]
-    with pytest.raises(ValueError, match="Could not load the data set"):
+    args = [a if a != CIFAR10_SAMPLE else str(tmp_path / "no-such-data") for a in BASE]
+    with pytest.raises(ValueError, match="is not a folder"):
         train_unconditional.main(train_unconditional.parse_args([*args, "--output_dir", str(tmp_path / "o")]))
 
 

@@ -32,7 +32,11 @@ from ddae_diffusers.data import (
     label_names,
     random_crop_flip,
 )
+from ddae_diffusers.errors import OneLineErrors, UsageError, run_command
 from ddae_diffusers.io_utils import check_writable_dir
+from ddae_diffusers.loading import check_source
+
+PROG = "finetune.py"
 
 DEFAULT_LORA_TARGETS = {
     "UNet2DModel": "conv1,conv2,to_q,to_k,to_v,to_out.0",
@@ -130,10 +134,10 @@ def build_model(args: ModelArguments, num_labels: int, id2label: dict[int, str] 
         model = AutoModelForImageClassification.from_pretrained(path)
         for name, value in (("layer", args.layer), ("timestep", args.timestep)):
             if value is not None:
-                raise ValueError(f"--{name} cannot change a saved DDAE classifier ({path}); start from the backbone.")
+                raise UsageError(f"--{name} cannot change a saved DDAE classifier ({path}); start from the backbone.")
     else:
         if args.layer is None:
-            raise ValueError("--layer is required when starting from a diffusers model (e.g. up_blocks.1.resnets.2).")
+            raise UsageError("--layer is required when starting from a diffusers model (e.g. up_blocks.1.resnets.2).")
         model = DDAEForImageClassification.from_diffusers(
             path,
             layer=args.layer,
@@ -143,7 +147,7 @@ def build_model(args: ModelArguments, num_labels: int, id2label: dict[int, str] 
             **options,
         )
     if model.config.num_labels != num_labels:
-        raise ValueError(
+        raise UsageError(
             f"The model has {model.config.num_labels} classes but the data set has {num_labels}: use a data set "
             "with the same classes, or start from the diffusers backbone to get a new head."
         )
@@ -166,7 +170,7 @@ def add_lora(model, args: ModelArguments):
     try:
         return get_peft_model(model, config)
     except ValueError as error:
-        raise ValueError(f"--lora_target_modules {targets!r} matches no backbone module: {error}") from None
+        raise UsageError(f"--lora_target_modules {targets!r} matches no backbone module: {error}") from None
 
 
 def prepare_split(dataset, image_column: str, label_column: str, resolution: int, data_args: DataArguments,
@@ -204,19 +208,33 @@ def load_split(data_args: DataArguments, split: str, limit: int | None):
     try:
         dataset = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name, split=split)
     except ValueError as error:
-        raise ValueError(f"Cannot load split {split!r} of {data_args.dataset_name!r}: {error}") from None
+        raise UsageError(f"Cannot load split {split!r} of {data_args.dataset_name!r}: {error}") from None
     if limit is not None:
         dataset = dataset.select(range(min(limit, len(dataset))))
     return dataset
 
 
+class ArgumentParser(OneLineErrors, HfArgumentParser):
+    """``HfArgumentParser`` whose errors are one line with exit status 2."""
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+    parser = ArgumentParser((ModelArguments, DataArguments, TrainingArguments), prog=PROG)
+    try:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as error:  # TrainingArguments.__post_init__ refuses inconsistent flags
+        raise UsageError(str(error)) from None
+    model_args.model_name_or_path = check_source(model_args.model_name_or_path, "--model_name_or_path")
+    data_args.dataset_name = check_source(data_args.dataset_name, "--dataset_name")
+    return model_args, data_args, training_args
+
+
 def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, training_args = parse_args(argv)
     if model_args.lora_r < 0:
-        raise ValueError(f"--lora_r must be >= 0, got {model_args.lora_r}.")
+        raise UsageError(f"--lora_r must be >= 0, got {model_args.lora_r}.")
     if model_args.lora_r and model_args.freeze_backbone:
-        raise ValueError("--freeze_backbone and --lora_r are exclusive: LoRA already freezes the base weights.")
+        raise UsageError("--freeze_backbone and --lora_r are exclusive: LoRA already freezes the base weights.")
     check_writable_dir(training_args.output_dir)
 
     train_ds = load_split(data_args, data_args.train_split, data_args.max_train_samples)
@@ -230,7 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = build_model(model_args, num_labels, id2label)
     resolution = data_args.resolution or model.config.image_size
     if resolution != model.config.image_size:
-        raise ValueError(
+        raise UsageError(
             f"--resolution {resolution} does not match the model's {model.config.image_size}x"
             f"{model.config.image_size} input: drop --resolution or pass {model.config.image_size}."
         )
@@ -288,6 +306,8 @@ def main(argv: list[str] | None = None) -> dict:
         "dataset": data_args.dataset_name,
         "train_split": data_args.train_split,
         "eval_split": data_args.eval_split,
+        "num_train": len(train_ds),
+        "num_eval": len(eval_ds) if eval_ds is not None else None,
         "epochs": training_args.num_train_epochs,
         "optimisation": optimisation_summary(training_args),
         "train_runtime_s": metrics.get("train_runtime"),
@@ -307,5 +327,10 @@ def main(argv: list[str] | None = None) -> dict:
     return metrics
 
 
+def cli(argv: list[str] | None = None) -> None:
+    """The command: a usage error is one line and exit status 2."""
+    run_command(PROG, lambda: main(sys.argv[1:] if argv is None else argv))
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli()

@@ -42,7 +42,9 @@ from tqdm.auto import tqdm
 
 from ddae_diffusers import DDAEBackbone
 from ddae_diffusers.data import detect_image_column, detect_label_column, to_rgb_array
+from ddae_diffusers.errors import ArgumentParser, UsageError, fail, run_command
 from ddae_diffusers.io_utils import atomic_path, check_writable_dir
+from ddae_diffusers.loading import check_source, is_hub_id
 from ddae_diffusers.monitor import ProbeHistory, ProbeMonitor, default_probe_layer, load_probe_data
 from ddae_diffusers.presets import PRESETS, build_denoiser
 from ddae_diffusers.training_utils import (
@@ -64,11 +66,12 @@ LOGGERS = ("jsonl", "none", "tensorboard", "wandb", "all")
 UPLOAD_IGNORE_PATTERNS = ["checkpoint-*", ".*", "*.tmp", "*/.*"]
 DEFAULT_NUM_EPOCHS = 100
 DEFAULT_PROBE_EVERY = 500
+PROG = "train_unconditional.py"
 
 
 # ============================================================================================ arguments
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     data = parser.add_argument_group("data")
     data.add_argument("--dataset_name", type=str, default=None,
                       help="A Hub data set id (uoft-cs/cifar10) or a local folder load_dataset understands.")
@@ -182,37 +185,42 @@ def _redact(argv: list[str]) -> list[str]:
 def check_args(args: argparse.Namespace) -> None:
     """Flag-level errors (conflicts, ranges), raised as ``ValueError`` before anything is loaded."""
     if (args.dataset_name is None) == (args.train_data_dir is None):
-        raise ValueError("Give exactly one of --dataset_name (Hub id or local data set) and --train_data_dir.")
+        raise UsageError("Give exactly one of --dataset_name (Hub id or local data set) and --train_data_dir.")
     if args.num_epochs is not None and args.max_train_steps is not None:
-        raise ValueError("Give one of --num_epochs and --max_train_steps, not both: each sets the training length.")
+        raise UsageError("Give one of --num_epochs and --max_train_steps, not both: each sets the training length.")
     for flag in ("num_epochs", "max_train_steps", "train_batch_size", "gradient_accumulation_steps",
                  "checkpointing_steps", "checkpoints_total_limit", "resolution", "max_train_samples",
                  "probe_batch_size", "ddpm_num_steps", "eval_batch_size"):
         value = getattr(args, flag)
         if value is not None and value < 1:
-            raise ValueError(f"--{flag} must be >= 1, got {value}.")
+            raise UsageError(f"--{flag} must be >= 1, got {value}.")
     for flag in ("probe_every_n_steps", "save_images_epochs", "save_model_epochs", "lr_warmup_steps",
                  "probe_linear_epochs", "dataloader_num_workers"):
         value = getattr(args, flag)
         if value is not None and value < 0:
-            raise ValueError(f"--{flag} must be >= 0, got {value}.")
+            raise UsageError(f"--{flag} must be >= 0, got {value}.")
     if args.model_config is not None and args.pretrained_model_name_or_path is not None:
-        raise ValueError(
+        raise UsageError(
             "Give --model_config (a fresh model) or --pretrained_model_name_or_path (continue from weights), not both."
         )
     if (args.hub_model_id or args.hub_private_repo) and not args.push_to_hub:
-        raise ValueError("--hub_model_id/--hub_private_repo need --push_to_hub.")
+        raise UsageError("--hub_model_id/--hub_private_repo need --push_to_hub.")
     if args.probe_dataset_config_name and not args.probe_dataset_name:
-        raise ValueError("--probe_dataset_config_name needs --probe_dataset_name.")
+        raise UsageError("--probe_dataset_config_name needs --probe_dataset_name.")
+    for flag in ("dataset_name", "probe_dataset_name", "pretrained_model_name_or_path"):
+        if getattr(args, flag) is not None:
+            setattr(args, flag, check_source(getattr(args, flag), f"--{flag}"))
+    if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
+        raise UsageError(f"--train_data_dir {args.train_data_dir!r} is not a folder: give a folder of images.")
     if args.learning_rate <= 0:
-        raise ValueError(f"--learning_rate must be > 0, got {args.learning_rate}.")
+        raise UsageError(f"--learning_rate must be > 0, got {args.learning_rate}.")
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise ValueError("--mixed_precision fp16 needs a GPU; on CPU use bf16.")
+        raise UsageError("--mixed_precision fp16 needs a GPU; on CPU use bf16.")
     if args.logger in ("tensorboard", "wandb", "all"):
         missing = [p for p in (("tensorboard", "wandb") if args.logger == "all" else (args.logger,))
                    if not _importable(p)]
         if missing:
-            raise ValueError(f"--logger {args.logger} needs {' and '.join(missing)} installed; "
+            raise UsageError(f"--logger {args.logger} needs {' and '.join(missing)} installed; "
                              "use --logger jsonl (no extra package) or none.")
 
 
@@ -231,7 +239,7 @@ def load_image_dataset(args: argparse.Namespace):
         return datasets.load_dataset("imagefolder", data_dir=args.train_data_dir, cache_dir=args.cache_dir)
     except Exception as error:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ...)
         source = args.dataset_name or args.train_data_dir
-        raise ValueError(f"Could not load the data set {source!r}: {type(error).__name__}: {error}") from None
+        raise UsageError(f"Could not load the data set {source!r}: {type(error).__name__}: {error}") from None
 
 
 class TrainImages(torch.utils.data.Dataset):
@@ -302,15 +310,15 @@ def build_model(args: argparse.Namespace, resolution: int | None) -> tuple[torch
         try:
             backbone = DDAEBackbone.from_pretrained(args.pretrained_model_name_or_path, cache_dir=args.cache_dir)
         except (OSError, ValueError, TypeError) as error:
-            raise ValueError(
+            raise UsageError(
                 f"Could not load --pretrained_model_name_or_path {args.pretrained_model_name_or_path!r}: {error}"
             ) from None
         if backbone.vae is not None:
-            raise ValueError("Latent (VAE) models are not supported for pretraining: give a pixel-space model.")
+            raise UsageError("Latent (VAE) models are not supported for pretraining: give a pixel-space model.")
         denoiser = backbone.denoiser
         size = backbone.image_size
         if resolution is not None and size is not None and resolution != size:
-            raise ValueError(
+            raise UsageError(
                 f"--resolution {resolution} does not match the pretrained model's sample_size {size}: "
                 f"use --resolution {size}."
             )
@@ -341,11 +349,11 @@ def _check_resolution(config: dict, resolution: int) -> None:
     if config.get("_class_name") == "DiTTransformer2DModel":
         patch = config.get("patch_size", 2)
         if resolution % patch:
-            raise ValueError(f"--resolution {resolution} is not a multiple of the DiT patch size {patch}.")
+            raise UsageError(f"--resolution {resolution} is not a multiple of the DiT patch size {patch}.")
     else:
         factor = 2 ** (len(config.get("down_block_types", [None] * 4)) - 1)
         if resolution % factor:
-            raise ValueError(
+            raise UsageError(
                 f"--resolution {resolution} cannot go through this UNet's {factor}x down-sampling: "
                 f"use a multiple of {factor} (e.g. {max(factor, round(resolution / factor) * factor)})."
             )
@@ -423,7 +431,7 @@ def main(args: argparse.Namespace) -> str:
     )
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1 and accelerator.num_processes == 1:
-        raise ValueError(
+        raise UsageError(
             f"WORLD_SIZE={world_size} but accelerate sees 1 process: the processes would train independent "
             "copies into one folder. On CPU launch with `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu "
             "--num_processes N ...` (or torchrun with ACCELERATE_USE_CPU=true)."
@@ -439,7 +447,7 @@ def main(args: argparse.Namespace) -> str:
     old_checkpoints = list_checkpoints(args.output_dir)
     if old_checkpoints and args.resume_from_checkpoint is None:
         if not args.overwrite_output_dir:
-            raise ValueError(
+            raise UsageError(
                 f"{args.output_dir!r} holds checkpoints of an earlier run ({os.path.basename(old_checkpoints[-1])}): "
                 "pass --resume_from_checkpoint latest to continue it, or --overwrite_output_dir to start over."
             )
@@ -453,7 +461,7 @@ def main(args: argparse.Namespace) -> str:
 
     dataset_dict = load_image_dataset(args)
     if "train" not in dataset_dict:
-        raise ValueError(f"The data set has no 'train' split (splits: {list(dataset_dict)}).")
+        raise UsageError(f"The data set has no 'train' split (splits: {list(dataset_dict)}).")
     train_split = dataset_dict["train"]
     image_column = detect_image_column(train_split, args.image_column)
     if args.max_train_samples is not None:
@@ -517,7 +525,7 @@ def main(args: argparse.Namespace) -> str:
         accelerator.print(f"Resuming from {resume_path}")
         accelerator.load_state(resume_path)
         if state.global_step != checkpoint_step(resume_path):
-            raise ValueError(f"{resume_path} holds the state of step {state.global_step}, not its name's step.")
+            raise UsageError(f"{resume_path} holds the state of step {state.global_step}, not its name's step.")
     elif args.resume_from_checkpoint is not None:
         accelerator.print(f"No checkpoint in {args.output_dir!r}: starting a new run.")
 
@@ -612,7 +620,7 @@ def main(args: argparse.Namespace) -> str:
             model_class=type(unwrapped).__name__,
             num_params=sum(p.numel() for p in unwrapped.parameters()),
             dataset=args.dataset_name or args.train_data_dir,
-            hub_dataset=_hub_dataset_id(args.dataset_name),
+            hub_dataset=args.dataset_name if is_hub_id(args.dataset_name) else None,
             command=args.command,
             steps=state.global_step,
             images_seen=state.images_seen,
@@ -655,7 +663,7 @@ def _build_monitor(args, dataset_dict, image_column, denoiser, noise_scheduler, 
                 args.probe_dataset_name, args.probe_dataset_config_name, cache_dir=args.cache_dir
             )
         except Exception as error:
-            raise ValueError(f"Could not load --probe_dataset_name {args.probe_dataset_name!r}: {error}") from None
+            raise UsageError(f"Could not load --probe_dataset_name {args.probe_dataset_name!r}: {error}") from None
         probe_image_column = None
     elif args.probe_every_n_steps is None:
         try:
@@ -720,16 +728,13 @@ def _grid(images: np.ndarray) -> np.ndarray:
     return grid
 
 
-def _hub_dataset_id(name: str | None) -> str | None:
-    """``name`` if it looks like a Hub data set id (not a local path), for the card's metadata."""
-    if name is None or os.path.exists(name) or name.startswith((".", "/")):
-        return None
-    return name
+def cli(argv: list[str] | None = None) -> None:
+    """The command: a usage error is one line and exit status 2; a diverged run one line and status 1."""
+    try:
+        run_command(PROG, lambda: main(parse_args(argv)))
+    except NonFiniteLossError as error:
+        fail(PROG, str(error), status=1)
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except (ValueError, NonFiniteLossError) as error:
-        print(f"train_unconditional.py: error: {error}", file=sys.stderr)
-        sys.exit(1)
+    cli()

@@ -4,7 +4,7 @@ Examples::
 
     ddae-probe --model google/ddpm-cifar10-32 --dataset uoft-cs/cifar10 --output_dir probe-out
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 -m ddae_diffusers.probing.cli \\
-        --model ./my-ddpm --dataset ../shared/data/cifar10 --timesteps 10 50 --output_dir probe-out
+        --model ./my-ddpm --dataset data/cifar10-sample --timesteps 10 50 --output_dir probe-out
 """
 
 from __future__ import annotations
@@ -13,18 +13,27 @@ import argparse
 import os
 from collections.abc import Sequence
 
+from accelerate.logging import get_logger
+
+from ..errors import ArgumentParser, UsageError, run_command
+from ..loading import check_source
 from .engine import DEFAULT_TIMESTEPS, DTYPES, PROTOCOLS, RECIPES, ProbeConfig, run_probe
 from .heads import ProbeRecipe
 
+DEFAULT_DATASET = "uoft-cs/cifar10"
+logger = get_logger(__name__)
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="ddae-probe",
         description="Linear and kNN probes of a diffusion denoiser's pooled features over a layer x timestep grid.",
     )
     add = parser.add_argument
     add("--model", required=True, help="Hub id or folder of a diffusers pipeline (model_index.json) or model.")
-    add("--dataset", required=True, help="Hub id or local folder loadable by datasets.load_dataset.")
+    add("--dataset", default=None,
+        help=f"Hub id or local folder loadable by datasets.load_dataset (default: {DEFAULT_DATASET}, which needs the "
+             "Hub or its cache; data/cifar10-sample in this repository is a 5,000/1,000 sample of it).")
     add("--image_column", default=None, help="Image column (default: auto-detected, e.g. img/image).")
     add("--label_column", default=None, help="Integer class-label column (default: auto-detected, e.g. label).")
     add("--train_split", default="train")
@@ -59,12 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict | None:
     args = build_parser().parse_args(argv)
+    dataset_defaulted = args.dataset is None
+    args.dataset = DEFAULT_DATASET if dataset_defaulted else args.dataset
+    args.model = check_source(args.model, "--model")
+    args.dataset = check_source(args.dataset, "--dataset")
     config = ProbeConfig(**vars(args))
     from accelerate import Accelerator
 
     accelerator = Accelerator()
+    if dataset_defaulted:
+        logger.warning(f"No --dataset given: probing on {DEFAULT_DATASET} (CIFAR-10 from the Hub).")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and accelerator.num_processes == 1:
-        raise SystemExit(
+        raise UsageError(
             "WORLD_SIZE > 1 but accelerate started a single process: on CPU launch with "
             "ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N."
         )
@@ -78,9 +93,10 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     return results
 
 
-def console_main() -> None:
-    """Entry point of the ``ddae-probe`` command: exits 0 on success (``main`` returns the results dict)."""
-    main()
+def console_main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``ddae-probe`` command: exits 0 on success (``main`` returns the results dict),
+    2 with one ``ddae-probe: error: ...`` line on a usage error."""
+    run_command("ddae-probe", lambda: main(argv))
 
 
 if __name__ == "__main__":

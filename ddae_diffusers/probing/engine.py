@@ -17,6 +17,7 @@ import torch
 
 from ..capture import DDAEBackbone
 from ..data import detect_image_column, detect_label_column, label_names
+from ..errors import UsageError
 from ..io_utils import check_writable_dir
 from .baselines import pixel_features, random_init
 from .cache import FeatureCache, View
@@ -100,9 +101,9 @@ class Prepared:
 def _labels(dataset, column: str, split: str) -> torch.Tensor:
     labels = torch.as_tensor(dataset[column])
     if labels.is_floating_point() or labels.dtype == torch.bool:
-        raise ValueError(f"Labels of {split!r} ({column!r}) must be integer class ids, got {labels.dtype}.")
+        raise UsageError(f"Labels of {split!r} ({column!r}) must be integer class ids, got {labels.dtype}.")
     if labels.numel() and labels.min() < 0:
-        raise ValueError(
+        raise UsageError(
             f"The {split!r} split has negative labels in {column!r} (e.g. -1 for 'no label'): "
             "probing needs a labelled split; choose another --train_split/--eval_split."
         )
@@ -114,31 +115,33 @@ def _load_split(name: str, split: str, max_samples: int | None):
 
     try:
         dataset = datasets.load_dataset(name, split=split)
-    except (FileNotFoundError, ValueError) as error:
-        raise ValueError(f"Could not load split {split!r} of data set {name!r}: {error}") from None
+    except (OSError, ValueError) as error:  # missing files, an unreachable Hub id, a bad split name
+        hint = " Offline, pass a local copy (data/cifar10-sample in this repository is CIFAR-10)." if isinstance(
+            error, ConnectionError) else ""
+        raise UsageError(f"Could not load split {split!r} of data set {name!r}: {error}.{hint}") from None
     if max_samples is not None:
         if max_samples < 1:
-            raise ValueError(f"--max_*_samples must be >= 1, got {max_samples}.")
+            raise UsageError(f"--max_*_samples must be >= 1, got {max_samples}.")
         dataset = dataset.select(range(min(max_samples, len(dataset))))
     if len(dataset) == 0:
-        raise ValueError(f"Split {split!r} of {name!r} is empty.")
+        raise UsageError(f"Split {split!r} of {name!r} is empty.")
     return dataset
 
 
 def prepare(config: ProbeConfig, backbone: DDAEBackbone | None = None) -> Prepared:
     """Validates every input and loads model and data; raises ``ValueError`` before any extraction."""
     if config.protocol not in PROTOCOLS:
-        raise ValueError(f"--protocol must be one of {PROTOCOLS}, got {config.protocol!r}.")
+        raise UsageError(f"--protocol must be one of {PROTOCOLS}, got {config.protocol!r}.")
     if config.recipe not in RECIPES:
-        raise ValueError(f"--recipe must be one of {RECIPES}, got {config.recipe!r}.")
+        raise UsageError(f"--recipe must be one of {RECIPES}, got {config.recipe!r}.")
     if config.dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {list(DTYPES)}, got {config.dtype!r}.")
+        raise UsageError(f"--dtype must be one of {list(DTYPES)}, got {config.dtype!r}.")
     if config.train_views < 1 or config.batch_size < 1:
-        raise ValueError("--train_views and --batch_size must be >= 1.")
+        raise UsageError("--train_views and --batch_size must be >= 1.")
     if config.pixel_baseline and config.protocol != "cached":
-        raise ValueError("--pixel_baseline runs with --protocol cached; drop one of the two.")
+        raise UsageError("--pixel_baseline runs with --protocol cached; drop one of the two.")
     if not 0 < config.val_fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1), got {config.val_fraction}.")
+        raise UsageError(f"val_fraction must be in (0, 1), got {config.val_fraction}.")
     config.probe_recipe()  # validates lrs, epochs, normalization
     check_writable_dir(config.output_dir, "--output_dir")
     check_writable_dir(config.cache_dir or os.path.join(config.output_dir, "feature_cache"), "--cache_dir")
@@ -151,7 +154,7 @@ def prepare(config: ProbeConfig, backbone: DDAEBackbone | None = None) -> Prepar
     timesteps = backbone.check_timesteps(config.timesteps)
     resolution = config.resolution or backbone.image_size or 32
     if backbone.image_size is not None and resolution != backbone.image_size:
-        raise ValueError(
+        raise UsageError(
             f"--resolution {resolution} does not fit the model, which takes {backbone.image_size}x"
             f"{backbone.image_size} images: pass --resolution {backbone.image_size}."
         )
@@ -159,7 +162,7 @@ def prepare(config: ProbeConfig, backbone: DDAEBackbone | None = None) -> Prepar
     try:
         backbone.features(probe_image, layers[-1:], timesteps[:1])
     except (RuntimeError, ValueError) as error:
-        raise ValueError(
+        raise UsageError(
             f"The model cannot take {resolution}x{resolution} images ({error}): change --resolution."
         ) from None
 
@@ -174,19 +177,19 @@ def prepare(config: ProbeConfig, backbone: DDAEBackbone | None = None) -> Prepar
     names = label_names(train, label_column)
     num_labels = len(names) if names else int(max(train_labels.max(), eval_labels.max())) + 1
     if train_labels.unique().numel() < 2:
-        raise ValueError(
+        raise UsageError(
             f"The training split has {train_labels.unique().numel()} class(es) in {label_column!r}: "
             "a probe needs at least two (raise --max_train_samples or pick another split)."
         )
     if int(max(train_labels.max(), eval_labels.max())) >= num_labels:
-        raise ValueError(f"Labels in {label_column!r} exceed the {num_labels} class names of the data set.")
+        raise UsageError(f"Labels in {label_column!r} exceed the {num_labels} class names of the data set.")
     id2label = {str(i): (names[i] if names else str(i)) for i in range(num_labels)}
 
     generator = torch.Generator().manual_seed(config.seed)
     order = torch.randperm(len(train), generator=generator).tolist()
     num_val = max(1, round(config.val_fraction * len(train)))
     if len(train) - num_val < 2:
-        raise ValueError(f"{len(train)} training examples are too few to hold out a validation slice.")
+        raise UsageError(f"{len(train)} training examples are too few to hold out a validation slice.")
     val_rows, fit_rows = sorted(order[:num_val]), sorted(order[num_val:])
     return Prepared(
         config, backbone, train, evaluation, image_column, label_column, train_labels, eval_labels,

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..errors import UsageError
+
 EPS = 1e-5
 NORMALIZATIONS = ("standardize", "none")
 
@@ -37,11 +39,11 @@ class ProbeRecipe:
 
     def __post_init__(self):
         if not self.lrs or any(not (lr > 0) for lr in self.lrs):
-            raise ValueError(f"Learning rates must be positive numbers, got {self.lrs}.")
+            raise UsageError(f"Learning rates must be positive numbers, got {self.lrs}.")
         if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}.")
+            raise UsageError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}.")
         if self.normalization not in NORMALIZATIONS:
-            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}.")
+            raise UsageError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}.")
 
 
 PAPER_RECIPE = ProbeRecipe(lrs=(1e-3,), epochs=15, batch_size=128, normalization="none")
@@ -210,14 +212,14 @@ def train_heads(
     """
     keys = list(train_features)
     if len(recipe.lrs) > 1 and val_features is None:
-        raise ValueError("Choosing among several learning rates needs validation features (val_features).")
+        raise UsageError("Choosing among several learning rates needs validation features (val_features).")
     labels = train_labels.long()
     stats = {}
     inputs = {}
     for key in keys:
         x = train_features[key]
         if x.ndim != 2 or x.shape[0] != labels.shape[0]:
-            raise ValueError(f"Cell {key!r}: features {tuple(x.shape)} do not match {labels.shape[0]} labels.")
+            raise UsageError(f"Cell {key!r}: features {tuple(x.shape)} do not match {labels.shape[0]} labels.")
         if recipe.normalization == "standardize":
             stats[key] = feature_stats(x)
             inputs[key] = standardize(x, *stats[key])
