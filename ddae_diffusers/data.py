@@ -1,22 +1,22 @@
-"""Data sets and pixels: column detection, PIL/numpy -> [-1, 1] tensors, crop/flip augmentation.
+"""Data sets and augmentation: image/label column detection and crop/flip on [-1, 1] tensors.
 
+The pixel conversion (PIL/numpy -> [-1, 1] tensors) lives with the image processor and is re-exported here.
 No torchvision: PIL does the resizing, torch the augmentation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-import numpy as np
 import torch
-from PIL import Image
 
-from .errors import UsageError, UsageTypeError
+from .errors import UsageError
+from .image_processing_ddae import ImageLike, images_to_tensor, to_rgb_array
+
+__all__ = ["images_to_tensor", "to_rgb_array", "random_crop_flip", "detect_image_column", "detect_label_column",
+           "label_names", "ImageLike"]
 
 IMAGE_COLUMN_CANDIDATES = ("img", "image", "pixel_values")
 LABEL_COLUMN_CANDIDATES = ("label", "labels", "fine_label", "class")
 
-ImageLike = Image.Image | np.ndarray
 
 
 def detect_image_column(dataset, image_column: str | None = None) -> str:
@@ -70,38 +70,6 @@ def label_names(dataset, label_column: str) -> list[str] | None:
 
     feature = dataset.features[label_column]
     return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
-
-
-def to_rgb_array(image: ImageLike, resolution: int, center_crop: bool = True) -> np.ndarray:
-    """One PIL image or (H, W[, C]) uint8 array -> (resolution, resolution, 3) uint8 array.
-
-    Grayscale and RGBA become RGB; the shorter side is resized to ``resolution``
-    (bilinear), then the centre (or, with ``center_crop=False``, the whole image
-    resized to a square) is kept.
-    """
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    if not isinstance(image, Image.Image):
-        raise UsageTypeError(f"Expected a PIL image or a uint8 numpy array, got {type(image).__name__}.")
-    image = image.convert("RGB")
-    width, height = image.size
-    if center_crop:
-        scale = resolution / min(width, height)
-        new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-        if new_size != image.size:
-            image = image.resize(new_size, Image.BILINEAR)
-        left = (image.width - resolution) // 2
-        top = (image.height - resolution) // 2
-        image = image.crop((left, top, left + resolution, top + resolution))
-    elif image.size != (resolution, resolution):
-        image = image.resize((resolution, resolution), Image.BILINEAR)
-    return np.asarray(image, dtype=np.uint8)
-
-
-def images_to_tensor(images: Sequence[ImageLike], resolution: int, center_crop: bool = True) -> torch.Tensor:
-    """PIL images or uint8 arrays -> (B, 3, resolution, resolution) float32 in [-1, 1]."""
-    batch = np.stack([to_rgb_array(image, resolution, center_crop) for image in images])
-    return torch.from_numpy(batch).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
 def random_crop_flip(

@@ -1,9 +1,12 @@
 """``DDAEImageProcessor``: images -> (B, 3, R, R) ``pixel_values`` in [-1, 1], without torchvision.
 
-The pixel conversion itself (RGB, resize, crop, scale) is ``ddae_diffusers.data.images_to_tensor``.
+The pixel conversion itself (RGB, resize, crop, scale) is :func:`images_to_tensor`, the one place that
+knows the normalisation.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -11,8 +14,41 @@ from PIL import Image
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 
-from .data import images_to_tensor
 from .errors import UsageError, UsageTypeError
+
+ImageLike = Image.Image | np.ndarray
+
+
+def to_rgb_array(image: ImageLike, resolution: int, center_crop: bool = True) -> np.ndarray:
+    """One PIL image or (H, W[, C]) uint8 array -> (resolution, resolution, 3) uint8 array.
+
+    Grayscale and RGBA become RGB; the shorter side is resized to ``resolution``
+    (bilinear), then the centre (or, with ``center_crop=False``, the whole image
+    resized to a square) is kept.
+    """
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    if not isinstance(image, Image.Image):
+        raise UsageTypeError(f"Expected a PIL image or a uint8 numpy array, got {type(image).__name__}.")
+    image = image.convert("RGB")
+    width, height = image.size
+    if center_crop:
+        scale = resolution / min(width, height)
+        new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+        if new_size != image.size:
+            image = image.resize(new_size, Image.BILINEAR)
+        left = (image.width - resolution) // 2
+        top = (image.height - resolution) // 2
+        image = image.crop((left, top, left + resolution, top + resolution))
+    elif image.size != (resolution, resolution):
+        image = image.resize((resolution, resolution), Image.BILINEAR)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def images_to_tensor(images: Sequence[ImageLike], resolution: int, center_crop: bool = True) -> torch.Tensor:
+    """PIL images or uint8 arrays -> (B, 3, resolution, resolution) float32 in [-1, 1]."""
+    batch = np.stack([to_rgb_array(image, resolution, center_crop) for image in images])
+    return torch.from_numpy(batch).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
 def _as_image(image) -> Image.Image | np.ndarray:

@@ -1,17 +1,29 @@
-"""Where a model or data set comes from: an existing local folder or a Hub repo id, decided in one place.
+"""Loading: where a model or data set comes from, and what a diffusers checkpoint holds, decided in one place.
 
-A name that looks like a local path (it starts with ``.``, ``/`` or ``~``, or its parent folder exists)
-but does not exist is refused at once, instead of being tried as a Hub id.
+``check_source`` tells a local folder from a Hub repo id: a name that looks like a local path (it starts
+with ``.``, ``/`` or ``~``, or its parent folder exists) but does not exist is refused at once, instead of
+being tried as a Hub id. ``inspect_source`` reads only the configs (``model_index.json`` or ``config.json``)
+and checks the denoiser's family before any weight is read; ``load_components`` then loads the denoiser,
+scheduler and VAE with diffusers' own ``from_pretrained``.
 """
 
 from __future__ import annotations
 
+import json
 import os
+from dataclasses import dataclass
 
-from huggingface_hub.errors import HFValidationError
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+)
 from huggingface_hub.utils import validate_repo_id
 
-from .errors import UsageError
+from .errors import UsageError, UsageTypeError
+from .families import DENOISER_COMPONENTS, SUPPORTED, DenoiserFamily, family_named
 
 
 def looks_local(name: str) -> bool:
@@ -46,3 +58,118 @@ def check_source(name: str, flag: str) -> str:
     if not is_hub_id(name):
         raise UsageError(f"{flag} {name!r} is neither an existing folder nor a valid Hub id: give one of the two.")
     return name
+
+
+def read_root_json(path_or_hub_id: str, filename: str, **hub_kwargs) -> dict | None:
+    """The JSON ``filename`` at the root of a folder or Hub repo, or None if it is not there."""
+    if os.path.isdir(path_or_hub_id):
+        path = os.path.join(path_or_hub_id, filename)
+        if not os.path.isfile(path):
+            return None
+    elif os.path.exists(path_or_hub_id):
+        raise UsageError(f"{path_or_hub_id!r} is a file: pass the folder that holds the diffusers config.")
+    else:
+        try:
+            path = hf_hub_download(path_or_hub_id, filename, **hub_kwargs)
+        except LocalEntryNotFoundError:
+            raise UsageError(
+                f"{path_or_hub_id!r} is not a local folder, and as a Hub repo it is neither reachable nor cached: "
+                "go online (or fill the cache), or pass a local folder."
+            ) from None
+        except RepositoryNotFoundError:
+            raise UsageError(
+                f"There is no Hub repo {path_or_hub_id!r} (or it is private or gated): check the name, or log in "
+                "with `hf auth login`."
+            ) from None
+        except EntryNotFoundError:
+            return None
+    with open(path) as f:
+        return json.load(f)
+
+
+@dataclass(frozen=True)
+class DiffusersSource:
+    """A checked diffusers checkpoint: a pipeline layout (``model_index.json``) or a bare model folder.
+
+    ``denoiser_key`` is ``"unet"`` or ``"transformer"`` for a pipeline and None for a bare model.
+    """
+
+    path: str
+    family: DenoiserFamily
+    model_index: dict | None = None
+    denoiser_key: str | None = None
+
+    def component_names(self) -> list[str]:
+        """The pipeline components present (not saved as ``[null, null]``), in model_index order."""
+        index = self.model_index or {}
+        return [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0]]
+
+
+def inspect_source(path_or_hub_id: str | os.PathLike, who: str = "ddae_diffusers", **hub_kwargs) -> DiffusersSource:
+    """Reads only the configs of a pipeline folder/repo or model folder and checks its denoiser.
+
+    Raises a ``UsageError`` (``UsageTypeError`` for an unsupported class) naming what was found and what
+    ``who`` supports, before any weight is read.
+    """
+    path = check_source(os.fspath(path_or_hub_id), "model")
+    model_index = read_root_json(path, "model_index.json", **hub_kwargs)
+    if model_index is not None:
+        present = [k for k in DENOISER_COMPONENTS if (model_index.get(k) or [None])[0] is not None]
+        if len(present) != 1:
+            found = " and ".join(present) if present else None
+            raise UsageError(
+                f"{path}/model_index.json names {found}: {who} needs exactly one 'unet' or 'transformer'."
+                if found else f"{path}/model_index.json has no 'unet' or 'transformer' component: {who} needs one."
+            )
+        key = present[0]
+        library, class_name = model_index[key]
+        try:
+            family = family_named(class_name)
+        except UsageTypeError:
+            raise UsageTypeError(f"{path} has a {library}.{class_name} {key}; {who} supports {SUPPORTED}.") from None
+        return DiffusersSource(path, family, model_index, key)
+    config = read_root_json(path, "config.json", **hub_kwargs)
+    if config is None:
+        raise UsageError(
+            f"{path!r} holds no diffusers config (neither model_index.json nor config.json): pass a diffusers "
+            "pipeline folder or repo (model_index.json with unet/ or transformer/, scheduler/) or a model folder."
+        )
+    class_name = config.get("_class_name")
+    try:
+        family = family_named(class_name)
+    except UsageTypeError:
+        hint = (
+            " It is a DDAEForImageClassification export: load the pipeline it came from and pass it as "
+            f"DDAEPipeline.from_pretrained(pipeline_dir, classifier={path!r})."
+            if config.get("model_type") == "ddae" else ""
+        )
+        found = class_name or config.get("model_type") or "non-diffusers"
+        raise UsageTypeError(f"{path!r} holds a {found} model; {who} supports {SUPPORTED}.{hint}") from None
+    return DiffusersSource(path, family)
+
+
+def load_components(source: DiffusersSource, **hub_kwargs) -> dict[str, object]:
+    """The diffusers components of ``source``: ``{"denoiser", "scheduler", "vae"}`` (None when absent).
+
+    A bare model folder has no scheduler or VAE.
+    """
+    import diffusers
+
+    def component(key: str):
+        library, class_name = source.model_index[key]
+        if library != "diffusers" or not hasattr(diffusers, class_name):
+            raise UsageTypeError(
+                f"Component {key!r} of {source.path} is {library}.{class_name}; ddae_diffusers loads diffusers "
+                f"components only ({SUPPORTED} with a diffusers scheduler and VAE)."
+            )
+        return getattr(diffusers, class_name).from_pretrained(source.path, subfolder=key, **hub_kwargs)
+
+    if source.model_index is None:
+        denoiser = source.family.model_class.from_pretrained(source.path, **hub_kwargs)
+        return {"denoiser": denoiser, "scheduler": None, "vae": None}
+    present = source.component_names()
+    return {
+        "denoiser": component(source.denoiser_key),
+        "scheduler": component("scheduler") if "scheduler" in present else None,
+        "vae": component("vae") if "vae" in present else None,
+    }

@@ -14,6 +14,7 @@ from typing import Any
 from diffusers import DiTTransformer2DModel, UNet2DModel
 
 from .errors import UsageError
+from .families import family_named
 
 # The google/ddpm-cifar10-32 UNet (35.7M parameters, identical to DDAE's CIFAR-10 DDPM),
 # with the dropout of 0.1 that the original model was trained with.
@@ -74,9 +75,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
-DENOISER_CLASSES = {"UNet2DModel": UNet2DModel, "DiTTransformer2DModel": DiTTransformer2DModel}
-
-
 def load_model_config(name_or_path: str) -> dict[str, Any]:
     """Returns a copy of the preset ``name_or_path`` or the dict in that ``config.json`` file."""
     if name_or_path in PRESETS:
@@ -95,9 +93,4 @@ def load_model_config(name_or_path: str) -> dict[str, Any]:
 def build_denoiser(name_or_path: str | dict[str, Any]) -> UNet2DModel | DiTTransformer2DModel:
     """Builds a randomly initialised denoiser from a preset name, a config path or a config dict."""
     config = load_model_config(name_or_path) if isinstance(name_or_path, str) else dict(name_or_path)
-    class_name = config.get("_class_name", "UNet2DModel")
-    if class_name not in DENOISER_CLASSES:
-        raise UsageError(
-            f"Unsupported denoiser class {class_name!r}: supported are {', '.join(DENOISER_CLASSES)}."
-        )
-    return DENOISER_CLASSES[class_name].from_config(config)
+    return family_named(config.get("_class_name", "UNet2DModel")).model_class.from_config(config)

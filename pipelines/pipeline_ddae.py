@@ -28,21 +28,18 @@ from diffusers import (
 )
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
-from huggingface_hub import ModelCard, create_repo
+from huggingface_hub import ModelCard
 
-from ddae_diffusers.capture import DDAEBackbone, check_denoiser, denoiser_kwargs, read_root_json
+from ddae_diffusers.capture import DDAEBackbone, check_denoiser, denoiser_kwargs
 from ddae_diffusers.errors import UsageError, UsageTypeError
+from ddae_diffusers.hub import create_hub_repo, push_folder
 from ddae_diffusers.image_processing_ddae import DDAEImageProcessor
-from ddae_diffusers.loading import check_source
+from ddae_diffusers.loading import check_source, inspect_source, load_components
 from ddae_diffusers.modelcard import make_model_card
 from ddae_diffusers.modeling_ddae import DDAEForImageClassification
-from ddae_diffusers.presets import DENOISER_CLASSES
 
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | Sequence[PIL.Image.Image | np.ndarray | torch.Tensor]
 
-# Class names a model_index.json may give the denoiser. ``Transformer2DModel`` is how facebook/DiT-XL-2-256
-# records it; diffusers remaps it to ``DiTTransformer2DModel`` on load (its norm_type is ada_norm_zero).
-_DENOISER_NAMES = (*DENOISER_CLASSES, "Transformer2DModel")
 _OUTPUT_TYPES = ("pil", "np", "pt")
 
 EXAMPLE_DOC_STRING = """
@@ -191,40 +188,14 @@ class DDAEPipeline(DiffusionPipeline):
         if isinstance(classifier, (str, os.PathLike)):
             classifier = check_source(os.fspath(classifier), "classifier")
         hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir") if k in kwargs}
-        model_index = read_root_json(path, "model_index.json", **hub_kwargs)
-        if model_index is not None:
-            _check_model_index(path, model_index)
-            if isinstance(classifier, (str, os.PathLike)):
-                kwargs["classifier"] = _load_classifier(os.fspath(classifier))
-            return super().from_pretrained(path, **kwargs)
-
-        config = read_root_json(path, "config.json", **hub_kwargs)
-        if config is None:
-            where = "" if os.path.isdir(path) else " (as a Hub repo id: check the name; be online or have it cached)"
-            raise UsageError(
-                f"{path!r} holds neither model_index.json nor config.json{where}: pass a diffusers pipeline folder "
-                "or repo (model_index.json with unet/ or transformer/, scheduler/) or a UNet2DModel / "
-                "DiTTransformer2DModel folder."
-            )
-        class_name = config.get("_class_name")
-        if class_name not in DENOISER_CLASSES:
-            hint = ""
-            if config.get("model_type") == "ddae":
-                hint = (
-                    " It is a DDAEForImageClassification export: load the pipeline it came from and pass it "
-                    f"as DDAEPipeline.from_pretrained(pipeline_dir, classifier={path!r})."
-                )
-            raise UsageTypeError(
-                f"{path!r} holds a {class_name or config.get('model_type') or 'non-diffusers'} model; DDAEPipeline "
-                f"supports {', '.join(DENOISER_CLASSES)}.{hint}"
-            )
-        denoiser_cls = DENOISER_CLASSES[class_name]
+        source = inspect_source(path, who="DDAEPipeline", **hub_kwargs)
         if isinstance(classifier, (str, os.PathLike)):
             kwargs["classifier"] = _load_classifier(os.fspath(classifier))
+        if source.model_index is not None:
+            return super().from_pretrained(path, **kwargs)
         model_kwargs = {k: kwargs.pop(k) for k in ("torch_dtype", *hub_kwargs) if k in kwargs}
-        denoiser = denoiser_cls.from_pretrained(path, **model_kwargs)
-        key = "unet" if denoiser_cls is UNet2DModel else "transformer"
-        return cls(**{key: denoiser}, **kwargs)
+        denoiser = load_components(source, **model_kwargs)["denoiser"]
+        return cls(**{source.family.component: denoiser}, **kwargs)
 
     # ------------------------------------------------------------------ saving
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
@@ -260,8 +231,11 @@ class DDAEPipeline(DiffusionPipeline):
 
     def _push_folder(self, folder: str, repo_id: str, token=None, private=None, commit_message=None,
                      create_pr: bool = False) -> str:
-        repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
-        return self._upload_folder(folder, repo_id, token=token, commit_message=commit_message, create_pr=create_pr)
+        """Uploads ``folder`` as it is (its DDAE card included: diffusers' own push would write a generic one)."""
+        repo_id = create_hub_repo(repo_id, token=token, private=private)
+        commit = push_folder(folder, repo_id, token=token, create_pr=create_pr,
+                             commit_message=commit_message or "Upload DDAEPipeline")
+        return commit.commit_url
 
     def model_card(self, repo_id: str | None = None) -> ModelCard:
         """A model card (YAML metadata, components, usage) for this pipeline."""
@@ -498,30 +472,6 @@ features = pipe.extract_features(images, layers=["{layer}"], timesteps=[10])  # 
 
 def _accepts(function, name: str) -> bool:
     return name in inspect.signature(function).parameters
-
-
-def _is_single(images: PIL.Image.Image | np.ndarray | torch.Tensor) -> bool:
-    """True for one image: PIL, (H, W[, C]) arrays and (C, H, W) tensors; False for batches."""
-    if isinstance(images, PIL.Image.Image):
-        return True
-    return images.ndim == (3 if isinstance(images, torch.Tensor) else 2) or (
-        isinstance(images, np.ndarray) and images.ndim == 3
-    )
-
-
-def _check_model_index(path: str, model_index: dict) -> None:
-    """Refuses a pipeline without a supported denoiser before any weight is loaded."""
-    present = [key for key in ("unet", "transformer") if (model_index.get(key) or [None])[0] is not None]
-    if len(present) != 1:
-        raise UsageError(
-            f"{path}/model_index.json names {' and '.join(present) or 'no denoiser'}: DDAEPipeline needs exactly "
-            "one 'unet' (UNet2DModel) or 'transformer' (DiTTransformer2DModel)."
-        )
-    library, class_name = model_index[present[0]]
-    if class_name not in _DENOISER_NAMES:
-        raise UsageTypeError(
-            f"{path} has a {library}.{class_name} {present[0]}; DDAEPipeline supports {', '.join(DENOISER_CLASSES)}."
-        )
 
 
 def _load_classifier(path: str) -> DDAEForImageClassification:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 from pathlib import Path
+from unittest import mock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Tiny models gain nothing from intra-op threads, and subprocess tests (2-process runs) would
@@ -13,7 +16,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import yaml  # noqa: E402
 from diffusers import AutoencoderKL, DDPMPipeline, DDPMScheduler, DiTTransformer2DModel, UNet2DModel  # noqa: E402
+from huggingface_hub import CommitInfo, HfApi  # noqa: E402
+from huggingface_hub.hf_api import RepoUrl  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The repository's own real CIFAR-10 sample (5,000 train / 1,000 test, uoft-cs/cifar10 layout).
@@ -84,3 +90,51 @@ def cifar_small():
     import datasets
 
     return datasets.load_dataset(CIFAR10_SAMPLE, split="train[:256]")
+
+
+class FakeHub:
+    """Records what HfApi would send: created repos and, per commit, the files written into a local 'repo'."""
+
+    def __init__(self, root: Path):
+        self.root, self.repos, self.commits = root, [], []
+
+    def create_repo(self, api, repo_id, **kwargs):
+        self.repos.append(repo_id)
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def create_commit(self, api, repo_id, operations, **kwargs):
+        folder = self.root / repo_id.replace("/", "--")
+        paths = []
+        for op in operations:
+            target = folder / op.path_in_repo
+            target.parent.mkdir(parents=True, exist_ok=True)
+            source = op.path_or_fileobj
+            if isinstance(source, (str, Path)):
+                shutil.copy(source, target)
+            else:
+                target.write_bytes(source if isinstance(source, bytes) else source.read())
+            paths.append(op.path_in_repo)
+        self.commits.append({"repo_id": repo_id, "paths": sorted(paths), "folder": folder, **kwargs})
+        return CommitInfo(
+            commit_url=f"https://huggingface.co/{repo_id}/commit/0", commit_message=kwargs.get("commit_message"),
+            commit_description="", oid="0" * 40,
+        )  # fmt: skip
+
+    def patch(self):
+        hub = self
+        patches = [
+            # upload_folder's classic path ends in create_commit; the streamed xet path would talk to a storage
+            # server instead.
+            mock.patch("huggingface_hub.hf_api.is_xet_available", lambda: False),
+            mock.patch.multiple(
+                HfApi,
+                create_repo=lambda api, repo_id, **kw: hub.create_repo(api, repo_id, **kw),
+                create_commit=lambda api, repo_id, operations, **kw: hub.create_commit(api, repo_id, operations, **kw),
+                # The Hub's /api/validate-yaml endpoint (upload_folder checks a README's metadata): parse it here.
+                _validate_yaml=lambda api, content, **kw: yaml.safe_load(content.split("---")[1]),
+            ),
+        ]
+        stack = contextlib.ExitStack()
+        for patch in patches:
+            stack.enter_context(patch)
+        return stack

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import TINY_VAE_CONFIG, make_tiny_dit, make_tiny_unet, make_tiny_vae
 from diffusers import DDPMScheduler, DiTPipeline, UNet2DConditionModel
+from diffusers.hooks import HookRegistry, ModelHook
 
 from ddae_diffusers import DDAEBackbone, build_denoiser, example_noise
 from ddae_diffusers.capture import candidate_layers, capture_activations
@@ -275,3 +276,61 @@ def test_real_cifar10_features(cifar_small):
         assert value.shape[0] == 256 and torch.isfinite(value).all()
     # Real images give distinct features per image.
     assert feats["mid_block", 10].std(dim=0).mean() > 0
+
+
+def test_one_trace_gives_outputs_call_order_and_modules_reached(unet_backbone):
+    from ddae_diffusers.capture import trace_forward
+
+    denoiser = unet_backbone.denoiser
+    names = unet_backbone.layer_names()
+    x = random_images(1)
+    full = trace_forward(denoiser, x, 10, names[::-1], record_reached=True)
+    assert full.order == names and not full.stopped_early  # call order, whatever order they were asked in
+    assert {"conv_in", "conv_out", "mid_block"} <= full.reached
+    early = trace_forward(denoiser, x, 10, ["mid_block"], stop_after="mid_block", record_reached=True)
+    assert early.stopped_early and "conv_out" not in early.reached and "conv_in" in early.reached
+    assert torch.equal(early.outputs["mid_block"], full.outputs["mid_block"])
+
+
+class CountingHook(ModelHook):
+    """A diffusers hook that counts its pre- and post-forward calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.pre = self.post = 0
+
+    def pre_forward(self, module, *args, **kwargs):
+        self.pre += 1
+        return args, kwargs
+
+    def post_forward(self, module, output):
+        self.post += 1
+        return output
+
+
+def test_early_exit_is_skipped_under_diffusers_hooks():
+    """An exception through a HookRegistry wrapper would skip its post_forward: then the forward runs whole."""
+    layer = "up_blocks.0.resnets.0"
+    images = random_images(2)
+    plain = DDAEBackbone(make_tiny_unet()).features(images, [layer], [10])[layer, 10]
+    hooked = make_tiny_unet()
+    hook = CountingHook()
+    HookRegistry.check_if_exists_or_initialize(hooked.up_blocks[0]).register_hook(hook, "count")
+    features = DDAEBackbone(hooked).features(images, [layer], [10])[layer, 10]
+    assert hook.pre == hook.post >= 1  # every entry through the wrapper also left it (catalogue trace + capture)
+    assert torch.equal(features, plain)
+    offloaded = make_tiny_unet()
+    cpu = torch.device("cpu")
+    offloaded.enable_group_offload(onload_device=cpu, offload_device=cpu, offload_type="block_level",
+                                   num_blocks_per_group=1)
+    assert torch.allclose(DDAEBackbone(offloaded).features(images, [layer], [10])[layer, 10], plain, atol=1e-6)
+
+
+def test_a_family_is_one_entry():
+    from ddae_diffusers.families import DENOISER_CLASSES, FAMILIES, family_named, family_of
+
+    assert list(FAMILIES) == list(DENOISER_CLASSES) == ["UNet2DModel", "DiTTransformer2DModel"]
+    assert family_named("Transformer2DModel") is family_of(make_tiny_dit()) is FAMILIES["DiTTransformer2DModel"]
+    assert family_of(make_tiny_unet()).layer_candidates(make_tiny_unet()) == candidate_layers(make_tiny_unet())
+    with pytest.raises(TypeError, match="supports UNet2DModel, DiTTransformer2DModel"):
+        family_named("UNet2DConditionModel")

@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import sysconfig
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pytest
 import torch
-from huggingface_hub import CommitInfo, HfApi, ModelCard
-from huggingface_hub.hf_api import RepoUrl
+from conftest import FakeHub
+from huggingface_hub import ModelCard
 from test_finetune_ddae import finetune
 from test_modeling_ddae import images, write_probe_folder
 from transformers import AutoModelForImageClassification
@@ -24,43 +22,6 @@ from transformers import AutoModelForImageClassification
 from ddae_diffusers import DDAEForImageClassification
 
 REMOTE_FILES = {"modeling_ddae.py", "configuration_ddae.py", "image_processing_ddae.py", "capture.py"}
-
-
-class FakeHub:
-    """Records what HfApi would send: created repos and, per commit, the files written into a local 'repo'."""
-
-    def __init__(self, root: Path):
-        self.root, self.repos, self.commits = root, [], []
-
-    def create_repo(self, api, repo_id, **kwargs):
-        self.repos.append(repo_id)
-        return RepoUrl(f"https://huggingface.co/{repo_id}")
-
-    def create_commit(self, api, repo_id, operations, **kwargs):
-        folder = self.root / repo_id.replace("/", "--")
-        paths = []
-        for op in operations:
-            target = folder / op.path_in_repo
-            target.parent.mkdir(parents=True, exist_ok=True)
-            source = op.path_or_fileobj
-            if isinstance(source, (str, Path)):
-                shutil.copy(source, target)
-            else:
-                target.write_bytes(source if isinstance(source, bytes) else source.read())
-            paths.append(op.path_in_repo)
-        self.commits.append({"repo_id": repo_id, "paths": sorted(paths), "folder": folder, **kwargs})
-        return CommitInfo(
-            commit_url=f"https://huggingface.co/{repo_id}/commit/0", commit_message=kwargs.get("commit_message"),
-            commit_description="", oid="0" * 40,
-        )  # fmt: skip
-
-    def patch(self):
-        hub = self
-        return mock.patch.multiple(
-            HfApi,
-            create_repo=lambda api, repo_id, **kw: hub.create_repo(api, repo_id, **kw),
-            create_commit=lambda api, repo_id, operations, **kw: hub.create_commit(api, repo_id, operations, **kw),
-        )
 
 
 def load_without_package(folder: Path, pixels_path: Path, tmp_path: Path) -> np.ndarray:
@@ -105,7 +66,7 @@ def test_push_probe_export(tiny_unet_pipeline_dir, tmp_path):
     commit = hub.commits[0]
     assert set(commit["paths"]) == {
         "config.json", "model.safetensors", "preprocessor_config.json", "README.md", "probe_grid.png",
-        "data.py", "errors.py", "loading.py", "modelcard.py", "presets.py", *REMOTE_FILES,
+        "errors.py", "families.py", *REMOTE_FILES,
     }  # fmt: skip
     repo = commit["folder"]
 

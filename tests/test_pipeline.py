@@ -8,15 +8,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
 import yaml
-from conftest import CIFAR10_SAMPLE, REPO_ROOT, TINY_DIT_CONFIG, make_tiny_dit, make_tiny_unet, make_tiny_vae
-from ddae_diffusers.pipelines import pipeline_ddae
+from conftest import CIFAR10_SAMPLE, REPO_ROOT, TINY_DIT_CONFIG, FakeHub, make_tiny_dit, make_tiny_unet, make_tiny_vae
 from diffusers import (
     DDIMPipeline,
     DDIMScheduler,
@@ -27,7 +25,6 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
     UNet2DModel,
 )
-from huggingface_hub.hf_api import RepoUrl
 
 from ddae_diffusers import DDAEForImageClassification, DDAEPipeline
 from ddae_diffusers.capture import capture_activations, example_noise
@@ -349,25 +346,15 @@ def test_classifier_from_a_probe_result_folder(tiny_unet_pipeline_dir, cifar_sma
 
 
 def test_push_to_hub_uploads_folder_with_card(classifier_pipe, tmp_path):
-    uploaded: dict[str, str] = {}
-
-    def fake_create_repo(repo_id, **kwargs):
-        return RepoUrl(f"https://huggingface.co/{repo_id}")
-
-    def fake_upload_folder(repo_id, folder_path, **kwargs):
-        for root, _, files in os.walk(folder_path):
-            for name in files:
-                path = os.path.join(root, name)
-                uploaded[os.path.relpath(path, folder_path)] = path
-        uploaded["README.md"] = Path(folder_path, "README.md").read_text()
-        return f"https://huggingface.co/{repo_id}/commit/0"
-
-    with mock.patch.object(pipeline_ddae, "create_repo", fake_create_repo), \
-            mock.patch("diffusers.utils.hub_utils.upload_folder", fake_upload_folder):
+    hub = FakeHub(tmp_path / "hub")
+    with hub.patch():
         url = classifier_pipe.push_to_hub("me/ddae-tiny")
-        files = dict(uploaded)
-        uploaded.clear()
         classifier_pipe.save_pretrained(tmp_path / "local", push_to_hub=True, repo_id="me/ddae-local")
+    assert [c["repo_id"] for c in hub.commits] == ["me/ddae-tiny", "me/ddae-local"]
+    files = {p: str(hub.commits[0]["folder"] / p) for p in hub.commits[0]["paths"]}
+    files["README.md"] = Path(files["README.md"]).read_text()
+    uploaded = {p: str(hub.commits[1]["folder"] / p) for p in hub.commits[1]["paths"]}
+    uploaded["README.md"] = Path(uploaded["README.md"]).read_text()
     assert set(uploaded) == set(files) and 'from_pretrained("me/ddae-local")' in uploaded["README.md"]
     assert (tmp_path / "local" / "README.md").is_file()
     uploaded = files

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from ddae_diffusers import DDAEBackbone
 from ddae_diffusers.data import detect_image_column, detect_label_column, to_rgb_array
 from ddae_diffusers.errors import ArgumentParser, UsageError, fail, run_command
+from ddae_diffusers.hub import create_hub_repo, push_folder
 from ddae_diffusers.io_utils import atomic_path, check_writable_dir
 from ddae_diffusers.loading import check_source, is_hub_id
 from ddae_diffusers.monitor import ProbeHistory, ProbeMonitor, default_probe_layer, load_probe_data
@@ -476,12 +477,8 @@ def main(args: argparse.Namespace) -> str:
 
     repo_id = None
     if args.push_to_hub and accelerator.is_main_process:
-        from huggingface_hub import HfApi
-
-        repo_id = HfApi(token=args.hub_token).create_repo(
-            args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
-            exist_ok=True, private=args.hub_private_repo,
-        ).repo_id
+        repo_id = create_hub_repo(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
+                                  token=args.hub_token, private=args.hub_private_repo)
 
     # ---- model, EMA, optimiser, data
     denoiser.train()
@@ -640,12 +637,8 @@ def main(args: argparse.Namespace) -> str:
         logger.info(f"Saved the pipeline to {args.output_dir} ({state.global_step} steps, "
                     f"{state.images_seen} images, {time.time() - start_time:.0f}s in this process)")
         if repo_id is not None:
-            from huggingface_hub import HfApi
-
-            HfApi(token=args.hub_token).upload_folder(
-                repo_id=repo_id, folder_path=args.output_dir, commit_message="End of training",
-                ignore_patterns=UPLOAD_IGNORE_PATTERNS,
-            )
+            push_folder(args.output_dir, repo_id, token=args.hub_token, commit_message="End of training",
+                        ignore_patterns=UPLOAD_IGNORE_PATTERNS)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return args.output_dir

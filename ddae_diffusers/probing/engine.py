@@ -23,6 +23,7 @@ from .baselines import pixel_features, random_init
 from .cache import FeatureCache, View
 from .heads import PAPER_RECIPE, ProbeRecipe, choose_lr, train_heads
 from .knn import knn_accuracy
+from .result import ProbeCell, ProbeResult
 
 DEFAULT_TIMESTEPS = (0, 10, 25, 50, 100, 200, 400)
 PROTOCOLS = ("cached", "online")
@@ -259,7 +260,7 @@ def run_probe(
     backbone: DDAEBackbone | None = None,
     on_batch: Callable[[int, int], None] | None = None,
     progress: bool = True,
-) -> dict | None:
+) -> ProbeResult | None:
     """Runs the grid and writes the report to ``config.output_dir``; returns the results (main process only)."""
     from .online import train_online
     from .report import write_report
@@ -302,52 +303,51 @@ def run_probe(
         return None
 
     cells = [
-        {"layer": layer, "timestep": t, **_score(fits[layer, t], knn_bank[layer, t], knn_labels,
-                                                  eval_features[layer, t], prep.eval_labels)}
+        ProbeCell(layer, t, **_score(fits[layer, t], knn_bank[layer, t], knn_labels, eval_features[layer, t],
+                                     prep.eval_labels))
         for layer in prep.layers
         for t in prep.timesteps
     ]
-    best = cells[choose_lr([cell["val_acc"] for cell in cells])]
+    best = cells[choose_lr([cell.val_acc for cell in cells])]
     clock.lap("score")
     baselines = {}
     if config.pixel_baseline:
         baselines["pixels"] = _pixel_baseline(prep, recipe, progress)
         clock.lap("pixel_baseline")
-    results = {
-        "model": config.model,
-        "dataset": config.dataset,
-        "train_split": config.train_split,
-        "eval_split": config.eval_split,
-        "image_column": prep.image_column,
-        "label_column": prep.label_column,
-        "resolution": prep.resolution,
-        "seed": config.seed,
-        "pooling": "avg",
-        "protocol": config.protocol,
-        "recipe": config.recipe if config.protocol == "cached" else "paper",
-        "normalization": recipe.normalization,
-        "lrs": list(recipe.lrs),
-        "epochs": recipe.epochs,
-        "head_batch_size": recipe.batch_size,
-        "train_views": config.train_views if config.protocol == "cached" else None,
-        "dtype": config.dtype,
-        "num_processes": accelerator.num_processes if accelerator is not None else 1,
-        "num_train": len(prep.fit_rows),
-        "num_val": len(prep.val_rows),
-        "num_eval": len(prep.eval),
-        "num_labels": prep.num_labels,
-        "id2label": prep.id2label,
-        "layers": prep.layers,
-        "timesteps": prep.timesteps,
-        "random_init": config.random_init,
-        "cells": cells,
-        "best": best,
-        "baselines": baselines,
-        "config": asdict(config),
-        "timings": clock.laps,
-    }
-    write_report(config.output_dir, results, {(c["layer"], c["timestep"]): fits[c["layer"], c["timestep"]].head
-                                              for c in cells})
+    results = ProbeResult(
+        model=config.model,
+        dataset=config.dataset,
+        train_split=config.train_split,
+        eval_split=config.eval_split,
+        image_column=prep.image_column,
+        label_column=prep.label_column,
+        resolution=prep.resolution,
+        seed=config.seed,
+        pooling="avg",
+        protocol=config.protocol,
+        recipe=config.recipe if config.protocol == "cached" else "paper",
+        normalization=recipe.normalization,
+        lrs=list(recipe.lrs),
+        epochs=recipe.epochs,
+        head_batch_size=recipe.batch_size,
+        train_views=config.train_views if config.protocol == "cached" else None,
+        dtype=config.dtype,
+        num_processes=accelerator.num_processes if accelerator is not None else 1,
+        num_train=len(prep.fit_rows),
+        num_val=len(prep.val_rows),
+        num_eval=len(prep.eval),
+        num_labels=prep.num_labels,
+        id2label=prep.id2label,
+        layers=prep.layers,
+        timesteps=prep.timesteps,
+        random_init=config.random_init,
+        cells=cells,
+        best=best,
+        baselines=baselines,
+        config=asdict(config),
+        timings=clock.laps,
+    )
+    write_report(config.output_dir, results, {(c.layer, c.timestep): fits[c.layer, c.timestep].head for c in cells})
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return results

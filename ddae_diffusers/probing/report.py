@@ -8,24 +8,25 @@ eval mode. Every file is written atomically.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 
 from ..io_utils import atomic_path
 from ..modelcard import grid_heatmap
 from .heads import LinearHead
+from .result import HEADS_FILE, ProbeResult, cell_key, parse_cell_key
 
 
 def head_tensors(heads: Mapping[tuple[str, int], LinearHead]) -> dict:
     """The ``heads.safetensors`` dict of every cell's head."""
     tensors = {}
     for (layer, t), head in heads.items():
-        tensors[f"{layer}@{t}.weight"] = head.weight.contiguous()
-        tensors[f"{layer}@{t}.bias"] = head.bias.contiguous()
+        key = cell_key(layer, t)
+        tensors[f"{key}.weight"] = head.weight.contiguous()
+        tensors[f"{key}.bias"] = head.bias.contiguous()
         if head.mean is not None:
-            tensors[f"{layer}@{t}.mean"] = head.mean.contiguous()
-            tensors[f"{layer}@{t}.var"] = head.var.contiguous()
+            tensors[f"{key}.mean"] = head.mean.contiguous()
+            tensors[f"{key}.var"] = head.var.contiguous()
     return tensors
 
 
@@ -33,13 +34,12 @@ def load_heads(folder: str) -> dict[tuple[str, int], LinearHead]:
     """Reads ``heads.safetensors`` back into ``{(layer, t): LinearHead}``."""
     from safetensors.torch import load_file
 
-    tensors = load_file(os.path.join(folder, "heads.safetensors"))
+    tensors = load_file(os.path.join(folder, HEADS_FILE))
     heads = {}
     for name in tensors:
         if name.endswith(".weight"):
             prefix = name[: -len(".weight")]
-            layer, t = prefix.rsplit("@", 1)
-            heads[layer, int(t)] = LinearHead(
+            heads[parse_cell_key(prefix)] = LinearHead(
                 tensors[name], tensors[f"{prefix}.bias"], tensors.get(f"{prefix}.mean"), tensors.get(f"{prefix}.var")
             )
     return heads
@@ -108,16 +108,16 @@ def heatmap(results: dict, metric: str, path: str, title: str, marked: tuple[str
         grid_heatmap(results["cells"], tmp, metric, title=title, marked=marked, layers=results["layers"])
 
 
-def write_report(output_dir: str, results: dict, heads: Mapping[tuple[str, int], LinearHead]) -> None:
+def write_report(output_dir: str, result: ProbeResult, heads: Mapping[tuple[str, int], LinearHead]) -> None:
     """Writes all artefacts of a finished run into ``output_dir``."""
     from safetensors.torch import save_file
 
     os.makedirs(output_dir, exist_ok=True)
+    results = result.to_dict()
     best = results["best"]
-    with atomic_path(os.path.join(output_dir, "heads.safetensors")) as tmp:
-        save_file(head_tensors(heads), tmp, metadata={"best": f"{best['layer']}@{best['timestep']}"})
-    with atomic_path(os.path.join(output_dir, "results.json")) as tmp, open(tmp, "w") as f:
-        json.dump(results, f, indent=1)
+    with atomic_path(os.path.join(output_dir, HEADS_FILE)) as tmp:
+        save_file(head_tensors(heads), tmp, metadata={"best": cell_key(best["layer"], best["timestep"])})
+    result.save(output_dir)
     with atomic_path(os.path.join(output_dir, "results.md")) as tmp, open(tmp, "w") as f:
         f.write(markdown_table(results))
     name = model_title(results)

@@ -1,0 +1,155 @@
+"""``ProbeResult``: the one reader and writer of a probe folder's ``results.json``.
+
+A probe folder holds ``results.json`` (this object, as readable JSON: the run's settings, one entry per
+(layer, timestep) cell, the best cell, the baselines, the full config and the stage timings) and
+``heads.safetensors`` (each cell's head under ``"{layer}@{t}.weight|bias|mean|var"``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import MISSING, asdict, dataclass, field, fields
+
+from ..errors import UsageError
+from ..io_utils import atomic_path
+
+RESULTS_FILE = "results.json"
+HEADS_FILE = "heads.safetensors"
+
+
+@dataclass
+class ProbeCell:
+    """One (layer, timestep) cell: test linear and kNN accuracy, the chosen lr and validation accuracies."""
+
+    layer: str
+    timestep: int
+    feature_dim: int
+    linear_acc: float
+    knn_acc: float
+    lr: float
+    val_acc: float
+    val_accs: list[float] | None = None  # validation accuracy of each swept lr
+
+    @property
+    def key(self) -> str:
+        """The cell's name in ``heads.safetensors``: ``"{layer}@{t}"``."""
+        return cell_key(self.layer, self.timestep)
+
+    def __getitem__(self, name: str):
+        """Read access by ``results.json`` key: ``cell["linear_acc"]``."""
+        return asdict(self)[name]
+
+
+def _cell(data: dict) -> ProbeCell:
+    return ProbeCell(**{f.name: data.get(f.name) for f in fields(ProbeCell) if f.name in data or f.default is MISSING})
+
+
+def cell_key(layer: str, timestep: int) -> str:
+    return f"{layer}@{timestep}"
+
+
+def parse_cell_key(key: str) -> tuple[str, int]:
+    """``"up_blocks.0.resnets.1@10"`` -> ``("up_blocks.0.resnets.1", 10)``."""
+    layer, t = key.rsplit("@", 1)
+    return layer, int(t)
+
+
+@dataclass
+class ProbeResult:
+    """Everything a finished probe run reports; ``save``/``load`` write and read ``results.json``."""
+
+    model: str
+    dataset: str
+    train_split: str
+    eval_split: str
+    image_column: str
+    label_column: str
+    resolution: int
+    seed: int
+    pooling: str
+    protocol: str
+    recipe: str
+    normalization: str
+    lrs: list[float]
+    epochs: int
+    head_batch_size: int
+    train_views: int | None
+    dtype: str
+    num_processes: int
+    num_train: int
+    num_val: int
+    num_eval: int
+    num_labels: int
+    id2label: dict[str, str]
+    layers: list[str]
+    timesteps: list[int]
+    random_init: bool
+    cells: list[ProbeCell]
+    best: ProbeCell
+    baselines: dict[str, dict] = field(default_factory=dict)  # e.g. "pixels": a cell without layer/timestep
+    config: dict = field(default_factory=dict)  # the ProbeConfig of the run
+    timings: dict[str, dict[str, float]] = field(default_factory=dict)  # stage -> {"wall_s", "cpu_s"}
+
+    # ------------------------------------------------------------------ files
+    @staticmethod
+    def is_probe_folder(folder: str | os.PathLike) -> bool:
+        """True for a folder that holds both files of a probe run."""
+        folder = os.fspath(folder)
+        return all(os.path.isfile(os.path.join(folder, name)) for name in (RESULTS_FILE, HEADS_FILE))
+
+    def to_dict(self) -> dict:
+        """The ``results.json`` content (key order is the field order)."""
+        return asdict(self)
+
+    def __getitem__(self, name: str):
+        """Read access by ``results.json`` key, values as in the file: ``result["best"]["layer"]``."""
+        return self.to_dict()[name]
+
+    def save(self, folder: str | os.PathLike) -> str:
+        """Writes ``results.json`` into ``folder`` atomically; returns its path."""
+        path = os.path.join(os.fspath(folder), RESULTS_FILE)
+        with atomic_path(path) as tmp, open(tmp, "w") as f:
+            json.dump(self.to_dict(), f, indent=1)
+        return path
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ProbeResult:
+        """From ``results.json`` content; keys a shorter (older or hand-written) file lacks read as None."""
+        values = {f.name: data.get(f.name) for f in fields(cls) if f.name in data or f.default_factory is MISSING}
+        values["cells"] = [_cell(cell) for cell in data["cells"]]
+        values["best"] = _cell(data["best"])
+        return cls(**values)
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> ProbeResult:
+        """Reads ``folder/results.json``; a clear error if the folder is not a probe folder."""
+        folder = os.fspath(folder)
+        for name in (RESULTS_FILE, HEADS_FILE):
+            if not os.path.isfile(os.path.join(folder, name)):
+                raise UsageError(f"{folder!r} is not a probe output folder: {name} is missing.")
+        with open(os.path.join(folder, RESULTS_FILE)) as f:
+            return cls.from_dict(json.load(f))
+
+    # ------------------------------------------------------------------ cells
+    def best_cell(self, layer: str | None = None, timestep: int | None = None) -> ProbeCell:
+        """The best cell on validation, or the best among those matching ``layer``/``timestep``."""
+        if layer is None and timestep is None:
+            return self.best
+        cells = [
+            c for c in self.cells
+            if (layer is None or c.layer == layer) and (timestep is None or int(c.timestep) == int(timestep))
+        ]
+        if not cells:
+            available = sorted({(c.layer, int(c.timestep)) for c in self.cells})
+            raise UsageError(
+                f"The probe has no cell for layer={layer!r}, timestep={timestep!r}: available (layer, t) are "
+                f"{available}."
+            )
+        return max(cells, key=lambda c: c.val_acc)
+
+    def heads(self, folder: str | os.PathLike) -> dict:
+        """The raw ``heads.safetensors`` tensors of the run in ``folder``: ``{"{layer}@{t}.weight": ...}``."""
+        from safetensors.torch import load_file
+
+        return load_file(os.path.join(os.fspath(folder), HEADS_FILE))
