@@ -1,4 +1,7 @@
-"""Hub model cards (README.md) for DDAE classifiers: YAML metadata, ``model-index`` accuracy, how it was made."""
+"""Hub model cards (README.md): YAML metadata, ``model-index`` accuracy, how a model was made.
+
+Every card of the project is built here: classifiers, pretrained DDAEs and ``DDAEPipeline`` folders.
+"""
 
 from __future__ import annotations
 
@@ -100,61 +103,6 @@ def make_model_card(
     )
 
 
-def grid_heatmap(
-    cells: list[dict],
-    path: str,
-    metric: str = "linear_acc",
-    title: str | None = None,
-    marked: tuple[str, int] | None = None,
-    layers: list[str] | None = None,
-) -> bool:
-    """Writes a layers x timesteps heatmap of ``metric`` (annotated in %) as a PNG at ``path``.
-
-    ``layers`` fixes the row order (default: first appearance in ``cells``); ``marked`` (layer, t) is
-    outlined. Returns False, writing nothing, when no cell has ``metric``.
-    """
-    cells = [c for c in cells if c.get(metric) is not None]
-    if not cells:
-        return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    layers = layers or list(dict.fromkeys(c["layer"] for c in cells))
-    steps = sorted({int(c["timestep"]) for c in cells})
-    grid = np.full((len(layers), len(steps)), np.nan)
-    for c in cells:
-        grid[layers.index(c["layer"]), steps.index(int(c["timestep"]))] = 100 * c[metric]
-    fig, ax = plt.subplots(figsize=(1.1 * len(steps) + 3.5, 0.38 * len(layers) + 1.6))
-    image = ax.imshow(grid, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(steps)), [str(t) for t in steps])
-    ax.set_yticks(range(len(layers)), layers, fontsize=8)
-    ax.set_xlabel("timestep (diffusers index; paper t = index + 1)")
-    if title:
-        ax.set_title(title, fontsize=10)
-    middle = np.nanmean(grid)
-    for (i, j), value in np.ndenumerate(grid):
-        if not np.isnan(value):
-            color = "black" if value > middle else "white"
-            ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=7, color=color)
-    if marked is not None:
-        row, col = layers.index(marked[0]), steps.index(int(marked[1]))
-        ax.add_patch(plt.Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5))
-    fig.colorbar(image, ax=ax, label=f"{metric} (%)")
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=110)
-    plt.close(fig)
-    return True
-
-
-def _seconds(value: float | None) -> str | None:
-    if not value:
-        return None
-    return f"{value:.0f} s ({value / 60:.0f} min)" if value >= 60 else f"{value:.1f} s"
-
-
 def _split(name: str | None, size: int | None) -> str | None:
     """``train (50,000 images)``, or the bare split name when its size is unknown."""
     return f"{name} ({size:,} images)" if name and size is not None else name
@@ -183,7 +131,7 @@ def classifier_model_card(config, save_directory: str | None = None, tags: list[
         "eval split": _split(summary.get("eval_split"), summary.get("num_eval")),
         "epochs": summary.get("epochs"),
         "optimisation": summary.get("optimisation"),
-        "training time": _seconds(summary.get("train_runtime_s")),
+        "training time": format_duration(summary["train_runtime_s"]) if summary.get("train_runtime_s") else None,
         "accuracy": f"{100 * accuracy:.2f}%" if accuracy is not None else None,
         "kNN accuracy": f"{100 * summary['knn_accuracy']:.2f}%" if summary.get("knn_accuracy") is not None else None,
     }
@@ -200,6 +148,8 @@ def classifier_model_card(config, save_directory: str | None = None, tags: list[
         )
         extra = "\n## Probe grid\n\n| layer | t | linear % | kNN % |\n|---|---|---|---|\n" + table + "\n"
         heatmap_path = os.path.join(save_directory, HEATMAP_FILE) if save_directory is not None else None
+        from .probing.heatmap import grid_heatmap
+
         if heatmap_path is not None and len(grid) > 1 and grid_heatmap(grid, heatmap_path):
             extra += f"\n![layer x timestep probe accuracy]({HEATMAP_FILE})\n"
     repo = summary.get("hub_model_id") or "<this-repo-or-folder>"
@@ -237,4 +187,180 @@ processor = AutoImageProcessor.from_pretrained("{repo}")
     )
 
 
-__all__ = ["classifier_model_card", "grid_heatmap", "make_model_card"]
+_PRETRAINING_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ model_name }}
+
+A denoising diffusion autoencoder (DDAE) pretrained with
+ddae-diffusers' `training/train_unconditional.py`: an unconditional
+`{{ model_class }}` ({{ num_params }} parameters) trained as a DDPM on {{ dataset }}. Its
+intermediate activations on slightly noised images are linearly separable features
+(Xiang et al., ICCV 2023, [arXiv 2303.09769](https://arxiv.org/abs/2303.09769)). The saved weights are
+{{ weights }}.
+
+## Use
+
+```python
+from ddae_diffusers import DDAEBackbone
+
+backbone = DDAEBackbone.from_pretrained("{{ repo_or_path }}")
+feats = backbone.features(pixel_values, layers=["{{ probe_layer }}"], timesteps=[{{ probe_timestep }}])
+```
+{% if is_unet %}
+or sample with diffusers: `DDPMPipeline.from_pretrained("{{ repo_or_path }}")().images`.
+{% endif %}
+## Training
+
+| | |
+|---|---|
+| command | `{{ command }}` |
+| optimiser steps | {{ steps }} |
+| images seen | {{ images_seen }} |
+| wall time | {{ wall_time }} |
+| batch size (total) | {{ total_batch_size }} |
+| mixed precision | {{ mixed_precision }} |
+
+## Probe history
+
+kNN (k=20, cosine) and linear-probe top-1 accuracy on fixed labelled subsets
+({{ probe_description }}), features of `{{ probe_layer }}` at diffusers timestep {{ probe_timestep }}
+(the paper's t={{ probe_timestep + 1 }}), {{ weights }}.
+{% if history %}
+| step | images seen | kNN accuracy | linear-probe accuracy |
+|---:|---:|---:|---:|
+{% for row in history %}| {{ row.step }} | {{ row.images_seen }} | {{ row.knn_acc_str }} | {{ row.linear_acc_str }} |
+{% endfor %}
+{% if best %}Best: step {{ best.step }} ({{ best.metric }} {{ best.value_str }}), saved in `best-probe/`.{% endif %}
+{% else %}
+No probe was run.
+{% endif %}"""
+
+
+def format_duration(seconds: float) -> str:
+    """``3725.2`` -> ``"1h 02m 05s"``."""
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s"
+
+
+def pretraining_model_card(
+    *,
+    model_name: str,
+    model_class: str,
+    num_params: int,
+    dataset: str,
+    hub_dataset: str | None,
+    command: str,
+    steps: int,
+    images_seen: int,
+    wall_time_s: float,
+    total_batch_size: int,
+    mixed_precision: str,
+    probe_layer: str,
+    probe_timestep: int,
+    probe_description: str,
+    history: list[dict],
+    best: dict | None,
+    use_ema: bool,
+    repo_or_path: str,
+):
+    """A huggingface_hub ``ModelCard`` (library ``diffusers``) for a pretrained DDAE."""
+    card_data = ModelCardData(
+        library_name="diffusers",
+        license="apache-2.0",
+        tags=["ddae", "diffusers", "unconditional-image-generation", "self-supervised-learning"],
+        pipeline_tag="unconditional-image-generation",
+        datasets=[hub_dataset] if hub_dataset else None,
+    )
+    def fmt(value: float | None) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
+    rows = [{**row, "knn_acc_str": fmt(row.get("knn_acc")), "linear_acc_str": fmt(row.get("linear_acc"))}
+            for row in history]
+    best = {**best, "value_str": fmt(best["value"])} if best else None
+    return ModelCard.from_template(
+        card_data,
+        template_str=_PRETRAINING_TEMPLATE,
+        model_name=model_name,
+        model_class=model_class,
+        num_params=f"{num_params / 1e6:.1f}M",
+        dataset=dataset,
+        command=command,
+        steps=steps,
+        images_seen=images_seen,
+        wall_time=format_duration(wall_time_s),
+        total_batch_size=total_batch_size,
+        mixed_precision=mixed_precision,
+        probe_layer=probe_layer,
+        probe_timestep=probe_timestep,
+        probe_description=probe_description,
+        history=rows,
+        best=best,
+        weights="the EMA weights" if use_ema else "the trained weights (no EMA)",
+        repo_or_path=repo_or_path,
+        is_unet=model_class == "UNet2DModel",
+    )
+
+
+_PIPELINE_DESCRIPTION = (
+    "A diffusers pipeline of ddae-diffusers: an unconditional diffusion denoiser that generates images and, "
+    "fed a slightly noised image, gives linearly separable features from its intermediate blocks (Denoising "
+    "Diffusion Autoencoders)."
+)
+_PIPELINE_USAGE = """
+import torch
+from ddae_diffusers import DDAEPipeline
+
+pipe = DDAEPipeline.from_pretrained("{repo}")
+images = pipe(batch_size=4, num_inference_steps=50, generator=torch.manual_seed(0)).images
+features = pipe.extract_features(images, layers=["{layer}"], timesteps=[10])  # {{(layer, t): (4, C)}}
+"""
+
+
+def pipeline_model_card(pipe, repo_id: str | None = None) -> ModelCard:
+    """The card of a ``DDAEPipeline`` (YAML metadata, components, usage; the classifier's accuracy if any)."""
+    denoiser, backbone = pipe.denoiser, pipe.backbone
+    names = backbone.layer_names()
+    details = {
+        "denoiser": f"`{type(denoiser).__name__}`, {sum(p.numel() for p in denoiser.parameters()) / 1e6:.1f}M "
+        f"parameters, {backbone.image_size or 'any'}px images, {len(names)} capturable blocks",
+        "scheduler": f"`{type(pipe.scheduler).__name__}`, {backbone.num_train_timesteps} training timesteps",
+    }
+    if pipe.vae is not None:
+        details["vae"] = f"`AutoencoderKL`, scaling factor {pipe.vae.config.scaling_factor}"
+    summary, accuracy = {}, None
+    if pipe.classifier is not None:
+        config = pipe.classifier.config
+        summary = dict(config.training_summary or {})
+        accuracy = summary.get("accuracy")
+        labels = [str(config.id2label[i]) for i in sorted(config.id2label)]
+        details["classifier"] = (
+            f"`DDAEForImageClassification` on `{config.feature_layer}` at t={config.timestep}, "
+            f"{len(labels)} labels ({', '.join(labels[:10])}{', ...' if len(labels) > 10 else ''})"
+        )
+    layer = pipe.classifier.config.feature_layer if pipe.classifier is not None else names[len(names) // 2]
+    usage = _PIPELINE_USAGE.format(repo=repo_id or "path/to/this/folder", layer=layer)
+    if pipe.classifier is not None:
+        usage += 'pipe.classify(images).labels  # ["...", ...]\n'
+    return make_model_card(
+        model_name=(repo_id or "ddae-pipeline").split("/")[-1],
+        title=f"DDAE pipeline: {type(denoiser).__name__}" + (" + classifier" if pipe.classifier else ""),
+        description=_PIPELINE_DESCRIPTION,
+        details=details,
+        usage=usage,
+        base_model=pipe.config.get("_name_or_path"),
+        dataset=summary.get("dataset"),
+        dataset_split=summary.get("eval_split"),
+        accuracy=accuracy,
+        library_name="diffusers",
+        pipeline_tag="image-classification" if pipe.classifier is not None else "unconditional-image-generation",
+        tags=["image-feature-extraction", "unconditional-image-generation", type(denoiser).__name__],
+    )
+
+
+__all__ = [
+    "classifier_model_card", "format_duration", "make_model_card", "pipeline_model_card", "pretraining_model_card",
+]

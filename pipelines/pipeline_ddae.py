@@ -35,8 +35,9 @@ from ddae_diffusers.errors import UsageError, UsageTypeError
 from ddae_diffusers.hub import create_hub_repo, push_folder
 from ddae_diffusers.image_processing_ddae import DDAEImageProcessor
 from ddae_diffusers.loading import check_source, inspect_source, load_components
-from ddae_diffusers.modelcard import make_model_card
+from ddae_diffusers.modelcard import pipeline_model_card
 from ddae_diffusers.modeling_ddae import DDAEForImageClassification
+from ddae_diffusers.probing.result import ProbeResult
 
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | Sequence[PIL.Image.Image | np.ndarray | torch.Tensor]
 
@@ -239,43 +240,7 @@ class DDAEPipeline(DiffusionPipeline):
 
     def model_card(self, repo_id: str | None = None) -> ModelCard:
         """A model card (YAML metadata, components, usage) for this pipeline."""
-        denoiser, backbone = self.denoiser, self.backbone
-        names = backbone.layer_names()
-        details = {
-            "denoiser": f"`{type(denoiser).__name__}`, {sum(p.numel() for p in denoiser.parameters()) / 1e6:.1f}M "
-            f"parameters, {backbone.image_size or 'any'}px images, {len(names)} capturable blocks",
-            "scheduler": f"`{type(self.scheduler).__name__}`, {backbone.num_train_timesteps} training timesteps",
-        }
-        if self.vae is not None:
-            details["vae"] = f"`AutoencoderKL`, scaling factor {self.vae.config.scaling_factor}"
-        summary, accuracy = {}, None
-        if self.classifier is not None:
-            config = self.classifier.config
-            summary = dict(config.training_summary or {})
-            accuracy = summary.get("accuracy")
-            labels = [str(config.id2label[i]) for i in sorted(config.id2label)]
-            details["classifier"] = (
-                f"`DDAEForImageClassification` on `{config.feature_layer}` at t={config.timestep}, "
-                f"{len(labels)} labels ({', '.join(labels[:10])}{', ...' if len(labels) > 10 else ''})"
-            )
-        layer = self.classifier.config.feature_layer if self.classifier is not None else names[len(names) // 2]
-        usage = _CARD_USAGE.format(repo=repo_id or "path/to/this/folder", layer=layer)
-        if self.classifier is not None:
-            usage += 'pipe.classify(images).labels  # ["...", ...]\n'
-        return make_model_card(
-            model_name=(repo_id or "ddae-pipeline").split("/")[-1],
-            title=f"DDAE pipeline: {type(denoiser).__name__}" + (" + classifier" if self.classifier else ""),
-            description=_CARD_DESCRIPTION,
-            details=details,
-            usage=usage,
-            base_model=self.config.get("_name_or_path"),
-            dataset=summary.get("dataset"),
-            dataset_split=summary.get("eval_split"),
-            accuracy=accuracy,
-            library_name="diffusers",
-            pipeline_tag="image-classification" if self.classifier is not None else "unconditional-image-generation",
-            tags=["image-feature-extraction", "unconditional-image-generation", type(denoiser).__name__],
-        )
+        return pipeline_model_card(self, repo_id)
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
@@ -455,28 +420,13 @@ class DDAEPipeline(DiffusionPipeline):
 
 DDAEPipeline.__call__.__doc__ = DDAEPipeline.__call__.__doc__.replace("        Examples:\n", EXAMPLE_DOC_STRING)
 
-_CARD_DESCRIPTION = (
-    "A diffusers pipeline of ddae-diffusers: an unconditional diffusion denoiser that generates images and, "
-    "fed a slightly noised image, gives linearly separable features from its intermediate blocks (Denoising "
-    "Diffusion Autoencoders)."
-)
-_CARD_USAGE = """
-import torch
-from ddae_diffusers import DDAEPipeline
-
-pipe = DDAEPipeline.from_pretrained("{repo}")
-images = pipe(batch_size=4, num_inference_steps=50, generator=torch.manual_seed(0)).images
-features = pipe.extract_features(images, layers=["{layer}"], timesteps=[10])  # {{(layer, t): (4, C)}}
-"""
-
-
 def _accepts(function, name: str) -> bool:
     return name in inspect.signature(function).parameters
 
 
 def _load_classifier(path: str) -> DDAEForImageClassification:
     """A saved ``DDAEForImageClassification`` (folder or Hub id) or a probe-engine result folder."""
-    if os.path.isfile(os.path.join(path, "results.json")) and os.path.isfile(os.path.join(path, "heads.safetensors")):
+    if ProbeResult.is_probe_folder(path):
         return DDAEForImageClassification.from_probe(path)
     return DDAEForImageClassification.from_pretrained(path)
 

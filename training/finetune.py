@@ -35,6 +35,7 @@ from ddae_diffusers.data import (
 from ddae_diffusers.errors import OneLineErrors, UsageError, run_command
 from ddae_diffusers.io_utils import check_writable_dir
 from ddae_diffusers.loading import check_source
+from ddae_diffusers.probing.result import ProbeResult
 
 PROG = "finetune.py"
 
@@ -108,12 +109,6 @@ def local_accuracy(predictions, references) -> float:
     return float((predictions == references).mean())
 
 
-def is_probe_folder(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "results.json")) and os.path.isfile(
-        os.path.join(path, "heads.safetensors")
-    )
-
-
 def is_ddae_classifier(path: str) -> bool:
     config = os.path.join(path, "config.json")
     if not os.path.isfile(config):
@@ -127,7 +122,7 @@ def build_model(args: ModelArguments, num_labels: int, id2label: dict[int, str] 
     head_norm = None if args.head_norm in ("none", "") else args.head_norm
     options = dict(head_norm=head_norm, noise_policy=args.noise_policy, classifier_dropout=args.classifier_dropout)
     path = args.model_name_or_path
-    if os.path.isdir(path) and is_probe_folder(path):
+    if os.path.isdir(path) and ProbeResult.is_probe_folder(path):
         options.pop("head_norm")  # the probe's normalisation is part of its head
         model = DDAEForImageClassification.from_probe(path, layer=args.layer, timestep=args.timestep, **options)
     elif os.path.isdir(path) and is_ddae_classifier(path):

@@ -46,6 +46,7 @@ from ddae_diffusers.errors import ArgumentParser, UsageError, fail, run_command
 from ddae_diffusers.hub import create_hub_repo, push_folder
 from ddae_diffusers.io_utils import atomic_path, check_writable_dir
 from ddae_diffusers.loading import check_source, is_hub_id
+from ddae_diffusers.modelcard import pretraining_model_card
 from ddae_diffusers.monitor import ProbeHistory, ProbeMonitor, default_probe_layer, load_probe_data
 from ddae_diffusers.presets import PRESETS, build_denoiser
 from ddae_diffusers.training_utils import (
@@ -54,7 +55,6 @@ from ddae_diffusers.training_utils import (
     NonFiniteLossError,
     checkpoint_step,
     list_checkpoints,
-    pretraining_model_card,
     resolve_checkpoint,
     save_checkpoint,
     step_seed,

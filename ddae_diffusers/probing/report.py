@@ -12,8 +12,8 @@ import os
 from collections.abc import Mapping
 
 from ..io_utils import atomic_path
-from ..modelcard import grid_heatmap
 from .heads import LinearHead
+from .heatmap import grid_heatmap
 from .result import HEADS_FILE, ProbeResult, cell_key, parse_cell_key
 
 

@@ -1,0 +1,52 @@
+"""The layer x timestep heatmap of a probe grid (matplotlib, PNG), for reports and model cards."""
+
+from __future__ import annotations
+
+
+def grid_heatmap(
+    cells: list[dict],
+    path: str,
+    metric: str = "linear_acc",
+    title: str | None = None,
+    marked: tuple[str, int] | None = None,
+    layers: list[str] | None = None,
+) -> bool:
+    """Writes a layers x timesteps heatmap of ``metric`` (annotated in %) as a PNG at ``path``.
+
+    ``layers`` fixes the row order (default: first appearance in ``cells``); ``marked`` (layer, t) is
+    outlined. Returns False, writing nothing, when no cell has ``metric``.
+    """
+    cells = [c for c in cells if c.get(metric) is not None]
+    if not cells:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    layers = layers or list(dict.fromkeys(c["layer"] for c in cells))
+    steps = sorted({int(c["timestep"]) for c in cells})
+    grid = np.full((len(layers), len(steps)), np.nan)
+    for c in cells:
+        grid[layers.index(c["layer"]), steps.index(int(c["timestep"]))] = 100 * c[metric]
+    fig, ax = plt.subplots(figsize=(1.1 * len(steps) + 3.5, 0.38 * len(layers) + 1.6))
+    image = ax.imshow(grid, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(steps)), [str(t) for t in steps])
+    ax.set_yticks(range(len(layers)), layers, fontsize=8)
+    ax.set_xlabel("timestep (diffusers index; paper t = index + 1)")
+    if title:
+        ax.set_title(title, fontsize=10)
+    middle = np.nanmean(grid)
+    for (i, j), value in np.ndenumerate(grid):
+        if not np.isnan(value):
+            color = "black" if value > middle else "white"
+            ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=7, color=color)
+    if marked is not None:
+        row, col = layers.index(marked[0]), steps.index(int(marked[1]))
+        ax.add_patch(plt.Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5))
+    fig.colorbar(image, ax=ax, label=f"{metric} (%)")
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=110)
+    plt.close(fig)
+    return True
