@@ -7,8 +7,9 @@ from typing import Any
 from transformers import PreTrainedConfig
 
 from .errors import UsageError
+from .families import FAMILIES
 
-BACKBONE_CLASSES = ("UNet2DModel", "DiTTransformer2DModel")
+BACKBONE_CLASSES = tuple(FAMILIES)  # "UNet2DModel", "DiTTransformer2DModel"
 NOISE_POLICIES = ("fixed", "random", "none")
 HEAD_NORMS = ("batchnorm", "layernorm", None)
 POOLINGS = ("avg",)

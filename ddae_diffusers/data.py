@@ -19,19 +19,26 @@ LABEL_COLUMN_CANDIDATES = ("label", "labels", "fine_label", "class")
 
 
 
+def _pick_column(features, given: str | None, candidates: tuple[str, ...], flag: str, missing: str) -> str:
+    """``given`` if it is a column, else the first of ``candidates`` present; ``UsageError`` naming ``flag``."""
+    if given is None:
+        given = next((c for c in candidates if c in features), None)
+        if given is None:
+            raise UsageError(missing)
+    elif given not in features:
+        raise UsageError(f"{flag} {given!r} is not a column of the data set: {list(features)}.")
+    return given
+
+
 def detect_image_column(dataset, image_column: str | None = None) -> str:
     """The column of ``dataset`` holding images: ``image_column`` if given, else ``img``/``image``."""
     import datasets
 
     features = dataset.features
-    if image_column is None:
-        image_column = next((c for c in IMAGE_COLUMN_CANDIDATES if c in features), None)
-        if image_column is None:
-            raise UsageError(
-                f"No image column found among {list(features)}: pass --image_column with the right name."
-            )
-    elif image_column not in features:
-        raise UsageError(f"--image_column {image_column!r} is not a column of the data set: {list(features)}.")
+    image_column = _pick_column(
+        features, image_column, IMAGE_COLUMN_CANDIDATES, "--image_column",
+        f"No image column found among {list(features)}: pass --image_column with the right name.",
+    )
     if not isinstance(features[image_column], datasets.Image):
         raise UsageError(
             f"Column {image_column!r} holds {features[image_column]}, not images: pass --image_column with "
@@ -45,15 +52,11 @@ def detect_label_column(dataset, label_column: str | None = None) -> str:
     import datasets
 
     features = dataset.features
-    if label_column is None:
-        label_column = next((c for c in LABEL_COLUMN_CANDIDATES if c in features), None)
-        if label_column is None:
-            raise UsageError(
-                f"The data set has no label column among {list(features)}: probing and classification need "
-                "integer class labels; pass --label_column."
-            )
-    elif label_column not in features:
-        raise UsageError(f"--label_column {label_column!r} is not a column of the data set: {list(features)}.")
+    label_column = _pick_column(
+        features, label_column, LABEL_COLUMN_CANDIDATES, "--label_column",
+        f"The data set has no label column among {list(features)}: probing and classification need integer "
+        "class labels; pass --label_column.",
+    )
     feature = features[label_column]
     is_int = isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint"))
     if not isinstance(feature, datasets.ClassLabel) and not is_int:

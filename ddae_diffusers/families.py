@@ -31,12 +31,25 @@ def _null_class_labels(denoiser: nn.Module, batch_size: int, device: torch.devic
     return {"class_labels": torch.full((batch_size,), null_class, dtype=torch.long, device=device)}
 
 
+def _middle_of_unet_decoder(denoiser: nn.Module) -> str:
+    """The last resnet of the up-block before the middle resolution (``up_blocks.1.resnets.2``, the paper's
+    ``out_6``, for the 35.7M DDPM)."""
+    index = max(len(denoiser.up_blocks) // 2 - 1, 0)
+    return f"up_blocks.{index}.resnets.{len(denoiser.up_blocks[index].resnets) - 1}"
+
+
+def _middle_dit_block(denoiser: nn.Module) -> str:
+    """Block ``num_layers // 2 - 1`` (13 of 28, as the paper's DiT-XL/2)."""
+    return f"transformer_blocks.{max(denoiser.config.num_layers // 2 - 1, 0)}"
+
+
 @dataclass(frozen=True)
 class DenoiserFamily:
     """What the library needs to know about one diffusers denoiser class."""
 
     model_class: type[nn.Module]
     layer_pattern: re.Pattern[str]  # full module paths that count as layers
+    default_layer: Callable[[nn.Module], str]  # a good single feature layer (middle of the decoder)
     component: str = "unet"  # its name in a pipeline's model_index.json
     forward_kwargs: ForwardKwargs = _no_kwargs  # extra arguments of an unconditional forward
     aliases: tuple[str, ...] = field(default=())  # legacy ``_class_name`` values loaded as this class
@@ -56,11 +69,14 @@ class DenoiserFamily:
 
 
 UNET_2D = DenoiserFamily(
-    UNet2DModel, re.compile(r"^(down_blocks\.\d+|mid_block|up_blocks\.\d+)(\.(resnets|attentions)\.\d+)?$")
+    UNet2DModel,
+    re.compile(r"^(down_blocks\.\d+|mid_block|up_blocks\.\d+)(\.(resnets|attentions)\.\d+)?$"),
+    _middle_of_unet_decoder,
 )
 DIT = DenoiserFamily(
     DiTTransformer2DModel,
     re.compile(r"^transformer_blocks\.\d+$"),
+    _middle_dit_block,
     component="transformer",
     forward_kwargs=_null_class_labels,
     aliases=("Transformer2DModel",),  # facebook/DiT-XL-2-256 records the legacy name

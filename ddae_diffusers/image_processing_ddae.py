@@ -19,12 +19,14 @@ from .errors import UsageError, UsageTypeError
 ImageLike = Image.Image | np.ndarray
 
 
-def to_rgb_array(image: ImageLike, resolution: int, center_crop: bool = True) -> np.ndarray:
+def to_rgb_array(
+    image: ImageLike, resolution: int, center_crop: bool = True, rng: np.random.Generator | None = None
+) -> np.ndarray:
     """One PIL image or (H, W[, C]) uint8 array -> (resolution, resolution, 3) uint8 array.
 
     Grayscale and RGBA become RGB; the shorter side is resized to ``resolution``
-    (bilinear), then the centre (or, with ``center_crop=False``, the whole image
-    resized to a square) is kept.
+    (bilinear), then the centre (or, with ``rng``, a random square drawn from it; with
+    ``center_crop=False``, the whole image resized to a square) is kept.
     """
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
@@ -37,8 +39,11 @@ def to_rgb_array(image: ImageLike, resolution: int, center_crop: bool = True) ->
         new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
         if new_size != image.size:
             image = image.resize(new_size, Image.BILINEAR)
-        left = (image.width - resolution) // 2
-        top = (image.height - resolution) // 2
+        if rng is None:
+            left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+        else:
+            left = int(rng.integers(0, image.width - resolution + 1))
+            top = int(rng.integers(0, image.height - resolution + 1))
         image = image.crop((left, top, left + resolution, top + resolution))
     elif image.size != (resolution, resolution):
         image = image.resize((resolution, resolution), Image.BILINEAR)

@@ -172,7 +172,10 @@ processor = AutoImageProcessor.from_pretrained("{repo}")
         description=(
             "A diffusion denoiser used as an image classifier (Denoising Diffusion Autoencoder): the image is "
             "noised at a small timestep, the denoiser runs up to the feature layer (everything after it is "
-            "dropped), the activation is average-pooled and a linear head classifies it."
+            "dropped), the activation is average-pooled and a linear head classifies it.\n\n"
+            "The `.py` files beside the weights are generated: `save_pretrained` copies the ddae-diffusers "
+            "modules the model needs (configuration, modeling, image processing, capture core, families, "
+            "errors) so that `trust_remote_code=True` loads it without the package. Edit the library, not them."
         ),
         details=details,
         usage=usage,
@@ -239,7 +242,9 @@ No probe was run.
 
 
 def format_duration(seconds: float) -> str:
-    """``3725.2`` -> ``"1h 02m 05s"``."""
+    """``3725.2`` -> ``"1h 02m 05s"``, ``95`` -> ``"1m 35s"``, ``0.24`` -> ``"0.2 s"``."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
     seconds = int(round(seconds))
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)

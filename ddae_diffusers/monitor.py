@@ -10,11 +10,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffusers import DiTTransformer2DModel, SchedulerMixin
+from diffusers import SchedulerMixin
 
 from .capture import DDAEBackbone, Denoiser
 from .data import detect_image_column, detect_label_column, images_to_tensor
 from .errors import UsageError
+from .families import family_of
 from .probing.heads import linear_probe_accuracy
 from .probing.knn import knn_accuracy
 
@@ -22,14 +23,9 @@ EVAL_SPLIT_CANDIDATES = ("test", "validation", "valid", "val")
 
 
 def default_probe_layer(denoiser: Denoiser) -> str:
-    """A block in the middle of the decoder: the last resnet of the up-block before the middle
-    resolution for UNets (``up_blocks.1.resnets.2`` = the paper's ``out_6`` for the 35.7M DDPM),
-    block ``num_layers // 2 - 1`` for DiT (13 of 28, as the paper's DiT-XL/2)."""
-    if isinstance(denoiser, DiTTransformer2DModel):
-        return f"transformer_blocks.{max(denoiser.config.num_layers // 2 - 1, 0)}"
-    num_up = len(denoiser.up_blocks)
-    index = max(num_up // 2 - 1, 0)
-    return f"up_blocks.{index}.resnets.{len(denoiser.up_blocks[index].resnets) - 1}"
+    """A block in the middle of the decoder, as the denoiser's family chooses it (UNet: the paper's ``out_6``
+    for the 35.7M DDPM; DiT: block 13 of 28)."""
+    return family_of(denoiser).default_layer(denoiser)
 
 
 @dataclass

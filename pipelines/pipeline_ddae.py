@@ -32,6 +32,7 @@ from huggingface_hub import ModelCard
 
 from ddae_diffusers.capture import DDAEBackbone, check_denoiser, denoiser_kwargs
 from ddae_diffusers.errors import UsageError, UsageTypeError
+from ddae_diffusers.families import family_of
 from ddae_diffusers.hub import create_hub_repo, push_folder
 from ddae_diffusers.image_processing_ddae import DDAEImageProcessor
 from ddae_diffusers.loading import check_source, inspect_source, load_components
@@ -124,9 +125,9 @@ class DDAEPipeline(DiffusionPipeline):
                 "unet=UNet2DModel(...) for a DDPM or transformer=DiTTransformer2DModel(...) for a DiT."
             )
         check_denoiser(unet if unet is not None else transformer)
-        if unet is not None and not isinstance(unet, UNet2DModel):
+        if unet is not None and family_of(unet).component != "unet":
             raise UsageTypeError(f"unet must be a UNet2DModel, got {type(unet).__name__}: pass a DiT as transformer=.")
-        if transformer is not None and not isinstance(transformer, DiTTransformer2DModel):
+        if transformer is not None and family_of(transformer).component != "transformer":
             raise UsageTypeError(
                 f"transformer must be a DiTTransformer2DModel, got {type(transformer).__name__}: "
                 "pass a UNet2DModel as unet=."

@@ -314,8 +314,7 @@ def main(argv: list[str] | None = None) -> dict:
     if trainer.is_world_process_zero():
         final.save_pretrained(training_args.output_dir)
         processor.save_pretrained(training_args.output_dir)
-        with open(os.path.join(training_args.output_dir, "all_results.json"), "w") as f:
-            json.dump(metrics, f, indent=2)
+        trainer.save_metrics("all", metrics, combined=False)
         if push_to_hub:
             repo_id = training_args.hub_model_id or os.path.basename(os.path.normpath(training_args.output_dir))
             final.push_to_hub(repo_id, token=training_args.hub_token, private=training_args.hub_private_repo)

@@ -34,32 +34,26 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import DDPMPipeline, DDPMScheduler
 from diffusers.optimization import SchedulerType, get_scheduler
 from diffusers.training_utils import EMAModel
+from diffusers.utils import make_image_grid
 from PIL import Image
 from tqdm.auto import tqdm
 
 from ddae_diffusers import DDAEBackbone
+from ddae_diffusers.checkpoints import checkpoint_step, list_checkpoints, resolve_checkpoint, save_checkpoint
 from ddae_diffusers.data import detect_image_column, detect_label_column, to_rgb_array
 from ddae_diffusers.errors import ArgumentParser, UsageError, fail, run_command
+from ddae_diffusers.families import family_of
 from ddae_diffusers.hub import create_hub_repo, push_folder
 from ddae_diffusers.io_utils import atomic_path, check_writable_dir
 from ddae_diffusers.loading import check_source, is_hub_id
 from ddae_diffusers.modelcard import pretraining_model_card
 from ddae_diffusers.monitor import ProbeHistory, ProbeMonitor, default_probe_layer, load_probe_data
 from ddae_diffusers.presets import PRESETS, build_denoiser
-from ddae_diffusers.training_utils import (
-    PREDICTION_TYPES,
-    JSONLinesTracker,
-    NonFiniteLossError,
-    checkpoint_step,
-    list_checkpoints,
-    resolve_checkpoint,
-    save_checkpoint,
-    step_seed,
-    train_step,
-)
+from ddae_diffusers.tracking import JSONLinesTracker
+from ddae_diffusers.training_step import PREDICTION_TYPES, NonFiniteLossError, step_seed, train_step
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -263,25 +257,10 @@ class TrainImages(torch.utils.data.Dataset):
         epoch, index = key
         rng = np.random.default_rng([self.seed, epoch, index])
         image = self.split[int(index)][self.image_column]
-        if self.center_crop:
-            array = to_rgb_array(image, self.resolution, center_crop=True)
-        else:
-            array = _random_crop(image, self.resolution, rng)
+        array = to_rgb_array(image, self.resolution, center_crop=True, rng=None if self.center_crop else rng)
         if self.random_flip and rng.random() < 0.5:
             array = array[:, ::-1]
         return torch.from_numpy(np.array(array)).permute(2, 0, 1).float().div(127.5).sub(1.0)
-
-
-def _random_crop(image: Image.Image, resolution: int, rng: np.random.Generator) -> np.ndarray:
-    """Shorter side resized to ``resolution`` (bilinear), then a random square crop: (R, R, 3) uint8."""
-    image = image.convert("RGB")
-    scale = resolution / min(image.size)
-    size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
-    if size != image.size:
-        image = image.resize(size, Image.BILINEAR)
-    left = int(rng.integers(0, image.width - resolution + 1))
-    top = int(rng.integers(0, image.height - resolution + 1))
-    return np.asarray(image.crop((left, top, left + resolution, top + resolution)), dtype=np.uint8)
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -362,7 +341,7 @@ def _check_resolution(config: dict, resolution: int) -> None:
 
 def pipeline_for(denoiser, noise_scheduler):
     """The pipeline to save: ``DDPMPipeline`` for a UNet, ``DDAEPipeline`` for a DiT."""
-    if isinstance(denoiser, UNet2DModel):
+    if family_of(denoiser).component == "unet":
         return DDPMPipeline(unet=denoiser, scheduler=noise_scheduler)
     from ddae_diffusers.pipelines.pipeline_ddae import DDAEPipeline
 
@@ -698,27 +677,19 @@ def save_samples(args, model, noise_scheduler, epoch: int, accelerator: Accelera
     model.eval()
     images = pipeline(
         batch_size=args.eval_batch_size, num_inference_steps=args.ddpm_num_inference_steps,
-        generator=torch.Generator(device=model.device).manual_seed(0), output_type="np",
+        generator=torch.Generator(device=model.device).manual_seed(0), output_type="pil",
     ).images
     model.train(was_training)
-    grid = _grid((np.asarray(images) * 255).round().astype(np.uint8))
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    images += [Image.new("RGB", images[0].size)] * (rows * cols - len(images))  # black tiles fill the last row
+    grid = make_image_grid(images, rows=rows, cols=cols)
     path = os.path.join(args.output_dir, "samples", f"epoch-{epoch + 1:04d}.png")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(grid).save(path)
+    grid.save(path)
     if args.logger in ("tensorboard", "all"):
-        accelerator.get_tracker("tensorboard", unwrap=True).add_image("samples", grid, epoch, dataformats="HWC")
-
-
-def _grid(images: np.ndarray) -> np.ndarray:
-    """(N, H, W, 3) uint8 -> one (rows*H, cols*W, 3) image."""
-    n, h, w, c = images.shape
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    grid = np.zeros((rows * h, cols * w, c), dtype=np.uint8)
-    for i, image in enumerate(images):
-        r, q = divmod(i, cols)
-        grid[r * h : (r + 1) * h, q * w : (q + 1) * w] = image
-    return grid
+        accelerator.get_tracker("tensorboard", unwrap=True).add_image("samples", np.asarray(grid), epoch,
+                                                                      dataformats="HWC")
 
 
 def cli(argv: list[str] | None = None) -> None:

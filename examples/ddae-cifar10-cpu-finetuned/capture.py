@@ -14,25 +14,20 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import json
-import os
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel, SchedulerMixin, UNet2DModel
+from torch import nn
 
-from .presets import DENOISER_CLASSES
+from .errors import UsageError, UsageTypeError
+from .families import family_of, sample_size
 
 Denoiser = UNet2DModel | DiTTransformer2DModel
 Pooling = str | None
 
-_UNET_LAYER = re.compile(
-    r"^(down_blocks\.\d+|mid_block|up_blocks\.\d+)(\.(resnets|attentions)\.\d+)?$"
-)
-_DIT_LAYER = re.compile(r"^transformer_blocks\.\d+$")
 _RANGE_TOLERANCE = 1e-3
 
 
@@ -57,24 +52,29 @@ class LayerInfo:
         return self.shape[0] if len(self.shape) == 3 else self.shape[-1]
 
 
-# Legacy class names that diffusers remaps on load (facebook/DiT-XL-2-256 records Transformer2DModel).
-_LOADABLE_DENOISER_NAMES = (*DENOISER_CLASSES, "Transformer2DModel")
+@dataclass
+class Trace:
+    """What one traced forward saw.
 
+    ``outputs``: ``{layer: (B, C, h, w) or (B, N, D)}`` for the captured layers; ``order``: the captured
+    layers in the order their forwards returned; ``reached``: every module whose forward was entered
+    (only with ``record_reached=True``); ``stopped_early``: whether the forward ended at ``stop_after``.
+    """
 
-def _unsupported_denoiser(class_name: str | None) -> TypeError:
-    return TypeError(f"Unsupported denoiser {class_name}: ddae_diffusers supports {', '.join(DENOISER_CLASSES)}.")
+    outputs: dict[str, torch.Tensor]
+    order: list[str]
+    reached: set[str]
+    stopped_early: bool
 
 
 def check_denoiser(denoiser: object) -> None:
-    """Raises ``TypeError`` unless ``denoiser`` is a supported diffusers class."""
-    if not isinstance(denoiser, tuple(DENOISER_CLASSES.values())):
-        raise _unsupported_denoiser(type(denoiser).__name__)
+    """Raises ``UsageTypeError`` unless ``denoiser`` is of a supported family."""
+    family_of(denoiser)
 
 
 def candidate_layers(denoiser: Denoiser) -> list[str]:
     """Module paths of every block whose output can be captured (registration order)."""
-    pattern = _DIT_LAYER if isinstance(denoiser, DiTTransformer2DModel) else _UNET_LAYER
-    return [name for name, _ in denoiser.named_modules() if pattern.match(name)]
+    return family_of(denoiser).layer_candidates(denoiser)
 
 
 def _first_tensor(output: torch.Tensor | tuple) -> torch.Tensor:
@@ -83,11 +83,67 @@ def _first_tensor(output: torch.Tensor | tuple) -> torch.Tensor:
 
 
 def denoiser_kwargs(denoiser: Denoiser, batch_size: int, device: torch.device) -> dict:
-    """Extra forward arguments: DiT always gets the null class id (its forward fails on ``None``)."""
-    if isinstance(denoiser, DiTTransformer2DModel):
-        null_class = denoiser.config.num_embeds_ada_norm
-        return {"class_labels": torch.full((batch_size,), null_class, dtype=torch.long, device=device)}
-    return {}
+    """Extra forward arguments of an unconditional pass (DiT: the null class id)."""
+    return family_of(denoiser).forward_kwargs(denoiser, batch_size, device)
+
+
+def has_forward_wrappers(denoiser: nn.Module) -> bool:
+    """True if a module of ``denoiser`` had its ``forward`` replaced on the instance.
+
+    diffusers' ``HookRegistry`` (group offload, layer skip, caches) and accelerate's hooks (CPU offload)
+    do this, and their wrappers run ``post_forward`` without ``try/finally``: an exception raised
+    through them (the early exit) would skip it, leaving weights on the wrong device or state stale.
+    """
+    return any("forward" in vars(module) for module in denoiser.modules())
+
+
+def trace_forward(
+    denoiser: Denoiser,
+    sample: torch.Tensor,
+    timestep: torch.Tensor | int,
+    capture: Sequence[str] = (),
+    stop_after: str | None = None,
+    record_reached: bool = False,
+) -> Trace:
+    """Runs ``denoiser(sample, timestep)`` once with hooks and returns what it saw (a :class:`Trace`).
+
+    ``sample``: (B, C, H, W) noisy input. The forward stops right after ``stop_after`` (a name in
+    ``capture``) unless a module carries a forward wrapper (see :func:`has_forward_wrappers`); then it
+    runs to the end, which gives the same activations. Autograd is left intact (fine-tuning uses this).
+    """
+    outputs: dict[str, torch.Tensor] = {}
+    order: list[str] = []
+    reached: set[str] = set()
+    early_exit = stop_after is not None and not has_forward_wrappers(denoiser)
+
+    def capture_hook(name: str):
+        def hook(module, inputs, output):
+            outputs[name] = _first_tensor(output)
+            order.append(name)
+            if early_exit and name == stop_after:
+                raise _StopForward
+
+        return hook
+
+    handles = [denoiser.get_submodule(name).register_forward_hook(capture_hook(name)) for name in capture]
+    if record_reached:
+        handles += [
+            module.register_forward_pre_hook(lambda mod, args, name=name: reached.add(name))
+            for name, module in denoiser.named_modules()
+            if name
+        ]
+    timestep = torch.as_tensor(timestep, device=sample.device)
+    if timestep.ndim == 0:
+        timestep = timestep.expand(sample.shape[0])
+    stopped = False
+    try:
+        denoiser(sample, timestep, **denoiser_kwargs(denoiser, sample.shape[0], sample.device))
+    except _StopForward:
+        stopped = True
+    finally:
+        for handle in handles:
+            handle.remove()
+    return Trace(outputs, order, reached, stopped)
 
 
 def capture_activations(
@@ -97,34 +153,52 @@ def capture_activations(
     layers: Sequence[str],
     stop_after: str | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Runs ``denoiser(sample, timestep)`` and returns the outputs of ``layers``.
+    """The outputs of ``layers`` in one forward (see :func:`trace_forward`): ``{layer: activation}``."""
+    return trace_forward(denoiser, sample, timestep, layers, stop_after).outputs
 
-    ``sample``: (B, C, H, W) noisy input. The forward stops right after ``stop_after``
-    (a name in ``layers``) when given. Autograd is left intact, so this also serves
-    fine-tuning. Returns ``{layer: (B, C, h, w) or (B, N, D)}``.
-    """
-    captured: dict[str, torch.Tensor] = {}
 
-    def make_hook(name: str):
-        def hook(module, inputs, output):
-            captured[name] = _first_tensor(output)
-            if name == stop_after:
-                raise _StopForward
+def check_image_batch(images: torch.Tensor, channels: int, size: int | None, check_range: bool = True) -> torch.Tensor:
+    """Validates a (B, C, H, W) float batch: ``channels`` channels, ``size`` x ``size`` (any size if None) and,
+    with ``check_range`` (one device sync), values in [-1, 1]. Returns ``images`` unchanged."""
+    if not isinstance(images, torch.Tensor):
+        raise UsageTypeError(
+            f"images must be a (B, C, H, W) float tensor in [-1, 1], not {type(images).__name__}: "
+            "convert PIL or numpy images with ddae_diffusers.DDAEImageProcessor."
+        )
+    if not images.is_floating_point():
+        raise UsageTypeError(
+            f"images have dtype {images.dtype}: pass floats in [-1, 1] "
+            "(DDAEImageProcessor does the conversion, or use images / 127.5 - 1)."
+        )
+    if images.ndim != 4 or images.shape[0] == 0:
+        raise UsageError(f"images must be a non-empty (B, C, H, W) batch, got shape {tuple(images.shape)}.")
+    if images.shape[1] != channels:
+        raise UsageError(
+            f"images have {images.shape[1]} channels but the model takes {channels}: "
+            "convert them (DDAEImageProcessor turns grayscale into RGB)."
+        )
+    height, width = images.shape[-2:]
+    if size is not None and (height, width) != (size, size):
+        raise UsageError(
+            f"images are {height}x{width} but the model takes {size}x{size}: "
+            f"resize them (DDAEImageProcessor(size={size}))."
+        )
+    if check_range:
+        low, high = images.min().item(), images.max().item()
+        if low < -1 - _RANGE_TOLERANCE or high > 1 + _RANGE_TOLERANCE:
+            raise UsageError(
+                f"images range over [{low:.3g}, {high:.3g}] but must be in [-1, 1]: preprocess them with "
+                "ddae_diffusers.DDAEImageProcessor (or images * 2 - 1 for [0, 1] inputs)."
+            )
+    return images
 
-        return hook
 
-    handles = [denoiser.get_submodule(name).register_forward_hook(make_hook(name)) for name in layers]
-    timestep = torch.as_tensor(timestep, device=sample.device)
-    if timestep.ndim == 0:
-        timestep = timestep.expand(sample.shape[0])
-    try:
-        denoiser(sample, timestep, **denoiser_kwargs(denoiser, sample.shape[0], sample.device))
-    except _StopForward:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    return captured
+def dummy_input(denoiser: nn.Module, channels: int | None = None, size: int | None = None) -> torch.Tensor:
+    """A (1, C, S, S) zero batch at the denoiser's sample size (32 if it has none), device and dtype."""
+    side = size or sample_size(denoiser.config) or 32
+    param = next(denoiser.parameters())
+    channels = channels or denoiser.config.in_channels
+    return torch.zeros(1, channels, side, side, device=param.device, dtype=param.dtype)
 
 
 def pool_activation(activation: torch.Tensor, pooling: Pooling = "avg") -> torch.Tensor:
@@ -132,7 +206,7 @@ def pool_activation(activation: torch.Tensor, pooling: Pooling = "avg") -> torch
     if pooling is None:
         return activation
     if pooling != "avg":
-        raise ValueError(f"Unknown pooling {pooling!r}: use 'avg' or None.")
+        raise UsageError(f"Unknown pooling {pooling!r}: use 'avg' or None.")
     return activation.mean(dim=(2, 3)) if activation.ndim == 4 else activation.mean(dim=1)
 
 
@@ -182,7 +256,7 @@ class DDAEBackbone:
     ):
         check_denoiser(denoiser)
         if scheduler is not None and not hasattr(scheduler, "add_noise"):
-            raise TypeError(f"{type(scheduler).__name__} has no add_noise(); pass a DDPM-style scheduler.")
+            raise UsageTypeError(f"{type(scheduler).__name__} has no add_noise(); pass a DDPM-style scheduler.")
         self.denoiser = denoiser
         self.scheduler = scheduler if scheduler is not None else DDPMScheduler()
         self.vae = vae
@@ -194,45 +268,12 @@ class DDAEBackbone:
         """Loads a diffusers pipeline folder or repo (``model_index.json`` with ``unet`` or
         ``transformer``, ``scheduler``, optional ``vae``) or a bare model folder (``config.json``
         of a supported class; the scheduler is then ``DDPMScheduler()``)."""
-        import diffusers
-
-        model_index = read_root_json(path_or_hub_id, "model_index.json", **hub_kwargs)
-        if model_index is not None:
-            # Optional components saved as None (DDAEPipeline) are recorded as [null, null].
-            denoiser_key = next((k for k in ("unet", "transformer") if model_index.get(k, [None])[0]), None)
-            if denoiser_key is None:
-                raise ValueError(
-                    f"{path_or_hub_id}/model_index.json has no 'unet' or 'transformer' component."
-                )
-
-            def component(key: str):
-                library, class_name = model_index[key]
-                if library != "diffusers" or not hasattr(diffusers, class_name):
-                    raise TypeError(
-                        f"Component {key!r} is {library}.{class_name}; ddae_diffusers supports "
-                        f"{', '.join(DENOISER_CLASSES)} with a diffusers scheduler."
-                    )
-                return getattr(diffusers, class_name).from_pretrained(
-                    path_or_hub_id, subfolder=key, **hub_kwargs
-                )
-
-            if model_index[denoiser_key][1] not in _LOADABLE_DENOISER_NAMES:
-                raise _unsupported_denoiser(model_index[denoiser_key][1])
-            denoiser = component(denoiser_key)
-            scheduler = component("scheduler") if model_index.get("scheduler", [None])[0] else None
-            vae = component("vae") if model_index.get("vae", [None])[0] else None
-            return cls(denoiser, scheduler, vae)
-
-        config = read_root_json(path_or_hub_id, "config.json", **hub_kwargs)
-        if config is None:
-            raise ValueError(
-                f"{path_or_hub_id!r} holds no diffusers config: expected a pipeline folder with "
-                "model_index.json or a model folder with config.json."
-            )
-        class_name = config.get("_class_name")
-        if class_name not in _LOADABLE_DENOISER_NAMES:
-            raise _unsupported_denoiser(class_name)
-        return cls(getattr(diffusers, class_name).from_pretrained(path_or_hub_id, **hub_kwargs))
+        try:  # absolute and guarded: a classifier's Hub copy of this file carries no loader (see modeling_ddae)
+            from ddae_diffusers.loading import inspect_source, load_components
+        except ImportError as error:
+            raise ImportError("DDAEBackbone.from_pretrained needs the package: pip install ddae-diffusers") from error
+        components = load_components(inspect_source(path_or_hub_id, **hub_kwargs), **hub_kwargs)
+        return cls(components["denoiser"], components["scheduler"], components["vae"])
 
     def to(self, device: torch.device | str) -> DDAEBackbone:
         """Moves the denoiser (and VAE) to ``device``; returns self."""
@@ -265,11 +306,8 @@ class DDAEBackbone:
     @property
     def image_size(self) -> int | None:
         """Image side in pixels the denoiser was built for (None if a UNet has no ``sample_size``)."""
-        size = self.denoiser.config.sample_size
-        if size is None:
-            return None
-        size = size[0] if isinstance(size, (list, tuple)) else size
-        return int(size) * self.vae_scale
+        size = sample_size(self.denoiser.config)
+        return None if size is None else size * self.vae_scale
 
     # ------------------------------------------------------------------ catalogue
     @property
@@ -277,27 +315,11 @@ class DDAEBackbone:
         """Every capturable block in execution order with its output shape (traced once)."""
         if self._catalogue is None:
             size = self.image_size or 32
-            dummy = torch.zeros(1, self.image_channels, size, size, device=self.device, dtype=self.denoiser.dtype)
-            names = candidate_layers(self.denoiser)
-            order: list[str] = []
-
-            def make_hook(name: str):
-                def hook(module, inputs, output):
-                    order.append(name)
-
-                return hook
-
-            handles = [self.denoiser.get_submodule(n).register_forward_hook(make_hook(n)) for n in names]
-            try:
-                with torch.inference_mode():
-                    outputs = capture_activations(
-                        self.denoiser, self._encode(dummy), 0, names, stop_after=None
-                    )
-            finally:
-                for handle in handles:
-                    handle.remove()
+            dummy = dummy_input(self.denoiser, self.image_channels, size)
+            with torch.inference_mode():
+                trace = trace_forward(self.denoiser, self._encode(dummy), 0, candidate_layers(self.denoiser))
             self._catalogue = [
-                LayerInfo(name, index, tuple(outputs[name].shape[1:])) for index, name in enumerate(order)
+                LayerInfo(name, index, tuple(trace.outputs[name].shape[1:])) for index, name in enumerate(trace.order)
             ]
         return self._catalogue
 
@@ -312,13 +334,13 @@ class DDAEBackbone:
         """Validates layer names; returns them deduplicated, in execution order."""
         layers = [layers] if isinstance(layers, str) else list(layers)
         if not layers:
-            raise ValueError("No layers requested: pass at least one name from backbone.layer_names().")
+            raise UsageError("No layers requested: pass at least one name from backbone.layer_names().")
         index = {info.name: info.index for info in self.layers}
         for name in layers:
             if name not in index:
                 close = difflib.get_close_matches(name, index, n=5, cutoff=0.5)
                 hint = f" Did you mean {', '.join(close)}?" if close else ""
-                raise ValueError(
+                raise UsageError(
                     f"Unknown layer {name!r} for {type(self.denoiser).__name__}.{hint} "
                     "See backbone.layer_names() for all of them."
                 )
@@ -328,10 +350,10 @@ class DDAEBackbone:
         """Validates diffusers timestep indices (0..num_train_timesteps-1)."""
         timesteps = [timesteps] if isinstance(timesteps, (int, np.integer)) else list(timesteps)
         if not timesteps:
-            raise ValueError("No timesteps requested: pass at least one, e.g. timesteps=[10].")
+            raise UsageError("No timesteps requested: pass at least one, e.g. timesteps=[10].")
         for t in timesteps:
             if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < self.num_train_timesteps:
-                raise ValueError(
+                raise UsageError(
                     f"Timestep {t!r} is out of range: use integer diffusers indices 0..{self.num_train_timesteps - 1} "
                     "(the DDAE paper's t=11 is diffusers t=10)."
                 )
@@ -339,35 +361,7 @@ class DDAEBackbone:
 
     def check_images(self, images: torch.Tensor) -> torch.Tensor:
         """Validates a (B, C, H, W) float batch in [-1, 1]; returns it on the backbone's device."""
-        if not isinstance(images, torch.Tensor):
-            raise TypeError(
-                f"images must be a (B, C, H, W) float tensor in [-1, 1], not {type(images).__name__}: "
-                "convert PIL or numpy images with ddae_diffusers.DDAEImageProcessor."
-            )
-        if not images.is_floating_point():
-            raise TypeError(
-                f"images have dtype {images.dtype}: pass floats in [-1, 1] "
-                "(DDAEImageProcessor does the conversion, or use images / 127.5 - 1)."
-            )
-        if images.ndim != 4 or images.shape[0] == 0:
-            raise ValueError(f"images must be a non-empty (B, C, H, W) batch, got shape {tuple(images.shape)}.")
-        if images.shape[1] != self.image_channels:
-            raise ValueError(
-                f"images have {images.shape[1]} channels but the model takes {self.image_channels}: "
-                "convert them (DDAEImageProcessor turns grayscale into RGB)."
-            )
-        height, width = images.shape[-2:]
-        if self.image_size is not None and (height, width) != (self.image_size, self.image_size):
-            raise ValueError(
-                f"images are {height}x{width} but the model takes {self.image_size}x{self.image_size}: "
-                f"resize them (DDAEImageProcessor(size={self.image_size}))."
-            )
-        low, high = images.min().item(), images.max().item()
-        if low < -1 - _RANGE_TOLERANCE or high > 1 + _RANGE_TOLERANCE:
-            raise ValueError(
-                f"images range over [{low:.3g}, {high:.3g}] but must be in [-1, 1]: "
-                "preprocess them with ddae_diffusers.DDAEImageProcessor (or images * 2 - 1 for [0, 1] inputs)."
-            )
+        images = check_image_batch(images, self.image_channels, self.image_size)
         return images.to(self.device, torch.float32)
 
     # ------------------------------------------------------------------ capture
@@ -382,8 +376,7 @@ class DDAEBackbone:
         self, images: torch.Tensor, timestep: int, noise: torch.Tensor
     ) -> torch.Tensor:
         """``scheduler.add_noise`` of clean denoiser inputs at one timestep: (B, C, h, w)."""
-        t = torch.full((images.shape[0],), timestep, dtype=torch.long, device=images.device)
-        return self.scheduler.add_noise(images, noise.to(images.device, images.dtype), t)
+        return family_of(self.denoiser).add_noise(self.scheduler, images, noise, timestep)
 
     def features(
         self,
@@ -411,13 +404,13 @@ class DDAEBackbone:
         layers = self.check_layers(layers)
         timesteps = self.check_timesteps(timesteps)
         if pooling not in ("avg", None):
-            raise ValueError(f"Unknown pooling {pooling!r}: use 'avg' or None.")
+            raise UsageError(f"Unknown pooling {pooling!r}: use 'avg' or None.")
         images = self.check_images(images)
         if example_ids is None:
             example_ids = range(images.shape[0])
         example_ids = [int(i) for i in example_ids]
         if len(example_ids) != images.shape[0]:
-            raise ValueError(f"{len(example_ids)} example_ids for a batch of {images.shape[0]} images.")
+            raise UsageError(f"{len(example_ids)} example_ids for a batch of {images.shape[0]} images.")
 
         results: dict[tuple[str, int], torch.Tensor] = {}
         with torch.inference_mode(), _autocast(self.device, dtype):
@@ -429,23 +422,3 @@ class DDAEBackbone:
                 for layer in layers:
                     results[layer, t] = pool_activation(captured[layer], pooling).float()
         return results
-
-
-def read_root_json(path_or_hub_id: str, filename: str, **hub_kwargs) -> dict | None:
-    """The JSON ``filename`` at the root of a folder or Hub repo, or None if it is not there."""
-    if os.path.isdir(path_or_hub_id):
-        path = os.path.join(path_or_hub_id, filename)
-        if not os.path.isfile(path):
-            return None
-    elif os.path.exists(path_or_hub_id):
-        raise ValueError(f"{path_or_hub_id!r} is a file: pass the folder that holds the diffusers config.")
-    else:
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError
-
-        try:
-            path = hf_hub_download(path_or_hub_id, filename, **hub_kwargs)
-        except EntryNotFoundError:
-            return None
-    with open(path) as f:
-        return json.load(f)

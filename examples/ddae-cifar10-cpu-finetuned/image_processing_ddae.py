@@ -1,9 +1,12 @@
 """``DDAEImageProcessor``: images -> (B, 3, R, R) ``pixel_values`` in [-1, 1], without torchvision.
 
-The pixel conversion itself (RGB, resize, crop, scale) is ``ddae_diffusers.data.images_to_tensor``.
+The pixel conversion itself (RGB, resize, crop, scale) is :func:`images_to_tensor`, the one place that
+knows the normalisation.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -11,7 +14,46 @@ from PIL import Image
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 
-from .data import images_to_tensor
+from .errors import UsageError, UsageTypeError
+
+ImageLike = Image.Image | np.ndarray
+
+
+def to_rgb_array(
+    image: ImageLike, resolution: int, center_crop: bool = True, rng: np.random.Generator | None = None
+) -> np.ndarray:
+    """One PIL image or (H, W[, C]) uint8 array -> (resolution, resolution, 3) uint8 array.
+
+    Grayscale and RGBA become RGB; the shorter side is resized to ``resolution``
+    (bilinear), then the centre (or, with ``rng``, a random square drawn from it; with
+    ``center_crop=False``, the whole image resized to a square) is kept.
+    """
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    if not isinstance(image, Image.Image):
+        raise UsageTypeError(f"Expected a PIL image or a uint8 numpy array, got {type(image).__name__}.")
+    image = image.convert("RGB")
+    width, height = image.size
+    if center_crop:
+        scale = resolution / min(width, height)
+        new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+        if new_size != image.size:
+            image = image.resize(new_size, Image.BILINEAR)
+        if rng is None:
+            left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+        else:
+            left = int(rng.integers(0, image.width - resolution + 1))
+            top = int(rng.integers(0, image.height - resolution + 1))
+        image = image.crop((left, top, left + resolution, top + resolution))
+    elif image.size != (resolution, resolution):
+        image = image.resize((resolution, resolution), Image.BILINEAR)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def images_to_tensor(images: Sequence[ImageLike], resolution: int, center_crop: bool = True) -> torch.Tensor:
+    """PIL images or uint8 arrays -> (B, 3, resolution, resolution) float32 in [-1, 1]."""
+    batch = np.stack([to_rgb_array(image, resolution, center_crop) for image in images])
+    return torch.from_numpy(batch).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
 def _as_image(image) -> Image.Image | np.ndarray:
@@ -24,7 +66,7 @@ def _as_image(image) -> Image.Image | np.ndarray:
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu().numpy()
     if not isinstance(image, np.ndarray):
-        raise TypeError(
+        raise UsageTypeError(
             f"DDAEImageProcessor takes PIL images, numpy arrays or torch tensors, not {type(image).__name__}."
         )
     if image.ndim == 3 and image.shape[0] in (1, 3, 4) and image.shape[-1] not in (1, 3, 4):
@@ -32,11 +74,11 @@ def _as_image(image) -> Image.Image | np.ndarray:
     if image.ndim == 3 and image.shape[-1] == 1:
         image = image[..., 0]
     if image.ndim not in (2, 3):
-        raise ValueError(f"Expected an (H, W), (H, W, C) or (C, H, W) image, got shape {image.shape}.")
+        raise UsageError(f"Expected an (H, W), (H, W, C) or (C, H, W) image, got shape {image.shape}.")
     if image.dtype != np.uint8:
         if np.issubdtype(image.dtype, np.floating):
             if image.min() < 0 or image.max() > 1:
-                raise ValueError(
+                raise UsageError(
                     "Float images must be in [0, 1] (pass uint8 arrays for 0..255 values); "
                     f"got range [{image.min():.3g}, {image.max():.3g}]."
                 )
@@ -66,7 +108,7 @@ class DDAEImageProcessor(BaseImageProcessor):
         if isinstance(size, dict):  # {"height": s, "width": s} from other conventions
             size = size.get("shortest_edge") or size["height"]
         if not isinstance(size, int) or size <= 0:
-            raise ValueError(f"size must be a positive int, got {size!r}.")
+            raise UsageError(f"size must be a positive int, got {size!r}.")
         self.size = size
         self.do_center_crop = do_center_crop
 
@@ -98,7 +140,7 @@ class DDAEImageProcessor(BaseImageProcessor):
             is_batch, images = True, list(images)
         batch = [_as_image(image) for image in (images if is_batch else [images])]
         if not batch:
-            raise ValueError("No images given.")
+            raise UsageError("No images given.")
         pixel_values = images_to_tensor(batch, size, do_center_crop)
         if return_tensors == "np":
             pixel_values = pixel_values.numpy()

@@ -8,7 +8,6 @@ parameter-free placeholders, so they are neither trained nor saved. Pixel-space 
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from typing import Any
@@ -26,13 +25,22 @@ from .capture import (
     candidate_layers,
     capture_activations,
     check_denoiser,
+    check_image_batch,
+    dummy_input,
     example_noise,
     pool_activation,
+    trace_forward,
 )
 from .configuration_ddae import DDAEConfig
+from .errors import UsageError
+from .families import family_named
 from .image_processing_ddae import DDAEImageProcessor
-from .modelcard import classifier_model_card
-from .presets import DENOISER_CLASSES
+
+try:  # absolute and guarded: a Hub copy of this file (trust_remote_code) runs without the package's helpers
+    from ddae_diffusers.hub import create_hub_repo, push_folder
+    from ddae_diffusers.modelcard import classifier_model_card
+except ImportError:  # then save_pretrained writes no model card and push_to_hub needs the package
+    create_hub_repo = push_folder = classifier_model_card = None
 
 _PROBE_EPS = 1e-5
 _PROCESSOR_REF = "image_processing_ddae.DDAEImageProcessor"
@@ -48,30 +56,14 @@ class PrunedModule(nn.Module):
         )
 
 
-def _dummy_input(denoiser: nn.Module) -> torch.Tensor:
-    size = denoiser.config.sample_size or 32
-    size = size[0] if isinstance(size, (list, tuple)) else size
-    param = next(denoiser.parameters())
-    return torch.randn(1, denoiser.config.in_channels, size, size, device=param.device, dtype=param.dtype)
-
-
 def unreached_modules(denoiser: nn.Module, layer: str) -> list[str]:
     """Outermost modules holding weights that a forward stopping after ``layer`` never calls.
 
     Found by tracing one dummy forward with pre-hooks on every module.
     """
-    called: set[str] = set()
-    handles = [
-        module.register_forward_pre_hook(lambda mod, args, name=name: called.add(name))
-        for name, module in denoiser.named_modules()
-        if name
-    ]
-    try:
-        with torch.no_grad():
-            capture_activations(denoiser, _dummy_input(denoiser), 0, [layer], stop_after=layer)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with torch.no_grad():
+        trace = trace_forward(denoiser, dummy_input(denoiser), 0, [layer], stop_after=layer, record_reached=True)
+    called = trace.reached
     # A container (ModuleList) is never called itself: it is reached when one of its children is.
     reached = {".".join(name.split(".")[:i]) for name in called for i in range(1, name.count(".") + 2)}
     pruned: list[str] = []
@@ -143,19 +135,19 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
     def __init__(self, config: DDAEConfig):
         super().__init__(config)
         if config.backbone_config is None or config.feature_layer is None:
-            raise ValueError(
+            raise UsageError(
                 "DDAEConfig needs backbone_config and feature_layer: build the model with "
                 "DDAEForImageClassification.from_diffusers(model_or_path, layer=..., timestep=...)."
             )
-        denoiser = DENOISER_CLASSES[config.backbone_class].from_config(config.backbone_config)
+        denoiser = family_named(config.backbone_class).model_class.from_config(config.backbone_config)
         if denoiser.config.in_channels != 3:
-            raise ValueError(
+            raise UsageError(
                 f"The {config.backbone_class} takes {denoiser.config.in_channels}-channel inputs: "
                 "DDAEForImageClassification supports pixel-space (RGB) denoisers only, not latent models."
             )
         layers = candidate_layers(denoiser)
         if config.feature_layer not in layers:
-            raise ValueError(
+            raise UsageError(
                 f"feature_layer {config.feature_layer!r} is not a block of this {config.backbone_class}: "
                 f"use one of DDAEBackbone(denoiser).layer_names() (e.g. {layers[len(layers) // 2]!r})."
             )
@@ -165,11 +157,11 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
         if config.feature_dim is None:
             with torch.no_grad():
                 act = capture_activations(
-                    denoiser, _dummy_input(denoiser), 0, [config.feature_layer], config.feature_layer
+                    denoiser, dummy_input(denoiser), 0, [config.feature_layer], config.feature_layer
                 )[config.feature_layer]
             config.feature_dim = int(act.shape[1] if act.ndim == 4 else act.shape[-1])
         if config.image_size is None:
-            config.image_size = int(_dummy_input(denoiser).shape[-1])
+            config.image_size = int(dummy_input(denoiser).shape[-1])
 
         self.denoiser = denoiser
         self.noise_scheduler = DDPMScheduler(**config.scheduler_kwargs())
@@ -217,7 +209,7 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
             backbone = DDAEBackbone(model_or_path)
         denoiser = backbone.denoiser
         if backbone.vae is not None or denoiser.config.in_channels != 3:
-            raise ValueError(
+            raise UsageError(
                 "DDAEForImageClassification supports pixel-space denoisers only: this one is a latent model "
                 "(it has a VAE or takes non-RGB inputs). Use DDAEBackbone.features for latent models."
             )
@@ -228,9 +220,9 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
             id2label = {int(k): str(v) for k, v in id2label.items()}
             num_labels = num_labels or len(id2label)
             if len(id2label) != num_labels:
-                raise ValueError(f"id2label has {len(id2label)} classes but num_labels is {num_labels}.")
+                raise UsageError(f"id2label has {len(id2label)} classes but num_labels is {num_labels}.")
         if num_labels is None:
-            raise ValueError("Pass num_labels (or id2label) to build the classification head.")
+            raise UsageError("Pass num_labels (or id2label) to build the classification head.")
         extra = {"id2label": id2label, "label2id": label2id or {v: k for k, v in id2label.items()}} if id2label else {}
         config = DDAEConfig(
             backbone_config=dict(denoiser.config),
@@ -264,55 +256,53 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
         ``"{layer}@{t}.weight|bias"`` (and ``.mean|.var`` for standardised features). Without ``layer`` and
         ``timestep`` the best cell is used; with one or both, the best matching cell.
         """
-        from safetensors.torch import load_file
+        try:  # absolute and guarded: a Hub copy of this file (trust_remote_code) carries no probe code
+            from ddae_diffusers.probing.result import ProbeResult
+        except ImportError as error:
+            raise ImportError("from_probe needs the package: pip install ddae-diffusers") from error
 
         probe_folder = os.fspath(probe_folder)
-        results_path = os.path.join(probe_folder, "results.json")
-        heads_path = os.path.join(probe_folder, "heads.safetensors")
-        for path in (results_path, heads_path):
-            if not os.path.isfile(path):
-                raise ValueError(
-                    f"{probe_folder!r} is not a probe output folder: {os.path.basename(path)} is missing."
-                )
-        with open(results_path) as f:
-            results = json.load(f)
-        cell = _pick_cell(results, layer, timestep)
-        key = f"{cell['layer']}@{cell['timestep']}"
-        heads = load_file(heads_path)
+        result = ProbeResult.load(probe_folder)
+        cell = result.best_cell(layer, timestep)
+        key = cell.key
+        heads = result.heads(probe_folder)
         if f"{key}.weight" not in heads:
-            raise ValueError(f"heads.safetensors has no head for {key}: the probe folder is incomplete.")
-        standardize = results.get("normalization", "none") == "standardize"
-        model_path = results["model"]
+            raise UsageError(f"heads.safetensors has no head for {key}: the probe folder is incomplete.")
+        standardize = result.normalization == "standardize"
+        model_path = result.model
         local = os.path.join(probe_folder, model_path)
         if not os.path.exists(model_path) and os.path.exists(local):
             model_path = local
-        id2label = {int(k): v for k, v in results["id2label"].items()} if results.get("id2label") else None
+        id2label = {int(k): v for k, v in result.id2label.items()} if result.id2label else None
         summary = {
-            "protocol": f"linear probe ({results.get('protocol', 'probe')})",
-            "dataset": results.get("dataset"),
-            "train_split": results.get("train_split"),
-            "eval_split": results.get("eval_split"),
-            "resolution": results.get("resolution"),
-            "accuracy": cell.get("linear_acc"),
-            "knn_accuracy": cell.get("knn_acc"),
+            "protocol": f"linear probe ({result.protocol or 'probe'})",
+            "dataset": result.dataset,
+            "train_split": result.train_split,
+            "eval_split": result.eval_split,
+            "num_train": result.num_train + result.num_val if result.num_train is not None else None,
+            "num_eval": result.num_eval,
+            "resolution": result.resolution,
+            "accuracy": cell.linear_acc,
+            "knn_accuracy": cell.knn_acc,
             "grid": [
-                {k: c.get(k) for k in ("layer", "timestep", "linear_acc", "knn_acc")} for c in results.get("cells", [])
+                {"layer": c.layer, "timestep": c.timestep, "linear_acc": c.linear_acc, "knn_acc": c.knn_acc}
+                for c in result.cells
             ],
         }
         config_kwargs.setdefault("head_norm", "batchnorm" if standardize else None)
         model = cls.from_diffusers(
             model_path,
-            layer=cell["layer"],
-            timestep=int(cell["timestep"]),
-            num_labels=int(results["num_labels"]),
+            layer=cell.layer,
+            timestep=int(cell.timestep),
+            num_labels=int(result.num_labels),
             id2label=id2label,
-            base_model=results["model"],
+            base_model=result.model,
             training_summary=summary,
             **config_kwargs,
         )
-        resolution = results.get("resolution")
+        resolution = result.resolution
         if resolution is not None and model.config.image_size is not None and resolution != model.config.image_size:
-            raise ValueError(
+            raise UsageError(
                 f"The probe ran at resolution {resolution} but the model takes {model.config.image_size}x"
                 f"{model.config.image_size} images."
             )
@@ -321,7 +311,7 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
             model.classifier.bias.copy_(heads[f"{key}.bias"])
             if standardize:
                 if not isinstance(model.feature_norm, nn.BatchNorm1d):
-                    raise ValueError("A standardised probe head needs head_norm='batchnorm'.")
+                    raise UsageError("A standardised probe head needs head_norm='batchnorm'.")
                 model.feature_norm.running_mean.copy_(heads[f"{key}.mean"])
                 model.feature_norm.running_var.copy_(heads[f"{key}.var"])
         return model
@@ -340,9 +330,9 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
         return self.config.feature_layer
 
     def check_pixel_values(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Validates a (B, 3, H, W) float batch in [-1, 1] at the model's resolution (clear errors)."""
-        backbone = DDAEBackbone(self.denoiser, self.noise_scheduler)
-        return backbone.check_images(pixel_values)
+        """Validates a (B, 3, H, W) float batch at the model's resolution; outside training also its range
+        [-1, 1] (a device sync, so training steps skip it: the image processor's output is in range)."""
+        return check_image_batch(pixel_values, 3, self.config.image_size, check_range=not self.training)
 
     def noisy_input(self, pixel_values: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """x_t = add_noise(x_0, eps, t) under the configured noise policy: (B, 3, H, W)."""
@@ -395,9 +385,10 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
         if kwargs.get("is_main_process", True):
             if not os.path.isfile(os.path.join(save_directory, "preprocessor_config.json")):
                 DDAEImageProcessor(size=self.config.image_size).save_pretrained(save_directory)
-            classifier_model_card(self.config, save_directory, tags=tags).save(
-                os.path.join(save_directory, "README.md")
-            )
+            if classifier_model_card is not None:
+                classifier_model_card(self.config, save_directory, tags=tags).save(
+                    os.path.join(save_directory, "README.md")
+                )
 
     def push_to_hub(
         self,
@@ -412,27 +403,19 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
         max_shard_size: int | str | None = "50GB",
         tags: list[str] | None = None,
     ):
-        """Uploads weights, config, remote code, image processor and the model card in one commit."""
-        from huggingface_hub import CommitOperationAdd, HfApi
+        """Uploads weights, config, remote code, image processor and the model card in one commit.
 
-        api = HfApi(token=token)
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        Overrides transformers' ``push_to_hub``, which would replace our model card with a generic one."""
+        if push_folder is None:
+            raise ImportError("push_to_hub needs the package: pip install ddae-diffusers")
+        repo_id = create_hub_repo(repo_id, token=token, private=private)
         with tempfile.TemporaryDirectory() as tmp:
             folder = os.path.join(tmp, repo_id.split("/")[-1])  # the card names the model after its folder
             self.save_pretrained(folder, max_shard_size=max_shard_size, tags=tags)
-            operations = [
-                CommitOperationAdd(path_in_repo=os.path.relpath(os.path.join(root, name), folder),
-                                   path_or_fileobj=os.path.join(root, name))
-                for root, _, names in os.walk(folder)
-                for name in sorted(names)
-            ]
-            return api.create_commit(
-                repo_id=repo_id,
-                operations=operations,
+            return push_folder(
+                folder, repo_id, token=token,
                 commit_message=commit_message or "Upload DDAEForImageClassification",
-                commit_description=commit_description,
-                revision=revision,
-                create_pr=create_pr,
+                commit_description=commit_description, revision=revision, create_pr=create_pr,
             )
 
 
@@ -455,7 +438,7 @@ def _schedule_kwargs(scheduler, timestep: int) -> dict[str, Any]:
     except Exception:  # schedulers whose add_noise needs set_timesteps() first, or other index conventions
         same = False
     if not same:
-        raise ValueError(
+        raise UsageError(
             f"The {type(scheduler).__name__} of this model does not noise like a DDPMScheduler with {kwargs}: "
             "DDAEForImageClassification supports DDPM-style variance-preserving schedules (DDPM, DDIM, PNDM...)."
         )
@@ -464,7 +447,7 @@ def _schedule_kwargs(scheduler, timestep: int) -> dict[str, Any]:
 
 def _check_truncation(full: nn.Module, truncated: nn.Module, layer: str) -> None:
     """Asserts the truncated denoiser gives the same feature as the full one on a dummy input."""
-    x = _dummy_input(full)
+    x = torch.randn(dummy_input(full).shape, generator=torch.Generator().manual_seed(0)).to(dummy_input(full))
     was_training = full.training
     full.eval()
     try:
@@ -476,26 +459,6 @@ def _check_truncation(full: nn.Module, truncated: nn.Module, layer: str) -> None
     if not torch.allclose(expected, got, atol=1e-5, rtol=1e-4):
         raise RuntimeError(f"Truncating the backbone after {layer!r} changed its output: please report this bug.")
 
-
-def _pick_cell(results: dict, layer: str | None, timestep: int | None) -> dict:
-    """The best probe cell, or the best among those matching ``layer``/``timestep``."""
-    if layer is None and timestep is None and results.get("best"):
-        return results["best"]
-    cells = [
-        c
-        for c in results.get("cells", [])
-        if (layer is None or c["layer"] == layer) and (timestep is None or int(c["timestep"]) == int(timestep))
-    ]
-    if not cells:
-        available = sorted({(c["layer"], int(c["timestep"])) for c in results.get("cells", [])})
-        raise ValueError(
-            f"The probe has no cell for layer={layer!r}, timestep={timestep!r}: available (layer, t) are {available}."
-        )
-
-    def score(cell: dict) -> float:
-        return cell.get("val_acc") if cell.get("val_acc") is not None else cell.get("linear_acc") or 0.0
-
-    return max(cells, key=score)
 
 
 DDAEForImageClassification.register_for_auto_class("AutoModelForImageClassification")

@@ -6,7 +6,10 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
-BACKBONE_CLASSES = ("UNet2DModel", "DiTTransformer2DModel")
+from .errors import UsageError
+from .families import FAMILIES
+
+BACKBONE_CLASSES = tuple(FAMILIES)  # "UNet2DModel", "DiTTransformer2DModel"
 NOISE_POLICIES = ("fixed", "random", "none")
 HEAD_NORMS = ("batchnorm", "layernorm", None)
 POOLINGS = ("avg",)
@@ -104,20 +107,20 @@ class DDAEConfig(PreTrainedConfig):
             backbone_class = backbone_config.get("_class_name", backbone_class)
             backbone_config = {k: v for k, v in dict(backbone_config).items() if not k.startswith("_")}
         if backbone_class not in BACKBONE_CLASSES:
-            raise ValueError(f"backbone_class {backbone_class!r} is not supported: use one of {BACKBONE_CLASSES}.")
+            raise UsageError(f"backbone_class {backbone_class!r} is not supported: use one of {BACKBONE_CLASSES}.")
         if noise_policy not in NOISE_POLICIES:
-            raise ValueError(f"noise_policy {noise_policy!r} is not one of {NOISE_POLICIES}.")
+            raise UsageError(f"noise_policy {noise_policy!r} is not one of {NOISE_POLICIES}.")
         if head_norm not in HEAD_NORMS:
-            raise ValueError(f"head_norm {head_norm!r} is not one of {HEAD_NORMS}.")
+            raise UsageError(f"head_norm {head_norm!r} is not one of {HEAD_NORMS}.")
         if pooling not in POOLINGS:
-            raise ValueError(f"pooling {pooling!r} is not one of {POOLINGS}.")
+            raise UsageError(f"pooling {pooling!r} is not one of {POOLINGS}.")
         if isinstance(timestep, bool) or not isinstance(timestep, int) or not 0 <= timestep < num_train_timesteps:
-            raise ValueError(
+            raise UsageError(
                 f"timestep {timestep!r} is out of range: use an integer diffusers index 0..{num_train_timesteps - 1} "
                 "(the DDAE paper's t=11 is t=10)."
             )
         if not 0.0 <= classifier_dropout < 1.0:
-            raise ValueError(f"classifier_dropout must be in [0, 1), got {classifier_dropout}.")
+            raise UsageError(f"classifier_dropout must be in [0, 1), got {classifier_dropout}.")
         self.backbone_class = backbone_class
         self.backbone_config = backbone_config
         self.feature_layer = feature_layer

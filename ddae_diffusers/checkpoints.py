@@ -1,0 +1,71 @@
+"""Training checkpoints: ``checkpoint-N`` folders, written whole or not at all, found and resumed by name."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+
+from accelerate import Accelerator
+
+from .errors import UsageError
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    """Complete ``checkpoint-N`` folders in ``output_dir``, oldest (smallest N) first."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = [n for n in os.listdir(output_dir) if CHECKPOINT_PATTERN.match(n)]
+    names.sort(key=lambda n: int(CHECKPOINT_PATTERN.match(n).group(1)))
+    return [os.path.join(output_dir, n) for n in names if os.path.isdir(os.path.join(output_dir, n))]
+
+
+def resolve_checkpoint(output_dir: str, resume_from_checkpoint: str) -> str | None:
+    """The checkpoint folder for ``--resume_from_checkpoint`` (a path, a folder name, or ``latest``).
+
+    ``latest`` with no checkpoint yet returns None (start fresh); a missing path raises ``ValueError``.
+    """
+    if resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        return checkpoints[-1] if checkpoints else None
+    for candidate in (resume_from_checkpoint, os.path.join(output_dir, resume_from_checkpoint)):
+        if os.path.isdir(candidate):
+            return candidate
+    raise UsageError(
+        f"--resume_from_checkpoint {resume_from_checkpoint!r} does not exist: give a checkpoint-N folder, "
+        f"or 'latest' for the newest one in {output_dir!r}."
+    )
+
+
+def checkpoint_step(path: str) -> int:
+    """N of a ``checkpoint-N`` folder."""
+    match = CHECKPOINT_PATTERN.match(os.path.basename(os.path.normpath(path)))
+    if match is None:
+        raise UsageError(f"{path!r} is not a checkpoint-N folder.")
+    return int(match.group(1))
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, total_limit: int | None) -> str:
+    """``accelerator.save_state`` into ``output_dir/checkpoint-<step>``, atomically, on every process.
+
+    The state is written to a hidden temporary folder and renamed once every process has
+    finished, so a kill never leaves a half-written ``checkpoint-N``. Then the oldest
+    checkpoints beyond ``total_limit`` are removed.
+    """
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    tmp = os.path.join(output_dir, f".checkpoint-{step}.tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if total_limit is not None:
+            for old in list_checkpoints(output_dir)[:-total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final

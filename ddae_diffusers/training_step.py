@@ -1,0 +1,100 @@
+"""One pretraining step: the diffusion loss, the optimiser step and the per-step seed.
+
+``training/train_unconditional.py`` and ``bench/bench_train.py`` call the same :func:`train_step`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers import SchedulerMixin
+
+from .capture import Denoiser, denoiser_kwargs
+from .errors import UsageError
+
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss of a training step is NaN or infinite (on any process)."""
+
+
+def step_seed(seed: int, micro_step: int, process_index: int = 0) -> int:
+    """A 63-bit seed for one micro-step of one process, independent of everything before it."""
+    state = np.random.SeedSequence([int(seed), int(micro_step), int(process_index)]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+def diffusion_loss(
+    denoiser: Denoiser,
+    noise_scheduler: SchedulerMixin,
+    clean_images: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    forward_kwargs: dict | None = None,
+) -> torch.Tensor:
+    """The DDPM training loss for a (B, C, H, W) batch of clean images in [-1, 1].
+
+    ``noise`` (B, C, H, W) and ``timesteps`` (B,) are given by the caller. The target follows
+    ``noise_scheduler.config.prediction_type``: ``epsilon`` (MSE to the noise), ``sample``
+    (MSE to the clean image weighted by SNR, as diffusers' example) or ``v_prediction``.
+    ``forward_kwargs`` default to the family's (a DiT gets the null class id); pass them for a wrapped
+    (DDP) ``denoiser``. A learned-sigma DiT's variance channels are ignored.
+    """
+    noisy = noise_scheduler.add_noise(clean_images, noise, timesteps)
+    if forward_kwargs is None:
+        forward_kwargs = denoiser_kwargs(denoiser, clean_images.shape[0], noisy.device)
+    output = denoiser(noisy, timesteps, **forward_kwargs)
+    prediction = output.sample[:, : clean_images.shape[1]].float()
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return F.mse_loss(prediction, noise.float())
+    if prediction_type == "v_prediction":
+        return F.mse_loss(prediction, noise_scheduler.get_velocity(clean_images, noise, timesteps).float())
+    if prediction_type == "sample":
+        alphas_cumprod = noise_scheduler.alphas_cumprod.to(clean_images.device)[timesteps]
+        snr = (alphas_cumprod / (1 - alphas_cumprod)).view(-1, 1, 1, 1)
+        return (snr * F.mse_loss(prediction, clean_images.float(), reduction="none")).mean()
+    raise UsageError(f"Unknown prediction_type {prediction_type!r}: use one of {', '.join(PREDICTION_TYPES)}.")
+
+
+def train_step(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler,
+    noise_scheduler: SchedulerMixin,
+    clean_images: torch.Tensor,
+    generator: torch.Generator,
+    ema=None,
+    max_grad_norm: float = 1.0,
+) -> torch.Tensor:
+    """One micro-step: noise and timesteps from ``generator``, forward under the accelerator's
+    autocast, backward, and (on gradient-sync steps) clipping, optimiser, LR and EMA updates.
+
+    ``clean_images``: (B, C, H, W) in [-1, 1]. Returns the loss averaged over processes; raises
+    :class:`NonFiniteLossError` before any update if the loss is NaN/inf on any process.
+    """
+    num_timesteps = noise_scheduler.config.num_train_timesteps
+    noise = torch.randn(clean_images.shape, generator=generator).to(clean_images.device)
+    timesteps = torch.randint(0, num_timesteps, (clean_images.shape[0],), generator=generator)
+    timesteps = timesteps.to(clean_images.device)
+    unwrapped = accelerator.unwrap_model(model)
+    forward_kwargs = denoiser_kwargs(unwrapped, clean_images.shape[0], clean_images.device)
+    with accelerator.accumulate(model):
+        with accelerator.autocast():
+            loss = diffusion_loss(model, noise_scheduler, clean_images, noise, timesteps, forward_kwargs)
+        losses = accelerator.gather(loss.detach().reshape(1))
+        if not torch.isfinite(losses).all():
+            raise NonFiniteLossError(f"loss is {loss.item()}")
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad()
+    if ema is not None and accelerator.sync_gradients:
+        ema.step(unwrapped.parameters())
+    return losses.mean()
