@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -19,12 +18,6 @@ PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
 class NonFiniteLossError(RuntimeError):
     """The loss of a training step is NaN or infinite (on any process)."""
-
-
-def step_seed(seed: int, micro_step: int, process_index: int = 0) -> int:
-    """A 63-bit seed for one micro-step of one process, independent of everything before it."""
-    state = np.random.SeedSequence([int(seed), int(micro_step), int(process_index)]).generate_state(2, np.uint32)
-    return (int(state[0]) << 31) ^ int(state[1])
 
 
 def diffusion_loss(

@@ -42,10 +42,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ddae_diffusers import DDAEBackbone
+from ddae_diffusers.capture import derive_seed
 from ddae_diffusers.checkpoints import checkpoint_step, list_checkpoints, resolve_checkpoint, save_checkpoint
 from ddae_diffusers.data import detect_image_column, detect_label_column, to_rgb_array
 from ddae_diffusers.errors import ArgumentParser, UsageError, fail, run_command
-from ddae_diffusers.families import family_of
+from ddae_diffusers.families import family_named, family_of, sample_size
 from ddae_diffusers.hub import create_hub_repo, push_folder
 from ddae_diffusers.io_utils import atomic_path, check_writable_dir
 from ddae_diffusers.loading import check_source, is_hub_id
@@ -53,7 +54,7 @@ from ddae_diffusers.modelcard import pretraining_model_card
 from ddae_diffusers.monitor import ProbeHistory, ProbeMonitor, default_probe_layer, load_probe_data
 from ddae_diffusers.presets import PRESETS, build_denoiser
 from ddae_diffusers.tracking import JSONLinesTracker
-from ddae_diffusers.training_step import PREDICTION_TYPES, NonFiniteLossError, step_seed, train_step
+from ddae_diffusers.training_step import PREDICTION_TYPES, NonFiniteLossError, train_step
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -306,7 +307,7 @@ def build_model(args: argparse.Namespace, resolution: int | None) -> tuple[torch
         from ddae_diffusers.presets import load_model_config
 
         config = load_model_config(args.model_config or "ddpm-cifar10-32")
-        resolution = resolution or _config_size(config) or 64
+        resolution = resolution or sample_size(config) or 64
         _check_resolution(config, resolution)
         config["sample_size"] = resolution
         torch.manual_seed(args.seed)
@@ -319,14 +320,9 @@ def build_model(args: argparse.Namespace, resolution: int | None) -> tuple[torch
     return denoiser, noise_scheduler
 
 
-def _config_size(config: dict) -> int | None:
-    size = config.get("sample_size")
-    return size[0] if isinstance(size, (list, tuple)) else size
-
-
 def _check_resolution(config: dict, resolution: int) -> None:
     """``ValueError`` if the architecture cannot take ``resolution`` x ``resolution`` images."""
-    if config.get("_class_name") == "DiTTransformer2DModel":
+    if family_named(config.get("_class_name", "UNet2DModel")).component == "transformer":
         patch = config.get("patch_size", 2)
         if resolution % patch:
             raise UsageError(f"--resolution {resolution} is not a multiple of the DiT patch size {patch}.")
@@ -534,7 +530,7 @@ def main(args: argparse.Namespace) -> str:
         loader.set_epoch(epoch)  # reaches the EpochSampler (a fresh skip loader would otherwise say epoch 0)
         for batch_index, clean_images in enumerate(loader, start=offset):
             # Every micro-step draws its noise, timesteps and dropout from its own seed.
-            torch.manual_seed(step_seed(args.seed, epoch * batches_per_process + batch_index,
+            torch.manual_seed(derive_seed(args.seed, epoch * batches_per_process + batch_index,
                                         accelerator.process_index))
             try:
                 loss = train_step(accelerator, model, optimizer, lr_scheduler, noise_scheduler, clean_images,

@@ -24,10 +24,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..capture import DDAEBackbone
+from ..capture import DDAEBackbone, derive_seed
 from ..data import images_to_tensor, random_crop_flip
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: example noise seeded by capture.derive_seed (format 1 features used other noise)
 Key = tuple[str, int]
 
 
@@ -48,11 +48,6 @@ def model_fingerprint(backbone: DDAEBackbone) -> str:
 def dataset_fingerprint(dataset, split: str) -> str:
     """The ``datasets`` fingerprint of ``dataset`` (stable for files on disk), its split and length."""
     return f"{getattr(dataset, '_fingerprint', 'unknown')}:{split}:{len(dataset)}"
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers, e.g. (seed, role, view)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
 
 
 @dataclass(frozen=True)

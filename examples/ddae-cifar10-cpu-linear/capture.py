@@ -210,6 +210,12 @@ def pool_activation(activation: torch.Tensor, pooling: Pooling = "avg") -> torch
     return activation.mean(dim=(2, 3)) if activation.ndim == 4 else activation.mean(dim=1)
 
 
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, e.g. ``(seed, example_id)`` or ``(seed, step, process)``: the project's one
+    way to seed a random stream from its coordinates (numpy's ``SeedSequence`` mixes them)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
+
+
 def example_noise(
     shape: Sequence[int], example_ids: Iterable[int], seed: int, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
@@ -219,8 +225,7 @@ def example_noise(
     """
     rows = []
     for example_id in example_ids:
-        state = np.random.SeedSequence([int(seed), int(example_id)]).generate_state(2, np.uint32)
-        generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+        generator = torch.Generator().manual_seed(derive_seed(seed, example_id))
         rows.append(torch.randn(tuple(shape), generator=generator))
     return torch.stack(rows).to(dtype)
 
