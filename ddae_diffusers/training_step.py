@@ -20,6 +20,35 @@ class NonFiniteLossError(RuntimeError):
     """The loss of a training step is NaN or infinite (on any process)."""
 
 
+def non_finite_weights(tensors) -> tuple[int, int] | None:
+    """``(index, count)`` of the first tensor of ``tensors`` holding NaN or inf values, else None."""
+    for index, tensor in enumerate(tensors):
+        count = int((~torch.isfinite(tensor.detach())).sum())
+        if count:
+            return index, count
+    return None
+
+
+def check_finite_weights(model: torch.nn.Module, ema=None, where: str = "") -> None:
+    """Raises :class:`NonFiniteLossError` if a weight of ``model`` (or of the EMA copy) is NaN or inf.
+
+    Called before anything is saved, so that no checkpoint or model with non-finite weights is written.
+    """
+    named = list(model.named_parameters())
+    groups = [("", [p for _, p in named], [n for n, _ in named])]
+    if ema is not None:
+        groups.append(("EMA ", list(ema.shadow_params), [n for n, _ in named]))
+    for label, tensors, names in groups:
+        bad = non_finite_weights(tensors)
+        if bad is not None:
+            index, count = bad
+            total = sum(int((~torch.isfinite(t.detach())).sum()) for t in tensors)
+            raise NonFiniteLossError(
+                f"the {label}weights are non-finite{where} ({total:,} NaN/inf values, first in "
+                f"{names[index] if index < len(names) else f'tensor {index}'}, {count:,} there)"
+            )
+
+
 def diffusion_loss(
     denoiser: Denoiser,
     noise_scheduler: SchedulerMixin,

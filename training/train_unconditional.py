@@ -54,7 +54,7 @@ from ddae_diffusers.modelcard import pretraining_model_card
 from ddae_diffusers.monitor import ProbeHistory, ProbeMonitor, default_probe_layer, load_probe_data
 from ddae_diffusers.presets import PRESETS, build_denoiser
 from ddae_diffusers.tracking import JSONLinesTracker
-from ddae_diffusers.training_step import PREDICTION_TYPES, NonFiniteLossError, train_step
+from ddae_diffusers.training_step import PREDICTION_TYPES, NonFiniteLossError, check_finite_weights, train_step
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -344,6 +344,24 @@ def pipeline_for(denoiser, noise_scheduler):
     return DDAEPipeline(transformer=denoiser, scheduler=noise_scheduler)
 
 
+def diverged(what: str, output_dir: str) -> NonFiniteLossError:
+    """The error that stops a diverged run: what happened, the last good checkpoint, and the fix."""
+    last = list_checkpoints(output_dir)
+    return NonFiniteLossError(
+        f"Stopping: {what}. The last good checkpoint is {last[-1] if last else 'none (none was written yet)'}. "
+        "Start over with a lower --learning_rate (with --overwrite_output_dir, or another --output_dir): a "
+        "resume restores the checkpoint's learning-rate schedule, so it would diverge again."
+    )
+
+
+def check_weights(model, ema, step: int, output_dir: str) -> None:
+    """Stops the run, saving nothing, if the weights (or their EMA) are no longer finite."""
+    try:
+        check_finite_weights(model, ema, where=f" after step {step}")
+    except NonFiniteLossError as error:
+        raise diverged(f"{error}; nothing was saved", output_dir) from None
+
+
 def save_pipeline(denoiser, noise_scheduler, folder: str, card=None) -> None:
     """Writes the pipeline (and model card) into ``folder`` without ever leaving half-written entries:
     each component is written aside and renamed into place; ``model_index.json`` comes last."""
@@ -498,6 +516,13 @@ def main(args: argparse.Namespace) -> str:
         accelerator.load_state(resume_path)
         if state.global_step != checkpoint_step(resume_path):
             raise UsageError(f"{resume_path} holds the state of step {state.global_step}, not its name's step.")
+        resumed_lr = getattr(lr_scheduler, "scheduler", lr_scheduler).base_lrs[0]
+        if not math.isclose(resumed_lr, args.learning_rate, rel_tol=1e-9):
+            raise UsageError(
+                f"--learning_rate {args.learning_rate:g} differs from the {resumed_lr:g} of {resume_path}: a resume "
+                f"continues the checkpoint's schedule. Pass --learning_rate {resumed_lr:g} to resume, or start over "
+                "(--overwrite_output_dir) with the new rate."
+            )
     elif args.resume_from_checkpoint is not None:
         accelerator.print(f"No checkpoint in {args.output_dir!r}: starting a new run.")
 
@@ -536,13 +561,8 @@ def main(args: argparse.Namespace) -> str:
                 loss = train_step(accelerator, model, optimizer, lr_scheduler, noise_scheduler, clean_images,
                                   generator=None, ema=ema, max_grad_norm=args.max_grad_norm)
             except NonFiniteLossError as error:
-                last = list_checkpoints(args.output_dir)
-                raise NonFiniteLossError(
-                    f"Stopping: the loss became non-finite ({error}) at step {state.global_step + 1} "
-                    f"(epoch {epoch}). Nothing was updated with it; the last good checkpoint is "
-                    f"{last[-1] if last else 'none (no checkpoint was written yet)'}. Resume with "
-                    "--resume_from_checkpoint latest and a lower --learning_rate or --mixed_precision no."
-                ) from None
+                raise diverged(f"the loss became non-finite ({error}) at step {state.global_step + 1} "
+                               f"(epoch {epoch}); nothing was updated with it", args.output_dir) from None
             state.images_seen += clean_images.shape[0] * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue
@@ -567,6 +587,7 @@ def main(args: argparse.Namespace) -> str:
                 now = time.time()
                 state.wall_time += now - segment_start
                 segment_start = now
+                check_weights(unwrapped, ema, state.global_step, args.output_dir)
                 path = save_checkpoint(accelerator, args.output_dir, state.global_step, args.checkpoints_total_limit)
                 logger.info(f"Saved state to {path}")
             if is_last:
@@ -579,6 +600,7 @@ def main(args: argparse.Namespace) -> str:
                 with EMAWeights(ema, unwrapped):
                     save_samples(args, unwrapped, noise_scheduler, epoch, accelerator)
             if args.save_model_epochs and (epoch + 1) % args.save_model_epochs == 0 and not done:
+                check_weights(unwrapped, ema, state.global_step, args.output_dir)
                 with EMAWeights(ema, unwrapped):
                     save_pipeline(unwrapped, noise_scheduler, args.output_dir)
         accelerator.wait_for_everyone()
@@ -607,6 +629,7 @@ def main(args: argparse.Namespace) -> str:
             use_ema=ema is not None,
             repo_or_path=repo_id or args.output_dir,
         )
+        check_weights(unwrapped, ema, state.global_step, args.output_dir)
         with EMAWeights(ema, unwrapped):
             save_pipeline(unwrapped, noise_scheduler, args.output_dir, card=card)
         logger.info(f"Saved the pipeline to {args.output_dir} ({state.global_step} steps, "
@@ -656,6 +679,7 @@ def _build_monitor(args, dataset_dict, image_column, denoiser, noise_scheduler, 
 
 def run_probe(monitor, model, ema, noise_scheduler, history, state, output_dir) -> dict[str, float]:
     """Probes the EMA weights; a new best is written to ``output_dir/best-probe`` (atomically)."""
+    check_weights(model, ema, state.global_step, output_dir)
     with EMAWeights(ema, model):
         metrics = monitor.evaluate(model, noise_scheduler)
         if history.add(state.global_step, state.images_seen, metrics):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable, Sequence
@@ -27,6 +28,7 @@ import torch
 from ..capture import DDAEBackbone, derive_seed
 from ..data import images_to_tensor, random_crop_flip
 
+logger = logging.getLogger(__name__)
 CACHE_FORMAT = 2  # 2: example noise seeded by capture.derive_seed (format 1 features used other noise)
 Key = tuple[str, int]
 
@@ -102,13 +104,14 @@ class CacheUnit:
 
     def open(self) -> None:
         """Opens or creates the memory map, and marks the rows whose recorded checksums still hold."""
-        meta_ok = False
+        meta_ok, problem = False, None
         if os.path.isfile(self.meta_path):
             try:
                 with open(self.meta_path) as f:
                     meta_ok = json.load(f) == json.loads(json.dumps(self._expected_meta()))
-            except (OSError, ValueError):
-                meta_ok = False
+                problem = None if meta_ok else "its meta.json describes other features"
+            except (OSError, ValueError) as error:
+                problem = f"meta.json is unreadable ({type(error).__name__})"
         array = None
         if meta_ok and os.path.isfile(self.array_path):
             try:
@@ -117,9 +120,13 @@ class CacheUnit:
                 if array.shape == self.shape and array.dtype == np.float16:
                     array = np.load(self.array_path, mmap_mode="r+")
                 else:
-                    array = None
-            except (OSError, ValueError):  # truncated header or data: np.load refuses the file
-                array = None
+                    array, problem = None, f"features.npy has shape {array.shape}, not {self.shape}"
+            except (OSError, ValueError, EOFError) as error:  # empty, truncated header or data
+                array, problem = None, f"features.npy is unreadable ({type(error).__name__}: {error})"
+        elif meta_ok:
+            problem = "features.npy is missing"
+        if problem is not None:
+            logger.warning(f"Feature cache {self.folder}: {problem}; recomputing it.")
         if array is None:
             shutil.rmtree(self.folder, ignore_errors=True)
             os.makedirs(self.folder)
@@ -239,13 +246,19 @@ class FeatureCache:
             "layers": self.layers,
         }
 
-    def units(self, dataset, split: str, view: View) -> list[CacheUnit]:
-        """The (unopened) units of ``view`` over ``dataset``, one per timestep."""
+    def units(self, dataset, split: str, view: View, image_column: str) -> list[CacheUnit]:
+        """The (unopened) units of ``view`` over ``dataset``'s ``image_column``, one per timestep.
+
+        The key holds everything that changes a feature: weights and scheduler, data set content (its
+        fingerprint covers files, revision and selected rows), split, image column, resolution and crop,
+        pooling, dtype, seed, view and its augmentation, timestep, layers and the cache format.
+        """
         units = []
         for t in self.timesteps:
             key = {
                 **self._base_key(),
                 "dataset": dataset_fingerprint(dataset, split),
+                "image_column": image_column,
                 "view": [view.role, view.index, view.augment],
                 "augmentation": "crop4+flip" if view.augment else "none",
                 "timestep": t,
@@ -277,7 +290,7 @@ class FeatureCache:
         world = accelerator.num_processes if accelerator is not None else 1
         rank = accelerator.process_index if accelerator is not None else 0
         is_main = rank == 0
-        units = self.units(dataset, split, view)
+        units = self.units(dataset, split, view, image_column)
         todo: list[int] = []
         batches: list[tuple[int, int]] = []
         if is_main:

@@ -1,0 +1,165 @@
+"""Fault injection: each row of a table is (fault, where, expected outcome), run by one parametrised test.
+
+To cover a new fault, add a function that injects it into a finished feature cache and a row to
+``CACHE_FAULTS``; the test checks the outcome: the damaged unit is named in one log line and recomputed,
+and the features equal the undamaged run's.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny_unet
+
+from ddae_diffusers import DDAEBackbone
+from ddae_diffusers.probing.cache import FeatureCache, View
+
+LAYERS = ["mid_block", "up_blocks.0.resnets.1"]
+
+
+def features_file(unit: Path) -> Path:
+    return unit / "features.npy"
+
+
+def empty(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+def truncate_half(path: Path) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def garbage(path: Path) -> None:
+    path.write_bytes(b"\x00not a numpy or json file\xff" * 3)
+
+
+def delete(path: Path) -> None:
+    path.unlink()
+
+
+# (fault, file of the unit it hits, expected words in the one log line)
+CACHE_FAULTS = [
+    (empty, "features.npy", "features.npy is unreadable"),
+    (truncate_half, "features.npy", "features.npy is unreadable"),
+    (garbage, "features.npy", "features.npy is unreadable"),
+    (delete, "features.npy", "features.npy is missing"),
+    (empty, "meta.json", "meta.json is unreadable"),
+    (garbage, "meta.json", "meta.json is unreadable"),
+    (truncate_half, "meta.json", "meta.json is unreadable"),
+]
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return DDAEBackbone(make_tiny_unet())
+
+
+@pytest.fixture(scope="module")
+def cifar16(cifar_small):
+    return cifar_small.select(range(16))
+
+
+def extract(backbone, dataset, cache_dir, image_column="img", **changes):
+    settings = dict(layers=LAYERS, timesteps=[10], resolution=16, seed=3, dtype=None)
+    settings.update(changes)
+    view = settings.pop("view", View(0, 0, True))
+    cache = FeatureCache(str(cache_dir), backbone, **settings)
+    return cache.extract(dataset, "train", image_column, view, batch_size=8, progress=False)
+
+
+@pytest.mark.parametrize(("fault", "target", "logged"), CACHE_FAULTS,
+                         ids=[f"{f.__name__}:{t}" for f, t, _ in CACHE_FAULTS])
+def test_damaged_cache_file_is_named_and_recomputed(fault, target, logged, backbone, cifar16, tmp_path, caplog):
+    reference = extract(backbone, cifar16, tmp_path)
+    (unit,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    fault(unit / target)
+    with caplog.at_level(logging.WARNING, logger="ddae_diffusers.probing.cache"):
+        repaired = extract(backbone, cifar16, tmp_path)
+    lines = [r.getMessage() for r in caplog.records if r.name == "ddae_diffusers.probing.cache"]
+    assert len(lines) == 1 and logged in lines[0] and unit.name in lines[0], lines
+    for key in reference:
+        assert torch.equal(reference[key], repaired[key])
+    caplog.clear()
+    extract(backbone, cifar16, tmp_path)  # healed: a third run reuses it without a word
+    assert not [r for r in caplog.records if r.name == "ddae_diffusers.probing.cache"]
+
+
+def unit_names(cache_dir: Path) -> set[str]:
+    return {p.name for p in cache_dir.iterdir() if p.is_dir()}
+
+
+@pytest.fixture(scope="module")
+def two_columns(cifar16):
+    """The same rows with a second, different image column (the images mirrored)."""
+    return cifar16.map(lambda row: {"mirrored": row["img"].transpose(0)})
+
+
+# Everything that changes a feature, changed alone: each must miss the cache (a new unit).
+KEY_CHANGES = {
+    "image column": dict(image_column="mirrored"),
+    "resolution": dict(resolution=8),
+    "noise seed": dict(seed=4),
+    "view": dict(view=View(0, 1, True)),
+    "augmentation": dict(view=View(0, 0, False)),
+    "dtype": dict(dtype=torch.bfloat16),
+    "noise level": dict(timesteps=[50]),
+    "layers": dict(layers=LAYERS[:1]),
+    "rows": dict(rows=range(8)),
+    "weights": dict(weights=1),
+}
+
+
+@pytest.fixture(scope="module")
+def any_size_backbone():
+    """A UNet without a fixed sample size, so that the resolution can change alone."""
+    return DDAEBackbone(make_tiny_unet(sample_size=None))
+
+
+@pytest.mark.parametrize("change", list(KEY_CHANGES))
+def test_every_feature_setting_is_in_the_cache_key(change, any_size_backbone, two_columns, tmp_path):
+    extract(any_size_backbone, two_columns, tmp_path)
+    before = unit_names(tmp_path)
+    settings = dict(KEY_CHANGES[change])
+    dataset = two_columns.select(settings.pop("rows")) if "rows" in settings else two_columns
+    model = any_size_backbone
+    if "weights" in settings:
+        model = DDAEBackbone(make_tiny_unet(seed=settings.pop("weights"), sample_size=None))
+    extract(model, dataset, tmp_path, **settings)
+    assert len(unit_names(tmp_path) - before) == 1
+    extract(any_size_backbone, two_columns, tmp_path)  # the original settings still hit their own unit
+    assert len(unit_names(tmp_path) - before) == 1
+
+
+# ------------------------------------------------------------------ training: non-finite weights are never saved
+@pytest.mark.parametrize("learning_rate", ["inf", "1e30"])
+def test_diverged_training_saves_nothing_non_finite(learning_rate, tmp_path):
+    from safetensors.torch import load_file
+    from test_train_unconditional import run
+
+    from ddae_diffusers.training_step import NonFiniteLossError
+
+    with pytest.raises(NonFiniteLossError, match=r"Start over with a lower --learning_rate"):
+        run(tmp_path, "--max_train_steps", "4", "--checkpointing_steps", "1", "--learning_rate", learning_rate,
+            "--lr_scheduler", "constant", "--probe_every_n_steps", "0", "--use_ema")
+    out = tmp_path / "out"
+    assert not (out / "model_index.json").exists()
+    for checkpoint in out.glob("checkpoint-*"):
+        for file in checkpoint.glob("*.safetensors"):
+            assert all(torch.isfinite(w).all() for w in load_file(file).values()), file
+
+
+def test_resume_with_another_learning_rate_is_refused(tmp_path):
+    from test_train_unconditional import run
+
+    from ddae_diffusers.errors import UsageError
+
+    run(tmp_path, "--max_train_steps", "2", "--checkpointing_steps", "1", "--probe_every_n_steps", "0",
+        "--learning_rate", "1e-4", "--lr_scheduler", "constant")
+    with pytest.raises(UsageError, match=r"--learning_rate 0.001 differs from the 0.0001 of .*checkpoint-2"):
+        run(tmp_path, "--max_train_steps", "3", "--checkpointing_steps", "1", "--probe_every_n_steps", "0",
+            "--learning_rate", "1e-3", "--lr_scheduler", "constant", "--resume_from_checkpoint", "latest")
