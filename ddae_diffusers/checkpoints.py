@@ -11,6 +11,7 @@ from accelerate import Accelerator
 from .errors import UsageError
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+STATE_MARKER = "optimizer.bin"  # written by accelerator.save_state into every checkpoint
 
 def list_checkpoints(output_dir: str) -> list[str]:
     """Complete ``checkpoint-N`` folders in ``output_dir``, oldest (smallest N) first."""
@@ -31,6 +32,13 @@ def resolve_checkpoint(output_dir: str, resume_from_checkpoint: str) -> str | No
         return checkpoints[-1] if checkpoints else None
     for candidate in (resume_from_checkpoint, os.path.join(output_dir, resume_from_checkpoint)):
         if os.path.isdir(candidate):
+            if not os.path.isfile(os.path.join(candidate, STATE_MARKER)):
+                kind = "a model folder" if os.path.isfile(os.path.join(candidate, "model_index.json")) else "a folder"
+                raise UsageError(
+                    f"--resume_from_checkpoint {resume_from_checkpoint!r} is {kind}, not a training checkpoint (no "
+                    f"{STATE_MARKER}): give a checkpoint-N folder of this script, or 'latest'; to continue from "
+                    "a model's weights with a new optimiser, pass it as --pretrained_model_name_or_path."
+                )
             return candidate
     raise UsageError(
         f"--resume_from_checkpoint {resume_from_checkpoint!r} does not exist: give a checkpoint-N folder, "

@@ -83,8 +83,11 @@ def read_root_json(path_or_hub_id: str, filename: str, **hub_kwargs) -> dict | N
             ) from None
         except EntryNotFoundError:
             return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UsageError(f"{path} is not valid JSON ({error}): it is damaged; download or save it again.") from None
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,22 @@ def inspect_source(path_or_hub_id: str | os.PathLike, who: str = "ddae_diffusers
     return DiffusersSource(path, family)
 
 
+def _from_pretrained(model_class, path: str, what: str, **kwargs):
+    """``model_class.from_pretrained`` with unreadable weights (truncated, corrupt, missing) named in a UsageError."""
+    from safetensors import SafetensorError
+
+    try:
+        return model_class.from_pretrained(path, **kwargs)
+    except (OSError, SafetensorError) as error:
+        if isinstance(error, ConnectionError):
+            raise
+        reason = " ".join(str(error).split())[:300].rstrip(".")
+        raise UsageError(
+            f"Cannot load the {what} {path!r}: {reason}. A file of it is probably truncated or corrupt: "
+            "download or save it again."
+        ) from None
+
+
 def load_components(source: DiffusersSource, **hub_kwargs) -> dict[str, object]:
     """The diffusers components of ``source``: ``{"denoiser", "scheduler", "vae"}`` (None when absent).
 
@@ -162,10 +181,10 @@ def load_components(source: DiffusersSource, **hub_kwargs) -> dict[str, object]:
                 f"Component {key!r} of {source.path} is {library}.{class_name}; ddae_diffusers loads diffusers "
                 f"components only ({SUPPORTED} with a diffusers scheduler and VAE)."
             )
-        return getattr(diffusers, class_name).from_pretrained(source.path, subfolder=key, **hub_kwargs)
+        return _from_pretrained(getattr(diffusers, class_name), source.path, f"{key} of", subfolder=key, **hub_kwargs)
 
     if source.model_index is None:
-        denoiser = source.family.model_class.from_pretrained(source.path, **hub_kwargs)
+        denoiser = _from_pretrained(source.family.model_class, source.path, "model in", **hub_kwargs)
         return {"denoiser": denoiser, "scheduler": None, "vae": None}
     present = source.component_names()
     return {

@@ -163,3 +163,65 @@ def test_resume_with_another_learning_rate_is_refused(tmp_path):
     with pytest.raises(UsageError, match=r"--learning_rate 0.001 differs from the 0.0001 of .*checkpoint-2"):
         run(tmp_path, "--max_train_steps", "3", "--checkpointing_steps", "1", "--probe_every_n_steps", "0",
             "--learning_rate", "1e-3", "--lr_scheduler", "constant", "--resume_from_checkpoint", "latest")
+
+
+# ------------------------------------------------------------------ non-finite inputs and weights are refused
+def test_nan_pixel_is_refused_naming_the_image(backbone):
+    images = torch.rand(3, 3, 16, 16) * 2 - 1
+    images[1, 0, 4, 4] = float("nan")
+    with pytest.raises(ValueError, match="first in image 1 of the batch"):
+        backbone.features(images, LAYERS, [10])
+
+
+def test_nan_weight_is_refused_naming_layer_and_example(tmp_path, capsys):
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    from ddae_diffusers.probing.cli import console_main
+
+    unet = make_tiny_unet()
+    with torch.no_grad():
+        unet.mid_block.resnets[0].conv1.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"features of 'mid_block' at t=10 are NaN or inf for example 5"):
+        DDAEBackbone(unet).features(torch.zeros(2, 3, 16, 16), ["mid_block"], [10], example_ids=[5, 6])
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "nan-model")
+    from conftest import CIFAR10_SAMPLE
+
+    out = tmp_path / "probe"
+    with pytest.raises(SystemExit) as exit_info:
+        console_main(["--model", str(tmp_path / "nan-model"), "--dataset", CIFAR10_SAMPLE, "--train_split",
+                      "train[:40]", "--eval_split", "test[:20]", "--layers", "mid_block", "--timesteps", "10",
+                      "--output_dir", str(out)])
+    assert exit_info.value.code == 2
+    assert "NaN or inf" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (out / "results.json").exists() and not (out / "heads.safetensors").exists()
+
+
+# ------------------------------------------------------------------ damaged model files are named in one line
+MODEL_FAULTS = [
+    (empty, "unet/diffusion_pytorch_model.safetensors", "Cannot load the unet of"),
+    (truncate_half, "unet/diffusion_pytorch_model.safetensors", "truncated or corrupt"),
+    (garbage, "unet/diffusion_pytorch_model.safetensors", "truncated or corrupt"),
+    (empty, "model_index.json", "model_index.json is not valid JSON"),
+    (garbage, "unet/config.json", "unet/config.json' is not a valid JSON file"),
+    (truncate_half, "scheduler/scheduler_config.json", "scheduler_config.json' is not a valid JSON file"),
+]
+
+
+@pytest.mark.parametrize(("fault", "target", "message"), MODEL_FAULTS,
+                         ids=[f"{f.__name__}:{t}" for f, t, _ in MODEL_FAULTS])
+def test_damaged_model_file_is_one_line_naming_it(fault, target, message, tiny_unet_pipeline_dir, tmp_path, capsys):
+    import shutil
+
+    from conftest import CIFAR10_SAMPLE
+
+    from ddae_diffusers.probing.cli import console_main
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_unet_pipeline_dir, model)
+    fault(model / target)
+    out = tmp_path / "probe"
+    with pytest.raises(SystemExit) as exit_info:
+        console_main(["--model", str(model), "--dataset", CIFAR10_SAMPLE, "--output_dir", str(out)])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2 and line.startswith("ddae-probe: error: ") and message in line, line
+    assert not (out / "results.json").exists()

@@ -208,6 +208,8 @@ def check_args(args: argparse.Namespace) -> None:
             setattr(args, flag, check_source(getattr(args, flag), f"--{flag}"))
     if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
         raise UsageError(f"--train_data_dir {args.train_data_dir!r} is not a folder: give a folder of images.")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}.")
     if args.learning_rate <= 0:
         raise UsageError(f"--learning_rate must be > 0, got {args.learning_rate}.")
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():

@@ -116,9 +116,11 @@ def _load_split(name: str, split: str, max_samples: int | None):
 
     try:
         dataset = datasets.load_dataset(name, split=split)
-    except (OSError, ValueError) as error:  # missing files, an unreachable Hub id, a bad split name
+    except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as error:  # missing files, offline, ...
         hint = " Offline, pass a local copy (data/cifar10-sample in this repository is CIFAR-10)." if isinstance(
             error, ConnectionError) else ""
+        if os.path.isfile(os.path.join(name, "model_index.json")) or os.path.isfile(os.path.join(name, "config.json")):
+            hint = " It is a model folder, not a data set: pass the model as --model and a data set as --dataset."
         raise UsageError(f"Could not load split {split!r} of data set {name!r}: {error}.{hint}") from None
     if max_samples is not None:
         if max_samples < 1:
@@ -141,6 +143,8 @@ def prepare(config: ProbeConfig, backbone: DDAEBackbone | None = None) -> Prepar
         raise UsageError("--train_views and --batch_size must be >= 1.")
     if config.pixel_baseline and config.protocol != "cached":
         raise UsageError("--pixel_baseline runs with --protocol cached; drop one of the two.")
+    if config.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {config.seed}.")
     if not 0 < config.val_fraction < 1:
         raise UsageError(f"val_fraction must be in (0, 1), got {config.val_fraction}.")
     config.probe_recipe()  # validates lrs, epochs, normalization
@@ -162,6 +166,8 @@ def prepare(config: ProbeConfig, backbone: DDAEBackbone | None = None) -> Prepar
     probe_image = torch.zeros(1, backbone.image_channels, resolution, resolution, device=backbone.device)
     try:
         backbone.features(probe_image, layers[-1:], timesteps[:1])
+    except UsageError:
+        raise  # already says what is wrong (non-finite weights, say)
     except (RuntimeError, ValueError) as error:
         raise UsageError(
             f"The model cannot take {resolution}x{resolution} images ({error}): change --resolution."
