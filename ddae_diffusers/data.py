@@ -6,7 +6,9 @@ No torchvision: PIL does the resizing, torch the augmentation.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from PIL import Image
 
 from .errors import UsageError
 from .image_processing_ddae import ImageLike, images_to_tensor, to_rgb_array
@@ -65,6 +67,21 @@ def detect_label_column(dataset, label_column: str | None = None) -> str:
             "cast it to ClassLabel (dataset.class_encode_column) or pass another --label_column."
         )
     return label_column
+
+
+def conversion_note(image, resolution: int) -> str | None:
+    """What the pixel conversion does to ``image`` (a PIL image or array) for a ``resolution`` RGB model, in
+    words, or None when nothing changes: ``"64x64 L images are converted to RGB, resized to 32x32"``."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    changes = []
+    if image.mode != "RGB":
+        changes.append(f"converted from {image.mode} to RGB")
+    if image.size != (resolution, resolution):
+        changes.append(f"resized (shorter side) and centre-cropped to {resolution}x{resolution}")
+    if not changes:
+        return None
+    return f"{image.width}x{image.height} {image.mode} images are " + " and ".join(changes)
 
 
 def label_names(dataset, label_column: str) -> list[str] | None:

@@ -225,3 +225,79 @@ def test_damaged_model_file_is_one_line_naming_it(fault, target, message, tiny_u
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert exit_info.value.code == 2 and line.startswith("ddae-probe: error: ") and message in line, line
     assert not (out / "results.json").exists()
+
+
+# ------------------------------------------------------------------ a probe folder is always one whole run
+class Killed(BaseException):
+    """Stands in for a kill: not an Exception, so nothing on the way catches it."""
+
+
+def kill(*args, **kwargs):
+    raise Killed
+
+
+# (where the run dies, what is patched to die there); the first run into the folder always completes.
+PROBE_KILLS = {
+    "extracting features": ("ddae_diffusers.probing.cache.FeatureCache._compute", True),
+    "training heads": ("ddae_diffusers.probing.engine.train_heads", True),
+    "writing results.json (after the other files)": ("ddae_diffusers.probing.result.ProbeResult.save", False),
+}
+
+
+@pytest.mark.parametrize("stage", list(PROBE_KILLS))
+def test_killed_probe_leaves_one_whole_run(stage, tiny_unet_pipeline_dir, tmp_path, monkeypatch):
+    from unittest import mock
+
+    from conftest import CIFAR10_SAMPLE
+
+    from ddae_diffusers import DDAEForImageClassification, DDAEPipeline
+    from ddae_diffusers.probing.cli import main as probe
+    from ddae_diffusers.probing.result import ProbeResult
+
+    out = tmp_path / "probe"
+    common = ["--model", tiny_unet_pipeline_dir, "--dataset", CIFAR10_SAMPLE, "--train_split", "train[:60]",
+              "--eval_split", "test[:30]", "--layers", "mid_block", "--epochs", "2", "--output_dir", str(out),
+              "--cache_dir", str(tmp_path / "cache")]
+    first = probe([*common, "--timesteps", "10"])
+    target, old_run_survives = PROBE_KILLS[stage]
+    with mock.patch(target, kill), pytest.raises(Killed):
+        probe([*common, "--timesteps", "50"])  # another grid into the same folder, killed on the way
+    if old_run_survives:  # nothing of the new run was written: the old run is whole and loads
+        assert ProbeResult.load(out).best_cell().timestep == first["best"]["timestep"] == 10
+        DDAEForImageClassification.from_probe(out)
+    else:  # the new heads are in place beside the old results.json: refused by every reader
+        for load in (ProbeResult.load, DDAEForImageClassification.from_probe,
+                     lambda folder: DDAEPipeline.from_pretrained(tiny_unet_pipeline_dir, classifier=str(folder))):
+            with pytest.raises(ValueError, match="do not belong together"):
+                load(out)
+    assert not [p for p in out.iterdir() if p.name.startswith(".report.")]  # no staging folder left behind
+    again = probe([*common, "--timesteps", "50"])  # a rerun heals the folder
+    assert ProbeResult.load(out).best_cell().timestep == again["best"]["timestep"] == 50
+
+
+# ------------------------------------------------------------------ surprising inputs: refused, or said in one line
+def test_evaluating_on_the_training_split_is_refused(tiny_unet_pipeline_dir, tmp_path):
+    from conftest import CIFAR10_SAMPLE
+
+    from ddae_diffusers.probing.engine import ProbeConfig, prepare
+
+    config = ProbeConfig(model=tiny_unet_pipeline_dir, dataset=CIFAR10_SAMPLE, output_dir=str(tmp_path),
+                         train_split="train[:40]", eval_split="train[:40]")
+    with pytest.raises(ValueError, match="is the training split"):
+        prepare(config)
+
+
+def test_converted_images_are_said_in_one_line(tiny_unet_pipeline_dir, cifar_small, tmp_path, caplog):
+    """Grayscale 32x32 images for a 16x16 RGB model: converted and resized, and the log says so."""
+    from ddae_diffusers.probing.engine import ProbeConfig, prepare
+
+    gray = cifar_small.select(range(40)).map(lambda row: {"img": row["img"].convert("L")})
+    folder = tmp_path / "gray"
+    for split, rows in (("train", range(30)), ("test", range(30, 40))):
+        (folder / "data").mkdir(parents=True, exist_ok=True)
+        gray.select(rows).to_parquet(str(folder / "data" / f"{split}-00000.parquet"))
+    config = ProbeConfig(model=tiny_unet_pipeline_dir, dataset=str(folder), output_dir=str(tmp_path / "out"))
+    with caplog.at_level(logging.WARNING, logger="ddae_diffusers.probing.engine"):
+        prepare(config)
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "ddae_diffusers.probing.engine"]
+    assert "32x32 L images are converted from L to RGB and resized" in line and "to 16x16" in line

@@ -232,6 +232,11 @@ def main(argv: list[str] | None = None) -> dict:
         raise UsageError("--freeze_backbone and --lora_r are exclusive: LoRA already freezes the base weights.")
     check_writable_dir(training_args.output_dir)
 
+    if data_args.eval_split == data_args.train_split:
+        raise UsageError(
+            f"--eval_split {data_args.eval_split!r} is the training split: the accuracy would be measured on "
+            "training images. Pass a held-out split (e.g. --eval_split test), or an empty one to skip evaluation."
+        )
     train_ds = load_split(data_args, data_args.train_split, data_args.max_train_samples)
     eval_ds = load_split(data_args, data_args.eval_split, data_args.max_eval_samples) if data_args.eval_split else None
     image_column = detect_image_column(train_ds, data_args.image_column)

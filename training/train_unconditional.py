@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from ddae_diffusers import DDAEBackbone
 from ddae_diffusers.capture import derive_seed
 from ddae_diffusers.checkpoints import checkpoint_step, list_checkpoints, resolve_checkpoint, save_checkpoint
-from ddae_diffusers.data import detect_image_column, detect_label_column, to_rgb_array
+from ddae_diffusers.data import conversion_note, detect_image_column, detect_label_column, to_rgb_array
 from ddae_diffusers.errors import ArgumentParser, UsageError, fail, run_command
 from ddae_diffusers.families import family_named, family_of, sample_size
 from ddae_diffusers.hub import create_hub_repo, push_folder
@@ -309,6 +309,10 @@ def build_model(args: argparse.Namespace, resolution: int | None) -> tuple[torch
         from ddae_diffusers.presets import load_model_config
 
         config = load_model_config(args.model_config or "ddpm-cifar10-32")
+        preset_size = sample_size(config)
+        if resolution is not None and preset_size not in (None, resolution):
+            logger.warning(f"--resolution {resolution}: building {args.model_config or 'ddpm-cifar10-32'} for "
+                           f"{resolution}x{resolution} images (the preset is {preset_size}x{preset_size}).")
         resolution = resolution or sample_size(config) or 64
         _check_resolution(config, resolution)
         config["sample_size"] = resolution
@@ -487,6 +491,9 @@ def main(args: argparse.Namespace) -> str:
         denoiser.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
     )
+    note = conversion_note(train_split[0][image_column], resolution)
+    if note:
+        logger.warning(f"{note} for training (first image).")
     sampler = EpochSampler(len(train_split), args.seed)
     train_dataloader = torch.utils.data.DataLoader(
         TrainImages(train_split, image_column, resolution, args.center_crop, args.random_flip, args.seed),

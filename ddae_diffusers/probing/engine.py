@@ -8,6 +8,7 @@ kNN and writes the report.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..capture import DDAEBackbone
-from ..data import detect_image_column, detect_label_column, label_names
+from ..data import conversion_note, detect_image_column, detect_label_column, label_names
 from ..errors import UsageError
 from ..io_utils import check_writable_dir
 from .baselines import pixel_features, random_init
@@ -25,6 +26,7 @@ from .heads import PAPER_RECIPE, ProbeRecipe, choose_lr, train_heads
 from .knn import knn_accuracy
 from .result import ProbeCell, ProbeResult
 
+logger = logging.getLogger(__name__)
 DEFAULT_TIMESTEPS = (0, 10, 25, 50, 100, 200, 400)
 PROTOCOLS = ("cached", "online")
 RECIPES = ("converge", "paper")
@@ -173,12 +175,20 @@ def prepare(config: ProbeConfig, backbone: DDAEBackbone | None = None) -> Prepar
             f"The model cannot take {resolution}x{resolution} images ({error}): change --resolution."
         ) from None
 
+    if config.eval_split == config.train_split:
+        raise UsageError(
+            f"--eval_split {config.eval_split!r} is the training split: the test accuracy would be measured on "
+            "training images. Pass a held-out split (e.g. --eval_split test)."
+        )
     train = _load_split(config.dataset, config.train_split, config.max_train_samples)
     evaluation = _load_split(config.dataset, config.eval_split, config.max_eval_samples)
     image_column = detect_image_column(train, config.image_column)
     label_column = detect_label_column(train, config.label_column)
     detect_image_column(evaluation, image_column)
     detect_label_column(evaluation, label_column)
+    note = conversion_note(train[0][image_column], resolution)
+    if note:
+        logger.warning(f"{note} for the model ({config.train_split!r}, first image).")
     train_labels = _labels(train, label_column, config.train_split)
     eval_labels = _labels(evaluation, label_column, config.eval_split)
     names = label_names(train, label_column)

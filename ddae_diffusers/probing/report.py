@@ -8,13 +8,15 @@ eval mode. Every file is written atomically.
 
 from __future__ import annotations
 
+import glob
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping
 
-from ..io_utils import atomic_path
 from .heads import LinearHead
 from .heatmap import grid_heatmap
-from .result import HEADS_FILE, ProbeResult, cell_key, parse_cell_key
+from .result import HEADS_FILE, ProbeResult, cell_key, file_digest, parse_cell_key
 
 
 def head_tensors(heads: Mapping[tuple[str, int], LinearHead]) -> dict:
@@ -104,25 +106,35 @@ def markdown_table(results: dict) -> str:
 
 def heatmap(results: dict, metric: str, path: str, title: str, marked: tuple[str, int]) -> None:
     """Layers (execution order) x timesteps, annotated in %, with ``marked`` outlined; PNG at ``path``."""
-    with atomic_path(path) as tmp:
-        grid_heatmap(results["cells"], tmp, metric, title=title, marked=marked, layers=results["layers"])
+    grid_heatmap(results["cells"], path, metric, title=title, marked=marked, layers=results["layers"])
 
 
 def write_report(output_dir: str, result: ProbeResult, heads: Mapping[tuple[str, int], LinearHead]) -> None:
-    """Writes all artefacts of a finished run into ``output_dir``."""
+    """Writes all artefacts of a finished run into ``output_dir``, as one run.
+
+    Every file is written into a staging folder first; then each is renamed into place, ``results.json``
+    last. ``results.json`` records the SHA-256 of the others (``files``), so a folder left half-old,
+    half-new by a kill is refused on load (:meth:`ProbeResult.load`) instead of mixing two runs.
+    """
     from safetensors.torch import save_file
 
     os.makedirs(output_dir, exist_ok=True)
+    for stale in glob.glob(os.path.join(output_dir, ".report.*")):  # staging left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
     results = result.to_dict()
     best = results["best"]
-    with atomic_path(os.path.join(output_dir, HEADS_FILE)) as tmp:
-        save_file(head_tensors(heads), tmp, metadata={"best": cell_key(best["layer"], best["timestep"])})
-    result.save(output_dir)
-    with atomic_path(os.path.join(output_dir, "results.md")) as tmp, open(tmp, "w") as f:
-        f.write(markdown_table(results))
     name = model_title(results)
-    heatmap(results, "linear_acc", os.path.join(output_dir, "heatmap.png"),
-            f"linear probe accuracy, {name} (box: best on validation)", (best["layer"], best["timestep"]))
     top_knn = max(results["cells"], key=lambda c: c["knn_acc"])
-    heatmap(results, "knn_acc", os.path.join(output_dir, "knn_heatmap.png"),
-            f"kNN accuracy (k=20, T=0.07), {name} (box: highest)", (top_knn["layer"], top_knn["timestep"]))
+    with tempfile.TemporaryDirectory(prefix=".report.", dir=output_dir) as staging:
+        save_file(head_tensors(heads), os.path.join(staging, HEADS_FILE),
+                  metadata={"best": cell_key(best["layer"], best["timestep"])})
+        with open(os.path.join(staging, "results.md"), "w") as f:
+            f.write(markdown_table(results))
+        heatmap(results, "linear_acc", os.path.join(staging, "heatmap.png"),
+                f"linear probe accuracy, {name} (box: best on validation)", (best["layer"], best["timestep"]))
+        heatmap(results, "knn_acc", os.path.join(staging, "knn_heatmap.png"),
+                f"kNN accuracy (k=20, T=0.07), {name} (box: highest)", (top_knn["layer"], top_knn["timestep"]))
+        result.files = {file: file_digest(os.path.join(staging, file)) for file in sorted(os.listdir(staging))}
+        for file in result.files:
+            os.replace(os.path.join(staging, file), os.path.join(output_dir, file))
+        result.save(output_dir)

@@ -7,6 +7,7 @@ A probe folder holds ``results.json`` (this object, as readable JSON: the run's 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -43,6 +44,15 @@ class ProbeCell:
 
 def _cell(data: dict) -> ProbeCell:
     return ProbeCell(**{f.name: data.get(f.name) for f in fields(ProbeCell) if f.name in data or f.default is MISSING})
+
+
+def file_digest(path: str) -> str:
+    """SHA-256 of a file's bytes (hex)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def cell_key(layer: str, timestep: int) -> str:
@@ -90,6 +100,7 @@ class ProbeResult:
     baselines: dict[str, dict] = field(default_factory=dict)  # e.g. "pixels": a cell without layer/timestep
     config: dict = field(default_factory=dict)  # the ProbeConfig of the run
     timings: dict[str, dict[str, float]] = field(default_factory=dict)  # stage -> {"wall_s", "cpu_s"}
+    files: dict[str, str] = field(default_factory=dict)  # the run's other files -> SHA-256 (written last)
 
     # ------------------------------------------------------------------ files
     @staticmethod
@@ -128,8 +139,22 @@ class ProbeResult:
         for name in (RESULTS_FILE, HEADS_FILE):
             if not os.path.isfile(os.path.join(folder, name)):
                 raise UsageError(f"{folder!r} is not a probe output folder: {name} is missing.")
-        with open(os.path.join(folder, RESULTS_FILE)) as f:
-            return cls.from_dict(json.load(f))
+        try:
+            with open(os.path.join(folder, RESULTS_FILE)) as f:
+                result = cls.from_dict(json.load(f))
+        except (ValueError, KeyError, TypeError) as error:
+            raise UsageError(
+                f"{folder}/{RESULTS_FILE} is damaged ({type(error).__name__}: {error}): run ddae-probe again."
+            ) from None
+        for name, digest in (result.files or {}).items():
+            path = os.path.join(folder, name)
+            if not os.path.isfile(path) or file_digest(path) != digest:
+                raise UsageError(
+                    f"The files of {folder!r} do not belong together: {name} is not the one {RESULTS_FILE} was "
+                    "written with (a run was interrupted while writing, or a file was replaced). Run ddae-probe "
+                    "into this folder again."
+                )
+        return result
 
     # ------------------------------------------------------------------ cells
     def best_cell(self, layer: str | None = None, timestep: int | None = None) -> ProbeCell:
