@@ -116,3 +116,21 @@ def test_installed_commands_print_one_line(command, tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].endswith("give an existing local folder or a Hub id (owner/name).")
     assert "Traceback" not in done.stderr
+
+
+def test_two_process_launch_prints_the_mistake_once(tmp_path):
+    """Under ``accelerate launch`` every process meets the mistake; only the main one prints it. (The launcher
+    then adds its own failure report, which the child cannot suppress.)"""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    env.pop("DDAE_TRACEBACK", None)
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    done = subprocess.run(
+        [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "-m", "ddae_diffusers.probing.cli",
+         "--model", "./missing", "--dataset", CIFAR10_SAMPLE, "--output_dir", str(tmp_path / "out")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode != 0
+    ours = [line for line in done.stderr.splitlines() if line.startswith("ddae-probe: error: ")]
+    assert ours == ["ddae-probe: error: --model './missing' is not a folder (no such path): give an existing local "
+                    "folder or a Hub id (owner/name)."]
+    assert "exitcode  : 2" in done.stderr
