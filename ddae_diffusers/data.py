@@ -6,6 +6,8 @@ No torchvision: PIL does the resizing, torch the augmentation.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 from PIL import Image
@@ -82,6 +84,28 @@ def conversion_note(image, resolution: int) -> str | None:
     if not changes:
         return None
     return f"{image.width}x{image.height} {image.mode} images are " + " and ".join(changes)
+
+
+def load_split(name: str, split: str, max_samples: int | None = None, config_name: str | None = None):
+    """One split of a data set (Hub id or folder), its first ``max_samples`` rows; a ``UsageError`` that names
+    the cause (missing, offline, a model folder, an unknown split, empty) otherwise."""
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(name, config_name, split=split)
+    except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as error:  # missing files, offline, ...
+        hint = " Offline, pass a local copy (data/cifar10-sample in this repository is CIFAR-10)." if isinstance(
+            error, ConnectionError) else ""
+        if os.path.isfile(os.path.join(name, "model_index.json")) or os.path.isfile(os.path.join(name, "config.json")):
+            hint = " It is a model folder, not a data set: pass the model as --model and a data set as --dataset."
+        raise UsageError(f"Could not load split {split!r} of data set {name!r}: {error}.{hint}") from None
+    if max_samples is not None:
+        if max_samples < 1:
+            raise UsageError(f"--max_*_samples must be >= 1, got {max_samples}.")
+        dataset = dataset.select(range(min(max_samples, len(dataset))))
+    if len(dataset) == 0:
+        raise UsageError(f"Split {split!r} of {name!r} is empty.")
+    return dataset
 
 
 def label_names(dataset, label_column: str) -> list[str] | None:

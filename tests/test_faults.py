@@ -136,7 +136,7 @@ def test_every_feature_setting_is_in_the_cache_key(change, any_size_backbone, tw
 
 
 # ------------------------------------------------------------------ training: non-finite weights are never saved
-@pytest.mark.parametrize("learning_rate", ["inf", "1e30"])
+@pytest.mark.parametrize("learning_rate", ["1e30", "1e9"])
 def test_diverged_training_saves_nothing_non_finite(learning_rate, tmp_path):
     from safetensors.torch import load_file
     from test_train_unconditional import run

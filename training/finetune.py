@@ -19,7 +19,6 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-import datasets
 import numpy as np
 import torch
 from transformers import AutoModelForImageClassification, HfArgumentParser, Trainer, TrainingArguments
@@ -30,6 +29,7 @@ from ddae_diffusers.data import (
     detect_label_column,
     images_to_tensor,
     label_names,
+    load_split,
     random_crop_flip,
 )
 from ddae_diffusers.errors import OneLineErrors, UsageError, run_command
@@ -199,16 +199,6 @@ def optimisation_summary(args: TrainingArguments) -> str:
     )
 
 
-def load_split(data_args: DataArguments, split: str, limit: int | None):
-    try:
-        dataset = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name, split=split)
-    except ValueError as error:
-        raise UsageError(f"Cannot load split {split!r} of {data_args.dataset_name!r}: {error}") from None
-    if limit is not None:
-        dataset = dataset.select(range(min(limit, len(dataset))))
-    return dataset
-
-
 class ArgumentParser(OneLineErrors, HfArgumentParser):
     """``HfArgumentParser`` whose errors are one line with exit status 2."""
 
@@ -219,6 +209,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as error:  # TrainingArguments.__post_init__ refuses inconsistent flags
         raise UsageError(str(error)) from None
+    if training_args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {training_args.seed}.")
     model_args.model_name_or_path = check_source(model_args.model_name_or_path, "--model_name_or_path")
     data_args.dataset_name = check_source(data_args.dataset_name, "--dataset_name")
     return model_args, data_args, training_args
@@ -237,8 +229,11 @@ def main(argv: list[str] | None = None) -> dict:
             f"--eval_split {data_args.eval_split!r} is the training split: the accuracy would be measured on "
             "training images. Pass a held-out split (e.g. --eval_split test), or an empty one to skip evaluation."
         )
-    train_ds = load_split(data_args, data_args.train_split, data_args.max_train_samples)
-    eval_ds = load_split(data_args, data_args.eval_split, data_args.max_eval_samples) if data_args.eval_split else None
+    name, config_name = data_args.dataset_name, data_args.dataset_config_name
+    train_ds = load_split(name, data_args.train_split, data_args.max_train_samples, config_name)
+    eval_ds = None
+    if data_args.eval_split:
+        eval_ds = load_split(name, data_args.eval_split, data_args.max_eval_samples, config_name)
     image_column = detect_image_column(train_ds, data_args.image_column)
     label_column = detect_label_column(train_ds, data_args.label_column)
     names = label_names(train_ds, label_column)

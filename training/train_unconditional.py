@@ -210,8 +210,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--train_data_dir {args.train_data_dir!r} is not a folder: give a folder of images.")
     if args.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {args.seed}.")
-    if args.learning_rate <= 0:
-        raise UsageError(f"--learning_rate must be > 0, got {args.learning_rate}.")
+    if not math.isfinite(args.learning_rate) or args.learning_rate <= 0:
+        raise UsageError(f"--learning_rate must be a finite number > 0, got {args.learning_rate}.")
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UsageError("--mixed_precision fp16 needs a GPU; on CPU use bf16.")
     if args.logger in ("tensorboard", "wandb", "all"):

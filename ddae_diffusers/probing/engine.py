@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..capture import DDAEBackbone
-from ..data import conversion_note, detect_image_column, detect_label_column, label_names
+from ..data import conversion_note, detect_image_column, detect_label_column, label_names, load_split
 from ..errors import UsageError
 from ..io_utils import check_writable_dir
 from .baselines import pixel_features, random_init
@@ -113,26 +113,6 @@ def _labels(dataset, column: str, split: str) -> torch.Tensor:
     return labels.long()
 
 
-def _load_split(name: str, split: str, max_samples: int | None):
-    import datasets
-
-    try:
-        dataset = datasets.load_dataset(name, split=split)
-    except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as error:  # missing files, offline, ...
-        hint = " Offline, pass a local copy (data/cifar10-sample in this repository is CIFAR-10)." if isinstance(
-            error, ConnectionError) else ""
-        if os.path.isfile(os.path.join(name, "model_index.json")) or os.path.isfile(os.path.join(name, "config.json")):
-            hint = " It is a model folder, not a data set: pass the model as --model and a data set as --dataset."
-        raise UsageError(f"Could not load split {split!r} of data set {name!r}: {error}.{hint}") from None
-    if max_samples is not None:
-        if max_samples < 1:
-            raise UsageError(f"--max_*_samples must be >= 1, got {max_samples}.")
-        dataset = dataset.select(range(min(max_samples, len(dataset))))
-    if len(dataset) == 0:
-        raise UsageError(f"Split {split!r} of {name!r} is empty.")
-    return dataset
-
-
 def prepare(config: ProbeConfig, backbone: DDAEBackbone | None = None) -> Prepared:
     """Validates every input and loads model and data; raises ``ValueError`` before any extraction."""
     if config.protocol not in PROTOCOLS:
@@ -180,8 +160,8 @@ def prepare(config: ProbeConfig, backbone: DDAEBackbone | None = None) -> Prepar
             f"--eval_split {config.eval_split!r} is the training split: the test accuracy would be measured on "
             "training images. Pass a held-out split (e.g. --eval_split test)."
         )
-    train = _load_split(config.dataset, config.train_split, config.max_train_samples)
-    evaluation = _load_split(config.dataset, config.eval_split, config.max_eval_samples)
+    train = load_split(config.dataset, config.train_split, config.max_train_samples)
+    evaluation = load_split(config.dataset, config.eval_split, config.max_eval_samples)
     image_column = detect_image_column(train, config.image_column)
     label_column = detect_label_column(train, config.label_column)
     detect_image_column(evaluation, image_column)
