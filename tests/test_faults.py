@@ -301,3 +301,19 @@ def test_converted_images_are_said_in_one_line(tiny_unet_pipeline_dir, cifar_sma
         prepare(config)
     (line,) = [r.getMessage() for r in caplog.records if r.name == "ddae_diffusers.probing.engine"]
     assert "32x32 L images are converted from L to RGB and resized" in line and "to 16x16" in line
+
+
+@pytest.mark.parametrize("fault", [empty, truncate_half, garbage], ids=lambda f: f.__name__)
+# (random_states_0.pkl is not needed: every step reseeds from --seed and its index, so accelerate's warning on a
+# damaged one is harmless.)
+@pytest.mark.parametrize("target", ["model.safetensors", "optimizer.bin", "scheduler.bin"])
+def test_damaged_checkpoint_is_named_with_the_fix(fault, target, tmp_path):
+    from test_train_unconditional import run
+
+    from ddae_diffusers.errors import UsageError
+
+    run(tmp_path, "--max_train_steps", "2", "--checkpointing_steps", "1", "--probe_every_n_steps", "0")
+    fault(tmp_path / "out" / "checkpoint-2" / target)
+    with pytest.raises(UsageError, match=r"checkpoint-2 is damaged .*resume from an earlier checkpoint-N"):
+        run(tmp_path, "--max_train_steps", "3", "--checkpointing_steps", "1", "--probe_every_n_steps", "0",
+            "--resume_from_checkpoint", "latest")

@@ -22,6 +22,7 @@ import argparse
 import logging
 import math
 import os
+import pickle
 import shlex
 import shutil
 import sys
@@ -39,6 +40,7 @@ from diffusers.optimization import SchedulerType, get_scheduler
 from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
 from PIL import Image
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from ddae_diffusers import DDAEBackbone
@@ -522,7 +524,14 @@ def main(args: argparse.Namespace) -> str:
 
     if resume_path is not None:
         accelerator.print(f"Resuming from {resume_path}")
-        accelerator.load_state(resume_path)
+        try:
+            accelerator.load_state(resume_path)
+        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError, SafetensorError) as error:
+            reason = " ".join(str(error).split())[:200]
+            raise UsageError(
+                f"{resume_path} is damaged ({type(error).__name__}: {reason}): resume from an earlier checkpoint-N "
+                "with --resume_from_checkpoint, or start over with --overwrite_output_dir."
+            ) from None
         if state.global_step != checkpoint_step(resume_path):
             raise UsageError(f"{resume_path} holds the state of step {state.global_step}, not its name's step.")
         resumed_lr = getattr(lr_scheduler, "scheduler", lr_scheduler).base_lrs[0]
