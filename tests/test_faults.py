@@ -76,7 +76,7 @@ def extract(backbone, dataset, cache_dir, image_column="img", **changes):
                          ids=[f"{f.__name__}:{t}" for f, t, _ in CACHE_FAULTS])
 def test_damaged_cache_file_is_named_and_recomputed(fault, target, logged, backbone, cifar16, tmp_path, caplog):
     reference = extract(backbone, cifar16, tmp_path)
-    (unit,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    (unit,) = [p for p in tmp_path.iterdir() if p.is_dir() and not p.name.startswith(".")]
     fault(unit / target)
     with caplog.at_level(logging.WARNING, logger="ddae_diffusers.probing.cache"):
         repaired = extract(backbone, cifar16, tmp_path)
@@ -90,7 +90,7 @@ def test_damaged_cache_file_is_named_and_recomputed(fault, target, logged, backb
 
 
 def unit_names(cache_dir: Path) -> set[str]:
-    return {p.name for p in cache_dir.iterdir() if p.is_dir()}
+    return {p.name for p in cache_dir.iterdir() if p.is_dir() and not p.name.startswith(".")}
 
 
 @pytest.fixture(scope="module")
@@ -317,3 +317,51 @@ def test_damaged_checkpoint_is_named_with_the_fix(fault, target, tmp_path):
     with pytest.raises(UsageError, match=r"checkpoint-2 is damaged .*resume from an earlier checkpoint-N"):
         run(tmp_path, "--max_train_steps", "3", "--checkpointing_steps", "1", "--probe_every_n_steps", "0",
             "--resume_from_checkpoint", "latest")
+
+
+# ------------------------------------------------------------------ two runs on one cache at once
+def test_concurrent_probes_share_one_cache_safely(tiny_unet_pipeline_dir, tmp_path):
+    """Two ddae-probe processes (same model) and a third (another model) on one --cache_dir at the same time:
+    all finish, each result equals a run on a private cache, and the shared cache is complete afterwards."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import CIFAR10_SAMPLE
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    from ddae_diffusers.probing.engine import ProbeConfig, run_probe
+
+    other = tmp_path / "other-model"
+    DDPMPipeline(unet=make_tiny_unet(seed=5), scheduler=DDPMScheduler()).save_pretrained(other)
+    grid = ["--dataset", CIFAR10_SAMPLE, "--train_split", "train[:96]", "--eval_split", "test[:48]",
+            "--layers", "mid_block", "--timesteps", "10", "50", "--batch_size", "8", "--epochs", "3"]
+    probe = os.path.join(os.path.dirname(sys.executable), "ddae-probe")
+    shared = tmp_path / "shared-cache"
+    runs = {name: (model, tmp_path / name) for name, model in
+            [("a", tiny_unet_pipeline_dir), ("b", tiny_unet_pipeline_dir), ("c", str(other))]}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([probe, "--model", model, *grid, "--output_dir", str(out), "--cache_dir", str(shared)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for model, out in runs.values()]
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-2000:]
+
+    def cells(folder: Path) -> list:
+        return [(c["layer"], c["timestep"], c["linear_acc"], c["knn_acc"])
+                for c in json.loads((folder / "results.json").read_text())["cells"]]
+
+    assert cells(runs["a"][1]) == cells(runs["b"][1])
+    for name in ("a", "c"):
+        model, out = runs[name]
+        private = tmp_path / f"private-{name}"
+        subprocess.run([probe, "--model", model, *grid, "--output_dir", str(private)], env=env, check=True,
+                       capture_output=True)
+        assert cells(out) == cells(private), name
+    computed = []
+    config = ProbeConfig(model=tiny_unet_pipeline_dir, dataset=CIFAR10_SAMPLE, output_dir=str(tmp_path / "again"),
+                         cache_dir=str(shared), train_split="train[:96]", eval_split="test[:48]", layers=["mid_block"],
+                         timesteps=[10, 50], batch_size=8, epochs=3)
+    run_probe(config, on_batch=lambda start, stop: computed.append((start, stop)), progress=False)
+    assert computed == []  # every unit the concurrent runs wrote is complete and valid

@@ -14,6 +14,7 @@ of the wrong size, is recomputed -- never used.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -291,45 +292,63 @@ class FeatureCache:
         rank = accelerator.process_index if accelerator is not None else 0
         is_main = rank == 0
         units = self.units(dataset, split, view, image_column)
-        todo: list[int] = []
-        batches: list[tuple[int, int]] = []
-        if is_main:
-            for unit in units:
-                unit.open()
-            todo = [i for i, unit in enumerate(units) if not unit.complete]
-            batches = missing_batches([units[i] for i in todo], batch_size) if todo else []
-        if world > 1:
-            from accelerate.utils import broadcast_object_list
-
-            todo, batches = broadcast_object_list([todo, batches])
-        timesteps = [units[i].key["timestep"] for i in todo]
-        width = sum(self.dims) * len(timesteps)
-        bar = tqdm(total=len(batches), desc=f"features {split} view {view.index}", disable=not (progress and is_main))
-        for round_start in range(0, len(batches), world):
-            mine = round_start + rank
-            block = torch.zeros(batch_size, width, device=self.backbone.device)
-            start, stop = batches[mine] if mine < len(batches) else (0, 0)
-            if stop > start:
-                block[: stop - start] = self._compute(dataset, image_column, view, start, stop, timesteps)
-            span = torch.tensor([start, stop], device=self.backbone.device)
-            if world > 1:
-                block, span = accelerator.gather(block), accelerator.gather(span)
+        with self._locked(units, is_main):
+            todo: list[int] = []
+            batches: list[tuple[int, int]] = []
             if is_main:
-                block, span = block.cpu(), span.cpu()
-                for part, (begin, end) in zip(block.split(batch_size), span.view(-1, 2).tolist(), strict=True):
-                    if end > begin:
-                        self._write(units, todo, begin, part[: end - begin])
-                        if on_batch is not None:
-                            on_batch(begin, end)
-                bar.update(min(world, len(batches) - round_start))
-        bar.close()
-        if not is_main:
-            return None
-        features = {}
-        for unit in units:
-            for layer, values in unit.read().items():
-                features[layer, unit.key["timestep"]] = values
-        return features
+                for unit in units:
+                    unit.open()
+                todo = [i for i, unit in enumerate(units) if not unit.complete]
+                batches = missing_batches([units[i] for i in todo], batch_size) if todo else []
+            if world > 1:
+                from accelerate.utils import broadcast_object_list
+
+                todo, batches = broadcast_object_list([todo, batches])
+            timesteps = [units[i].key["timestep"] for i in todo]
+            width = sum(self.dims) * len(timesteps)
+            desc = f"features {split} view {view.index}"
+            bar = tqdm(total=len(batches), desc=desc, disable=not (progress and is_main))
+            for round_start in range(0, len(batches), world):
+                mine = round_start + rank
+                block = torch.zeros(batch_size, width, device=self.backbone.device)
+                start, stop = batches[mine] if mine < len(batches) else (0, 0)
+                if stop > start:
+                    block[: stop - start] = self._compute(dataset, image_column, view, start, stop, timesteps)
+                span = torch.tensor([start, stop], device=self.backbone.device)
+                if world > 1:
+                    block, span = accelerator.gather(block), accelerator.gather(span)
+                if is_main:
+                    block, span = block.cpu(), span.cpu()
+                    for part, (begin, end) in zip(block.split(batch_size), span.view(-1, 2).tolist(), strict=True):
+                        if end > begin:
+                            self._write(units, todo, begin, part[: end - begin])
+                            if on_batch is not None:
+                                on_batch(begin, end)
+                    bar.update(min(world, len(batches) - round_start))
+            bar.close()
+            if not is_main:
+                return None
+            features = {}
+            for unit in units:
+                for layer, values in unit.read().items():
+                    features[layer, unit.key["timestep"]] = values
+            return features
+
+    def _locked(self, units: list[CacheUnit], is_main: bool) -> contextlib.ExitStack:
+        """Holds a file lock on each unit (in name order, so two runs never deadlock) on the main process.
+
+        Two ``ddae-probe`` runs on one cache then never write the same unit at once: the second waits, finds
+        the unit complete (or its missing rows) and reuses what the first wrote.
+        """
+        from filelock import FileLock
+
+        stack = contextlib.ExitStack()
+        if is_main:
+            lock_dir = os.path.join(self.cache_dir, ".locks")
+            os.makedirs(lock_dir, exist_ok=True)
+            for unit in sorted(units, key=lambda u: u.folder):
+                stack.enter_context(FileLock(os.path.join(lock_dir, os.path.basename(unit.folder) + ".lock")))
+        return stack
 
     def _compute(
         self, dataset, image_column: str, view: View, start: int, stop: int, timesteps: list[int]
