@@ -184,6 +184,13 @@ def check_image_batch(images: torch.Tensor, channels: int, size: int | None, che
             f"resize them (DDAEImageProcessor(size={size}))."
         )
     if check_range:
+        finite = torch.isfinite(images.flatten(1)).all(dim=1)
+        if not bool(finite.all()):
+            first = int((~finite).nonzero()[0, 0])
+            raise UsageError(
+                f"images hold NaN or inf values (first in image {first} of the batch, {int((~finite).sum())} "
+                "images in all): fix or drop them before extracting features."
+            )
         low, high = images.min().item(), images.max().item()
         if low < -1 - _RANGE_TOLERANCE or high > 1 + _RANGE_TOLERANCE:
             raise UsageError(
@@ -191,6 +198,18 @@ def check_image_batch(images: torch.Tensor, channels: int, size: int | None, che
                 "ddae_diffusers.DDAEImageProcessor (or images * 2 - 1 for [0, 1] inputs)."
             )
     return images
+
+
+def _check_finite_features(features: torch.Tensor, layer: str, t: int, example_ids: Sequence[int]) -> None:
+    """A ``UsageError`` naming the first example whose features of ``layer`` at ``t`` are NaN or inf."""
+    finite = torch.isfinite(features.flatten(1)).all(dim=1)
+    if not bool(finite.all()):
+        first = int((~finite).nonzero()[0, 0])
+        raise UsageError(
+            f"The features of {layer!r} at t={t} are NaN or inf for example {example_ids[first]} (and "
+            f"{int((~finite).sum()) - 1} more in this batch): the model's weights are probably not finite; "
+            "check the checkpoint."
+        )
 
 
 def dummy_input(denoiser: nn.Module, channels: int | None = None, size: int | None = None) -> torch.Tensor:
@@ -426,4 +445,5 @@ class DDAEBackbone:
                 captured = capture_activations(self.denoiser, noisy, t, layers, stop_after=layers[-1])
                 for layer in layers:
                     results[layer, t] = pool_activation(captured[layer], pooling).float()
+                    _check_finite_features(results[layer, t], layer, t, example_ids)
         return results

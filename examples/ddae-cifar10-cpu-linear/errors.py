@@ -27,8 +27,13 @@ class UsageTypeError(UsageError, TypeError):
 
 
 def fail(prog: str, message: str, status: int = 2) -> None:
-    """Prints ``<prog>: error: <message>`` on one line to stderr and exits with ``status``."""
-    print(f"{prog}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    """Prints ``<prog>: error: <message>`` on one line to stderr and exits with ``status``.
+
+    Under a multi-process launch only the main process (``RANK`` 0) prints: every process meets the same
+    mistake, and the user needs to read it once.
+    """
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{prog}: error: {' '.join(str(message).split())}", file=sys.stderr)
     sys.exit(status)
 
 
