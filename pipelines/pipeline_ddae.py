@@ -413,6 +413,12 @@ class DDAEPipeline(DiffusionPipeline):
             self.classifier(pixel_values=pixel_values[i : i + batch_size].to(device)).logits.float().cpu()
             for i in range(0, pixel_values.shape[0], batch_size)
         ])
+        finite = torch.isfinite(logits).all(dim=-1)
+        if not bool(finite.all()):
+            raise UsageError(
+                f"The classifier's logits are NaN or inf for image {int((~finite).nonzero()[0, 0])} (and "
+                f"{int((~finite).sum()) - 1} more): its weights are probably not finite; check the checkpoint."
+            )
         probs = logits.softmax(dim=-1)
         scores, label_ids = probs.max(dim=-1)
         labels = [str(config.id2label.get(int(i), int(i))) for i in label_ids]

@@ -365,3 +365,15 @@ def test_concurrent_probes_share_one_cache_safely(tiny_unet_pipeline_dir, tmp_pa
                          timesteps=[10, 50], batch_size=8, epochs=3)
     run_probe(config, on_batch=lambda start, stop: computed.append((start, stop)), progress=False)
     assert computed == []  # every unit the concurrent runs wrote is complete and valid
+
+
+def test_nan_classifier_is_refused_by_the_pipeline():
+    from ddae_diffusers import DDAEForImageClassification, DDAEPipeline
+
+    unet = make_tiny_unet()
+    classifier = DDAEForImageClassification.from_diffusers(unet, layer="mid_block", num_labels=3)
+    with torch.no_grad():
+        classifier.classifier.weight[0, 0] = float("nan")
+    pipe = DDAEPipeline(unet=unet, classifier=classifier)
+    with pytest.raises(ValueError, match="logits are NaN or inf for image 0"):
+        pipe.classify(torch.rand(2, 3, 16, 16) * 2 - 1)
