@@ -184,12 +184,11 @@ def check_image_batch(images: torch.Tensor, channels: int, size: int | None, che
             f"resize them (DDAEImageProcessor(size={size}))."
         )
     if check_range:
-        finite = torch.isfinite(images.flatten(1)).all(dim=1)
-        if not bool(finite.all()):
-            first = int((~finite).nonzero()[0, 0])
+        bad = non_finite_rows(images)
+        if bad is not None:
             raise UsageError(
-                f"images hold NaN or inf values (first in image {first} of the batch, {int((~finite).sum())} "
-                "images in all): fix or drop them before extracting features."
+                f"images hold NaN or inf values (first in image {bad[0]} of the batch, {bad[1]} images in all): "
+                "fix or drop them before extracting features."
             )
         low, high = images.min().item(), images.max().item()
         if low < -1 - _RANGE_TOLERANCE or high > 1 + _RANGE_TOLERANCE:
@@ -200,16 +199,27 @@ def check_image_batch(images: torch.Tensor, channels: int, size: int | None, che
     return images
 
 
-def _check_finite_features(features: torch.Tensor, layer: str, t: int, example_ids: Sequence[int]) -> None:
-    """A ``UsageError`` naming the first example whose features of ``layer`` at ``t`` are NaN or inf."""
-    finite = torch.isfinite(features.flatten(1)).all(dim=1)
-    if not bool(finite.all()):
-        first = int((~finite).nonzero()[0, 0])
-        raise UsageError(
-            f"The features of {layer!r} at t={t} are NaN or inf for example {example_ids[first]} (and "
-            f"{int((~finite).sum()) - 1} more in this batch): the model's weights are probably not finite; "
-            "check the checkpoint."
-        )
+def non_finite_rows(batch: torch.Tensor) -> tuple[int, int] | None:
+    """``(first row, number of rows)`` of a (B, ...) batch holding NaN or inf values, else None (one sync)."""
+    finite = torch.isfinite(batch.flatten(1)).all(dim=1)
+    if bool(finite.all()):
+        return None
+    return int((~finite).nonzero()[0, 0]), int((~finite).sum())
+
+
+def _check_finite_features(features: dict[tuple[str, int], torch.Tensor], example_ids: Sequence[int]) -> None:
+    """A ``UsageError`` naming the first (layer, t) and example whose features are NaN or inf.
+
+    One device sync for the whole batch when everything is finite (the usual case)."""
+    if bool(torch.stack([torch.isfinite(values).all() for values in features.values()]).all()):
+        return
+    for (layer, t), values in features.items():
+        bad = non_finite_rows(values)
+        if bad is not None:
+            raise UsageError(
+                f"The features of {layer!r} at t={t} are NaN or inf for example {example_ids[bad[0]]} (and "
+                f"{bad[1] - 1} more in this batch): the model's weights are probably not finite; check the checkpoint."
+            )
 
 
 def dummy_input(denoiser: nn.Module, channels: int | None = None, size: int | None = None) -> torch.Tensor:
@@ -445,5 +455,5 @@ class DDAEBackbone:
                 captured = capture_activations(self.denoiser, noisy, t, layers, stop_after=layers[-1])
                 for layer in layers:
                     results[layer, t] = pool_activation(captured[layer], pooling).float()
-                    _check_finite_features(results[layer, t], layer, t, example_ids)
+        _check_finite_features(results, example_ids)
         return results

@@ -108,13 +108,15 @@ class DiffusersSource:
         return [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0]]
 
 
-def inspect_source(path_or_hub_id: str | os.PathLike, who: str = "ddae_diffusers", **hub_kwargs) -> DiffusersSource:
+def inspect_source(
+    path_or_hub_id: str | os.PathLike, who: str = "ddae_diffusers", flag: str = "model", **hub_kwargs
+) -> DiffusersSource:
     """Reads only the configs of a pipeline folder/repo or model folder and checks its denoiser.
 
     Raises a ``UsageError`` (``UsageTypeError`` for an unsupported class) naming what was found and what
-    ``who`` supports, before any weight is read.
+    ``who`` supports, before any weight is read; ``flag`` names the argument when the path does not exist.
     """
-    path = check_source(os.fspath(path_or_hub_id), "model")
+    path = check_source(os.fspath(path_or_hub_id), flag)
     model_index = read_root_json(path, "model_index.json", **hub_kwargs)
     if model_index is not None:
         present = [k for k in DENOISER_COMPONENTS if (model_index.get(k) or [None])[0] is not None]

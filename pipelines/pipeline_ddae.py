@@ -30,7 +30,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import ModelCard
 
-from ddae_diffusers.capture import DDAEBackbone, check_denoiser, denoiser_kwargs
+from ddae_diffusers.capture import DDAEBackbone, check_denoiser, denoiser_kwargs, non_finite_rows
 from ddae_diffusers.errors import UsageError, UsageTypeError
 from ddae_diffusers.families import family_of
 from ddae_diffusers.hub import create_hub_repo, push_folder
@@ -185,12 +185,12 @@ class DDAEPipeline(DiffusionPipeline):
         one (a probe or fine-tuning export). Other keyword arguments go to ``DiffusionPipeline.from_pretrained``.
         """
         path = os.fspath(pretrained_model_name_or_path)
-        path = check_source(path, "pretrained_model_name_or_path")
         classifier = kwargs.get("classifier")
         if isinstance(classifier, (str, os.PathLike)):
             classifier = check_source(os.fspath(classifier), "classifier")
         hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir") if k in kwargs}
-        source = inspect_source(path, who="DDAEPipeline", **hub_kwargs)
+        source = inspect_source(path, who="DDAEPipeline", flag="pretrained_model_name_or_path", **hub_kwargs)
+        path = source.path
         if isinstance(classifier, (str, os.PathLike)):
             kwargs["classifier"] = _load_classifier(os.fspath(classifier))
         if source.model_index is not None:
@@ -413,11 +413,11 @@ class DDAEPipeline(DiffusionPipeline):
             self.classifier(pixel_values=pixel_values[i : i + batch_size].to(device)).logits.float().cpu()
             for i in range(0, pixel_values.shape[0], batch_size)
         ])
-        finite = torch.isfinite(logits).all(dim=-1)
-        if not bool(finite.all()):
+        bad = non_finite_rows(logits)
+        if bad is not None:
             raise UsageError(
-                f"The classifier's logits are NaN or inf for image {int((~finite).nonzero()[0, 0])} (and "
-                f"{int((~finite).sum()) - 1} more): its weights are probably not finite; check the checkpoint."
+                f"The classifier's logits are NaN or inf for image {bad[0]} (and {bad[1] - 1} more): its weights "
+                "are probably not finite; check the checkpoint."
             )
         probs = logits.softmax(dim=-1)
         scores, label_ids = probs.max(dim=-1)
