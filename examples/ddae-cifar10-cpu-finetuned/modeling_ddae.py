@@ -447,7 +447,8 @@ def _schedule_kwargs(scheduler, timestep: int) -> dict[str, Any]:
 
 def _check_truncation(full: nn.Module, truncated: nn.Module, layer: str) -> None:
     """Asserts the truncated denoiser gives the same feature as the full one on a dummy input."""
-    x = torch.randn(dummy_input(full).shape, generator=torch.Generator().manual_seed(0)).to(dummy_input(full))
+    like = dummy_input(full)
+    x = torch.randn(like.shape, generator=torch.Generator().manual_seed(0)).to(like)
     was_training = full.training
     full.eval()
     try:
