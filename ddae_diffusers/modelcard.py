@@ -198,7 +198,7 @@ _PRETRAINING_TEMPLATE = """---
 
 A denoising diffusion autoencoder (DDAE) pretrained with
 ddae-diffusers' `training/train_unconditional.py`: an unconditional
-`{{ model_class }}` ({{ num_params }} parameters) trained as a DDPM on {{ dataset }}. Its
+`{{ model_class }}` ({{ num_params }} parameters) trained {{ objective_text }} on {{ dataset }}. Its
 intermediate activations on slightly noised images are linearly separable features
 (Xiang et al., ICCV 2023, [arXiv 2303.09769](https://arxiv.org/abs/2303.09769)). The saved weights are
 {{ weights }}.
@@ -211,8 +211,10 @@ from ddae_diffusers import DDAEBackbone
 backbone = DDAEBackbone.from_pretrained("{{ repo_or_path }}")
 feats = backbone.features(pixel_values, layers=["{{ probe_layer }}"], timesteps=[{{ probe_timestep }}])
 ```
-{% if is_unet %}
+{% if is_unet and objective == "ddpm" %}
 or sample with diffusers: `DDPMPipeline.from_pretrained("{{ repo_or_path }}")().images`.
+{% else %}
+or sample: `DDAEPipeline.from_pretrained("{{ repo_or_path }}")(num_inference_steps={{ sample_steps }}).images`.
 {% endif %}
 ## Training
 
@@ -223,13 +225,13 @@ or sample with diffusers: `DDPMPipeline.from_pretrained("{{ repo_or_path }}")().
 | images seen | {{ images_seen }} |
 | wall time | {{ wall_time }} |
 | batch size (total) | {{ total_batch_size }} |
+| objective | {{ objective_name }} |
 | mixed precision | {{ mixed_precision }} |
 
 ## Probe history
 
 kNN (k=20, cosine) and linear-probe top-1 accuracy on fixed labelled subsets
-({{ probe_description }}), features of `{{ probe_layer }}` at diffusers timestep {{ probe_timestep }}
-(the paper's t={{ probe_timestep + 1 }}), {{ weights }}.
+({{ probe_description }}), features of `{{ probe_layer }}` at {{ probe_level_text }}, {{ weights }}.
 {% if history %}
 | step | images seen | kNN accuracy | linear-probe accuracy |
 |---:|---:|---:|---:|
@@ -265,14 +267,16 @@ def pretraining_model_card(
     total_batch_size: int,
     mixed_precision: str,
     probe_layer: str,
-    probe_timestep: int,
+    probe_timestep: int | float,
     probe_description: str,
     history: list[dict],
     best: dict | None,
     use_ema: bool,
     repo_or_path: str,
+    objective: str = "ddpm",
+    probe_ve_sigma: float | None = None,
 ):
-    """A huggingface_hub ``ModelCard`` (library ``diffusers``) for a pretrained DDAE."""
+    """A huggingface_hub ``ModelCard`` (library ``diffusers``) for a pretrained DDAE (DDPM or EDM ``objective``)."""
     card_data = ModelCardData(
         library_name="diffusers",
         license="apache-2.0",
@@ -307,6 +311,14 @@ def pretraining_model_card(
         weights="the EMA weights" if use_ema else "the trained weights (no EMA)",
         repo_or_path=repo_or_path,
         is_unet=model_class == "UNet2DModel",
+        objective=objective,
+        objective_text="with EDM's objective (Karras et al. 2022)" if objective == "edm" else "as a DDPM",
+        objective_name="EDM (Karras et al. 2022): preconditioning, log-normal sigmas, loss weighting"
+        if objective == "edm" else "DDPM (discrete timesteps)",
+        probe_level_text=f"sigma {probe_timestep:g}" if objective == "edm"
+        else f"diffusers timestep {probe_timestep} (the paper's t={probe_timestep + 1}"
+        + (f"; variance-exploding sigma {probe_ve_sigma:.3g})" if probe_ve_sigma is not None else ")"),
+        sample_steps=18 if objective == "edm" else 50,
     )
 
 
@@ -320,9 +332,17 @@ import torch
 from ddae_diffusers import DDAEPipeline
 
 pipe = DDAEPipeline.from_pretrained("{repo}")
-images = pipe(batch_size=4, num_inference_steps=50, generator=torch.manual_seed(0)).images
-features = pipe.extract_features(images, layers=["{layer}"], timesteps=[10])  # {{(layer, t): (4, C)}}
+images = pipe(batch_size=4, num_inference_steps={steps}, generator=torch.manual_seed(0)).images
+features = pipe.extract_features(images, layers=["{layer}"], timesteps=[{level}])  # {{(layer, level): (4, C)}}
 """
+
+
+def _noise_text(axis) -> str:
+    """How a card states the noise levels of a model: DDPM timesteps or the EDM sigma range."""
+    if axis.objective == "edm":
+        low, high = axis.sigma_range
+        return f"EDM noise levels: sigma in [{low:g}, {high:g}], sigma_data {axis.scheduler.config.sigma_data:g}"
+    return f"DDPM noise levels: {axis.num_train_timesteps} training timesteps"
 
 
 def pipeline_model_card(pipe, repo_id: str | None = None) -> ModelCard:
@@ -332,7 +352,7 @@ def pipeline_model_card(pipe, repo_id: str | None = None) -> ModelCard:
     details = {
         "denoiser": f"`{type(denoiser).__name__}`, {sum(p.numel() for p in denoiser.parameters()) / 1e6:.1f}M "
         f"parameters, {backbone.image_size or 'any'}px images, {len(names)} capturable blocks",
-        "scheduler": f"`{type(pipe.scheduler).__name__}`, {backbone.num_train_timesteps} training timesteps",
+        "scheduler": f"`{type(pipe.scheduler).__name__}`, {_noise_text(backbone.noise_axis)}",
     }
     if pipe.vae is not None:
         details["vae"] = f"`AutoencoderKL`, scaling factor {pipe.vae.config.scaling_factor}"
@@ -343,11 +363,16 @@ def pipeline_model_card(pipe, repo_id: str | None = None) -> ModelCard:
         accuracy = summary.get("accuracy")
         labels = [str(config.id2label[i]) for i in sorted(config.id2label)]
         details["classifier"] = (
-            f"`DDAEForImageClassification` on `{config.feature_layer}` at t={config.timestep}, "
+            f"`DDAEForImageClassification` on `{config.feature_layer}` at "
+            f"{backbone.noise_axis.label(config.timestep)}, "
             f"{len(labels)} labels ({', '.join(labels[:10])}{', ...' if len(labels) > 10 else ''})"
         )
     layer = pipe.classifier.config.feature_layer if pipe.classifier is not None else names[len(names) // 2]
-    usage = _PIPELINE_USAGE.format(repo=repo_id or "path/to/this/folder", layer=layer)
+    edm = backbone.objective == "edm"
+    axis = backbone.noise_axis
+    level = pipe.classifier.config.timestep if pipe.classifier is not None else axis.default_probe_level()
+    usage = _PIPELINE_USAGE.format(repo=repo_id or "path/to/this/folder", layer=layer, level=level,
+                                   steps=18 if edm else 50)
     if pipe.classifier is not None:
         usage += 'pipe.classify(images).labels  # ["...", ...]\n'
     return make_model_card(

@@ -1,9 +1,11 @@
 """``DDAEForImageClassification``: a truncated diffusers denoiser plus a linear head, as a transformers model.
 
-The forward noises ``pixel_values`` at the configured timestep with ``DDPMScheduler.add_noise``, runs the
-denoiser through the capture core (forward hooks, early exit right after ``feature_layer``), pools the
-activation and applies ``norm -> dropout -> linear``. Modules the forward never reaches are replaced by
-parameter-free placeholders, so they are neither trained nor saved. Pixel-space models only.
+The forward noises ``pixel_values`` at the configured noise level exactly as in pretraining
+(``DDPMScheduler.add_noise`` at a timestep for DDPM; ``x + sigma * eps`` preconditioned by an
+``EDMEulerScheduler`` for EDM), runs the denoiser through the capture core (forward hooks, early exit right
+after ``feature_layer``), pools the activation and applies ``norm -> dropout -> linear``. Modules the forward
+never reaches are replaced by parameter-free placeholders, so they are neither trained nor saved. Pixel-space
+models only.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from .configuration_ddae import DDAEConfig
 from .errors import UsageError
 from .families import family_named
 from .image_processing_ddae import DDAEImageProcessor
+from .noise import NoiseLevel, is_edm_scheduler, noise_axis
 
 try:  # absolute and guarded: a Hub copy of this file (trust_remote_code) runs without the package's helpers
     from ddae_diffusers.hub import create_hub_repo, push_folder
@@ -164,7 +167,9 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
             config.image_size = int(dummy_input(denoiser).shape[-1])
 
         self.denoiser = denoiser
-        self.noise_scheduler = DDPMScheduler(**config.scheduler_kwargs())
+        with torch.device("cpu"):  # a scheduler holds plain tensors: not on the meta device of from_pretrained
+            self.noise_scheduler = config.noise_scheduler()
+        self.noise_axis = noise_axis(self.noise_scheduler)
         dim = config.feature_dim
         if config.head_norm == "batchnorm":
             self.feature_norm = nn.BatchNorm1d(dim, affine=False, eps=_PROBE_EPS)
@@ -182,7 +187,7 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
         cls,
         model_or_path: Any,
         layer: str,
-        timestep: int = 10,
+        timestep: NoiseLevel | None = None,
         num_labels: int | None = None,
         id2label: dict[int, str] | None = None,
         label2id: dict[str, int] | None = None,
@@ -194,7 +199,8 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
             model_or_path: a ``UNet2DModel`` / ``DiTTransformer2DModel``, a ``DDAEBackbone``, or a folder or
                 Hub id that ``DDAEBackbone.from_pretrained`` loads (pipeline or bare model).
             layer: feature block, one of ``DDAEBackbone.layer_names()``.
-            timestep: diffusers timestep index (paper t=11 is 10).
+            timestep: noise level in the model's units: a DDPM timestep index (paper t=11 is 10, the default) or an
+                EDM sigma (default: index 4 of the 18-step schedule, about 0.06). The model's scheduler decides.
             num_labels, id2label, label2id: the classes (``num_labels`` defaults to ``len(id2label)``).
             config_kwargs: other :class:`DDAEConfig` arguments (``head_norm``, ``noise_policy``, ...).
         """
@@ -214,6 +220,8 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
                 "(it has a VAE or takes non-RGB inputs). Use DDAEBackbone.features for latent models."
             )
         layer = backbone.check_layers([layer])[0]
+        if timestep is None:
+            timestep = backbone.noise_axis.default_probe_level()
         timestep = backbone.check_timesteps([timestep])[0]
         schedule = _schedule_kwargs(backbone.scheduler, timestep)
         if id2label is not None:
@@ -248,7 +256,8 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
 
     @classmethod
     def from_probe(
-        cls, probe_folder: str | os.PathLike, layer: str | None = None, timestep: int | None = None, **config_kwargs
+        cls, probe_folder: str | os.PathLike, layer: str | None = None, timestep: NoiseLevel | None = None,
+        **config_kwargs
     ) -> DDAEForImageClassification:
         """A classifier with a trained probe head from a probe-engine output folder.
 
@@ -293,7 +302,7 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
         model = cls.from_diffusers(
             model_path,
             layer=cell.layer,
-            timestep=int(cell.timestep),
+            timestep=cell.timestep,
             num_labels=int(result.num_labels),
             id2label=id2label,
             base_model=result.model,
@@ -334,18 +343,20 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
         [-1, 1] (a device sync, so training steps skip it: the image processor's output is in range)."""
         return check_image_batch(pixel_values, 3, self.config.image_size, check_range=not self.training)
 
-    def noisy_input(self, pixel_values: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """x_t = add_noise(x_0, eps, t) under the configured noise policy: (B, 3, H, W)."""
+    def noisy_input(
+        self, pixel_values: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The denoiser's input under the configured noise policy, as in pretraining: (B, 3, H, W), and its (B,)
+        timestep (DDPM: ``add_noise(x_0, eps, t)`` and t; EDM: ``c_in (x_0 + sigma eps)`` and ``c_noise``)."""
         policy = self.config.noise_policy
         if policy == "none":
-            return pixel_values
-        if noise is None:
+            noise = None
+        elif noise is None:
             if policy == "fixed" and not self.training:
                 noise = example_noise(pixel_values.shape[1:], range(pixel_values.shape[0]), self.config.noise_seed)
             else:
                 noise = torch.randn_like(pixel_values)
-        t = torch.full((pixel_values.shape[0],), self.config.timestep, dtype=torch.long, device=pixel_values.device)
-        return self.noise_scheduler.add_noise(pixel_values, noise.to(pixel_values), t)
+        return self.noise_axis.network_inputs(pixel_values, noise, self.config.timestep)
 
     def forward(
         self,
@@ -360,9 +371,9 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
         multi-label); noise: optional (B, 3, H, W) eps overriding the noise policy."""
         dtype = next(self.denoiser.parameters()).dtype
         pixel_values = self.check_pixel_values(pixel_values).to(dtype)
-        noisy = self.noisy_input(pixel_values, noise)
+        noisy, timestep = self.noisy_input(pixel_values, noise)
         layer = self.config.feature_layer
-        activation = capture_activations(self.denoiser, noisy, self.config.timestep, [layer], stop_after=layer)[layer]
+        activation = capture_activations(self.denoiser, noisy, timestep, [layer], stop_after=layer)[layer]
         features = pool_activation(activation, self.config.pooling)
         logits = self.classifier(self.dropout(self.feature_norm(features.to(self.classifier.weight.dtype))))
         loss = self.loss_function(labels, logits, self.config) if labels is not None else None
@@ -419,9 +430,12 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
             )
 
 
-def _schedule_kwargs(scheduler, timestep: int) -> dict[str, Any]:
-    """DDPMScheduler settings whose ``add_noise`` at ``timestep`` equals ``scheduler``'s (clear error if none)."""
+def _schedule_kwargs(scheduler, timestep: NoiseLevel) -> dict[str, Any]:
+    """The config's noise settings: EDM's sigma range and ``sigma_data``, or the ``DDPMScheduler`` settings whose
+    ``add_noise`` at ``timestep`` equals ``scheduler``'s (clear error if none)."""
     config = scheduler.config
+    if is_edm_scheduler(scheduler):  # features need c_in and c_noise only: the sigma range and sigma_data
+        return {"objective": "edm", **{key: float(config[key]) for key in ("sigma_min", "sigma_max", "sigma_data")}}
     kwargs = {
         key: config[key]
         for key in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")

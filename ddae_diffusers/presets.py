@@ -40,6 +40,38 @@ _DDPM_CIFAR10_32 = {
     "dropout": 0.1,
 }
 
+# EDM's CIFAR-10 DDPM++ (Karras et al. 2022; the DDAE paper's best model, 55.7M parameters in EDM) as closely
+# as UNet2DModel expresses it: 128 x (2, 2, 2) channels, 4 blocks per level (5 in the decoder), one-head attention
+# at 16x16, resnet up/down-sampling (2x2 average pool / nearest, the [1, 1] filter), dropout 0.13, positional noise
+# embedding with EDM's frequencies (flip_sin_to_cos, freq_shift 1) and a 512-wide embedding MLP, GroupNorm eps 1e-6.
+# Differences, all of UNet2DModel's making: conv_in goes straight to 256 channels (EDM: 128, then a block to 256),
+# so the sinusoidal embedding has 256 channels (EDM: 128); resampling blocks have no 1x1 conv on the skip path;
+# residual sums are scaled by 1/sqrt(2) in the mid block only (EDM: in every block); initialisation is PyTorch's
+# default (EDM: Xavier-uniform, zero-initialised last convs). 57,183,491 parameters.
+_DDPMPP_CIFAR10 = {
+    "_class_name": "UNet2DModel",
+    "sample_size": 32,
+    "in_channels": 3,
+    "out_channels": 3,
+    "block_out_channels": [256, 256, 256],
+    "down_block_types": ["ResnetDownsampleBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D"],
+    "up_block_types": ["ResnetUpsampleBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D"],
+    "downsample_type": "resnet",
+    "upsample_type": "resnet",
+    "layers_per_block": 4,
+    "attention_head_dim": None,
+    "act_fn": "silu",
+    "center_input_sample": False,
+    "flip_sin_to_cos": True,
+    "freq_shift": 1,
+    "time_embedding_type": "positional",
+    "time_embedding_dim": 512,
+    "mid_block_scale_factor": 2**0.5,
+    "norm_eps": 1e-6,
+    "norm_num_groups": 32,
+    "dropout": 0.13,
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "ddpm-cifar10-32": _DDPM_CIFAR10_32,
     # CPU-sized UNets with the same block pattern: attention at 16x16 only.
@@ -57,6 +89,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
         "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
         "layers_per_block": 1,
+    },
+    "ddpmpp-cifar10": _DDPMPP_CIFAR10,
+    # The DDPM++ layout at CPU size (widths and depth of ddpm-tiny): trains as DDPM or EDM.
+    "ddpmpp-tiny": {
+        **_DDPMPP_CIFAR10,
+        "block_out_channels": [32, 64, 128],
+        "layers_per_block": 1,
+        "time_embedding_dim": 128,
+        "norm_num_groups": 16,
     },
     # DiT-S/2 in pixel space for 32x32 images; unconditional (one class, always the null id).
     "dit-s-2": {

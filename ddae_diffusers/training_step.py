@@ -12,6 +12,7 @@ from diffusers import SchedulerMixin
 
 from .capture import Denoiser, denoiser_kwargs
 from .errors import UsageError
+from .noise import EDMNoise, noise_axis
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
@@ -57,17 +58,20 @@ def diffusion_loss(
     timesteps: torch.Tensor,
     forward_kwargs: dict | None = None,
 ) -> torch.Tensor:
-    """The DDPM training loss for a (B, C, H, W) batch of clean images in [-1, 1].
+    """The training loss for a (B, C, H, W) batch of clean images in [-1, 1], DDPM or EDM by the scheduler.
 
-    ``noise`` (B, C, H, W) and ``timesteps`` (B,) are given by the caller. The target follows
-    ``noise_scheduler.config.prediction_type``: ``epsilon`` (MSE to the noise), ``sample``
-    (MSE to the clean image weighted by SNR, as diffusers' example) or ``v_prediction``.
-    ``forward_kwargs`` default to the family's (a DiT gets the null class id); pass them for a wrapped
-    (DDP) ``denoiser``. A learned-sigma DiT's variance channels are ignored.
+    ``noise`` (B, C, H, W) and the noise levels ``timesteps`` (B,) are given by the caller (DDPM: timestep
+    indices; EDM: sigmas, see :func:`edm_loss`). The DDPM target follows ``noise_scheduler.config.prediction_type``:
+    ``epsilon`` (MSE to the noise), ``sample`` (MSE to the clean image weighted by SNR, as diffusers' example) or
+    ``v_prediction``. ``forward_kwargs`` default to the family's (a DiT gets the null class id); pass them for a
+    wrapped (DDP) ``denoiser``. A learned-sigma DiT's variance channels are ignored.
     """
-    noisy = noise_scheduler.add_noise(clean_images, noise, timesteps)
     if forward_kwargs is None:
-        forward_kwargs = denoiser_kwargs(denoiser, clean_images.shape[0], noisy.device)
+        forward_kwargs = denoiser_kwargs(denoiser, clean_images.shape[0], clean_images.device)
+    axis = noise_axis(noise_scheduler)
+    if isinstance(axis, EDMNoise):
+        return edm_loss(denoiser, axis, clean_images, noise, timesteps, forward_kwargs)
+    noisy = noise_scheduler.add_noise(clean_images, noise, timesteps)
     output = denoiser(noisy, timesteps, **forward_kwargs)
     prediction = output.sample[:, : clean_images.shape[1]].float()
     prediction_type = noise_scheduler.config.prediction_type
@@ -82,6 +86,30 @@ def diffusion_loss(
     raise UsageError(f"Unknown prediction_type {prediction_type!r}: use one of {', '.join(PREDICTION_TYPES)}.")
 
 
+def edm_loss(
+    denoiser: Denoiser,
+    axis: EDMNoise,
+    clean_images: torch.Tensor,
+    noise: torch.Tensor,
+    sigmas: torch.Tensor,
+    forward_kwargs: dict,
+) -> torch.Tensor:
+    """EDM's loss: ``lambda(s) |D(x + s n; s) - x|^2`` averaged over all values, for (B,) sigmas ``s``.
+
+    ``D(y; s) = c_skip y + c_out F(c_in y; c_noise)`` comes from the scheduler's ``precondition_inputs``,
+    ``precondition_noise`` and ``precondition_outputs``; ``lambda(s) = (s^2 + sd^2) / (s sd)^2`` with
+    ``sd = sigma_data``, which makes the loss about 1 per value at initialisation.
+    """
+    sigma = sigmas.float().view(-1, 1, 1, 1)
+    noisy = clean_images.float() + sigma * noise.float()
+    inputs, c_noise = axis.precondition(noisy, sigmas.float())
+    output = denoiser(inputs, c_noise, **forward_kwargs).sample[:, : clean_images.shape[1]].float()
+    denoised = axis.scheduler.precondition_outputs(noisy, output, sigma)
+    sigma_data = float(axis.scheduler.config.sigma_data)
+    weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+    return (weight * (denoised - clean_images.float()) ** 2).mean()
+
+
 def train_step(
     accelerator: Accelerator,
     model: torch.nn.Module,
@@ -93,16 +121,15 @@ def train_step(
     ema=None,
     max_grad_norm: float = 1.0,
 ) -> torch.Tensor:
-    """One micro-step: noise and timesteps from ``generator``, forward under the accelerator's
+    """One micro-step: noise and noise levels (DDPM timesteps or EDM sigmas) from ``generator``, forward under the
+    accelerator's
     autocast, backward, and (on gradient-sync steps) clipping, optimiser, LR and EMA updates.
 
     ``clean_images``: (B, C, H, W) in [-1, 1]. Returns the loss averaged over processes; raises
     :class:`NonFiniteLossError` before any update if the loss is NaN/inf on any process.
     """
-    num_timesteps = noise_scheduler.config.num_train_timesteps
     noise = torch.randn(clean_images.shape, generator=generator).to(clean_images.device)
-    timesteps = torch.randint(0, num_timesteps, (clean_images.shape[0],), generator=generator)
-    timesteps = timesteps.to(clean_images.device)
+    timesteps = noise_axis(noise_scheduler).draw_training_levels(clean_images.shape[0], clean_images.device, generator)
     unwrapped = accelerator.unwrap_model(model)
     forward_kwargs = denoiser_kwargs(unwrapped, clean_images.shape[0], clean_images.device)
     with accelerator.accumulate(model):

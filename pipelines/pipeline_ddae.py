@@ -38,11 +38,13 @@ from ddae_diffusers.image_processing_ddae import DDAEImageProcessor
 from ddae_diffusers.loading import check_source, inspect_source, load_components
 from ddae_diffusers.modelcard import pipeline_model_card
 from ddae_diffusers.modeling_ddae import DDAEForImageClassification
+from ddae_diffusers.noise import DDPMNoise, NoiseLevel, is_edm_scheduler, noise_axis
 from ddae_diffusers.probing.result import ProbeResult
 
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | Sequence[PIL.Image.Image | np.ndarray | torch.Tensor]
 
 _OUTPUT_TYPES = ("pil", "np", "pt")
+EDM_SAMPLING_STEPS = 18  # EDM's CIFAR-10 schedule length
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -95,8 +97,10 @@ class DDAEPipeline(DiffusionPipeline):
         unet ([`UNet2DModel`], *optional*):
             A pixel-space DDPM denoiser (google/ddpm-cifar10-32 and `train_unconditional.py` outputs).
         scheduler ([`SchedulerMixin`], *optional*):
-            The sampling scheduler ([`DDPMScheduler`], [`DDIMScheduler`], ...). Its betas also define the
-            noise that feature extraction adds. Defaults to `DDPMScheduler()` (1000 linear steps, 1e-4 to 0.02).
+            The sampling scheduler ([`DDPMScheduler`], [`DDIMScheduler`], ... or, for an EDM model,
+            [`EDMEulerScheduler`] / [`EDMDPMSolverMultistepScheduler`]). Its betas (EDM: its sigma range and
+            `sigma_data`) also define the noise that feature extraction adds, and the units of noise levels
+            (timestep indices or sigmas). Defaults to `DDPMScheduler()` (1000 linear steps, 1e-4 to 0.02).
         transformer ([`DiTTransformer2DModel`], *optional*):
             A DiT denoiser, latent (with `vae`, as facebook/DiT-XL-2-256) or pixel-space. It always gets the
             null class id, i.e. runs unconditionally.
@@ -157,17 +161,15 @@ class DDAEPipeline(DiffusionPipeline):
     def backbone(self) -> DDAEBackbone:
         """The capture core over this pipeline's denoiser, VAE and noise schedule (rebuilt if they change).
 
-        Noise is added with a ``DDPMScheduler`` built from ``scheduler.config``: the same betas, and an
-        ``add_noise`` that works at any timestep whatever sampler is plugged in.
+        An EDM scheduler noises and preconditions as in training (levels are sigmas). Otherwise noise is added
+        with a ``DDPMScheduler`` built from ``scheduler.config``: the same betas, and an ``add_noise`` that works
+        at any timestep whatever sampler is plugged in.
         """
         key = (id(self.denoiser), id(self.scheduler), id(self.vae))
         if self._backbone is None or self._backbone_key != key:
-            if not hasattr(self.scheduler, "alphas_cumprod"):
-                raise UsageTypeError(
-                    f"{type(self.scheduler).__name__} defines no beta schedule (alphas_cumprod), so DDAE features "
-                    "cannot be noised with it: use a DDPM/DDIM-style scheduler."
-                )
-            noise_scheduler = DDPMScheduler.from_config(self.scheduler.config)
+            noise_scheduler = self.scheduler
+            if isinstance(noise_axis(self.scheduler), DDPMNoise):
+                noise_scheduler = DDPMScheduler.from_config(self.scheduler.config)
             self._backbone = DDAEBackbone(self.denoiser, noise_scheduler, self.vae)
             self._backbone_key = key
         return self._backbone
@@ -249,7 +251,7 @@ class DDAEPipeline(DiffusionPipeline):
         self,
         batch_size: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
-        num_inference_steps: int = 1000,
+        num_inference_steps: int | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
     ) -> ImagePipelineOutput | tuple:
@@ -262,9 +264,11 @@ class DDAEPipeline(DiffusionPipeline):
             generator (`torch.Generator`, *optional*):
                 A [`torch.Generator`](https://pytorch.org/docs/stable/generated/torch.Generator.html) (or one per
                 image) to make generation deterministic.
-            num_inference_steps (`int`, *optional*, defaults to 1000):
-                The number of denoising steps. Swap in a `DDIMScheduler` (`DDIMScheduler.from_config(
-                pipe.scheduler.config)`) for good images in about 50 steps.
+            num_inference_steps (`int`, *optional*):
+                The number of denoising steps; defaults to 1000 for a DDPM scheduler and 18 for an EDM one
+                (`EDMEulerScheduler`: 18 network evaluations; `EDMDPMSolverMultistepScheduler.from_config(
+                pipe.scheduler.config)` also works). For a DDPM, swap in a `DDIMScheduler`
+                (`DDIMScheduler.from_config(pipe.scheduler.config)`) for good images in about 50 steps.
             output_type (`str`, *optional*, defaults to `"pil"`):
                 `"pil"` (`PIL.Image` list), `"np"` ((B, H, W, C) float array in [0, 1]) or `"pt"` ((B, C, H, W)
                 tensor in [0, 1]).
@@ -279,6 +283,8 @@ class DDAEPipeline(DiffusionPipeline):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise UsageError(f"batch_size must be a positive integer, got {batch_size!r}.")
         num_train = self.scheduler.config.num_train_timesteps
+        if num_inference_steps is None:
+            num_inference_steps = EDM_SAMPLING_STEPS if is_edm_scheduler(self.scheduler) else num_train
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or not (
             1 <= num_inference_steps <= num_train
         ):
@@ -353,18 +359,20 @@ class DDAEPipeline(DiffusionPipeline):
         self,
         images: ImageInput,
         layers: str | Sequence[str] | None = None,
-        timesteps: int | Sequence[int] | None = None,
+        timesteps: NoiseLevel | Sequence[NoiseLevel] | None = None,
         pooling: str | None = "avg",
         seed: int = 0,
         dtype: torch.dtype | None = None,
         batch_size: int = 64,
-    ) -> dict[tuple[str, int], torch.Tensor]:
+    ) -> dict[tuple[str, NoiseLevel], torch.Tensor]:
         """DDAE features of ``images``: the denoiser's block outputs on the images noised at ``timesteps``.
 
         Args:
             images: PIL images, uint8/float arrays or tensors (see :meth:`preprocess`).
             layers: names from :meth:`layer_names` (default: the classifier's ``feature_layer``).
-            timesteps: diffusers indices ``0..T-1``; the paper's t=11 is 10 (default: the classifier's).
+            timesteps: noise levels in the model's units (default: the classifier's): diffusers indices ``0..T-1``
+                for a DDPM (the paper's t=11 is 10), sigmas for an EDM model (e.g. 0.06), noised and
+                preconditioned as in training.
             pooling: ``"avg"`` -> (N, C) per (layer, t); ``None`` -> raw (N, C, h, w) maps or (N, tokens, D).
             seed: the noise of the i-th image is drawn from (seed, i), whatever ``batch_size`` is.
             dtype: autocast dtype, e.g. ``torch.bfloat16``.

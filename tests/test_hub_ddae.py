@@ -66,7 +66,7 @@ def test_push_probe_export(tiny_unet_pipeline_dir, tmp_path):
     commit = hub.commits[0]
     assert set(commit["paths"]) == {
         "config.json", "model.safetensors", "preprocessor_config.json", "README.md", "probe_grid.png",
-        "errors.py", "families.py", *REMOTE_FILES,
+        "errors.py", "families.py", "noise.py", *REMOTE_FILES,
     }  # fmt: skip
     repo = commit["folder"]
 

@@ -21,6 +21,7 @@ import yaml
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from conftest import CIFAR10_SAMPLE, REPO_ROOT, TINY_DIT_CONFIG, make_tiny_unet
+from ddae_diffusers.pipelines import DDAEPipeline
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from huggingface_hub import HfApi
 from huggingface_hub.hf_api import RepoUrl
@@ -117,6 +118,34 @@ def test_unet_run_outputs_probe_history_and_card(tmp_path):
     )
 
 
+def test_edm_run_saves_an_edm_pipeline(tmp_path, tiny_unet_pipeline_dir):
+    """--objective edm: the DDPM++ layout trains with EDM's loss; the folder is a DDAEPipeline with an
+    EDMEulerScheduler that every loader reads as EDM; samples come from 18 Euler steps."""
+    out = run(tmp_path, "--objective", "edm", "--model_config", "ddpmpp-tiny", "--max_train_steps", "4",
+              "--checkpointing_steps", "2", "--probe_every_n_steps", "2", "--use_ema", "--learning_rate", "1e-3",
+              "--save_images_epochs", "1", "--eval_batch_size", "2")
+    index = json.load(open(os.path.join(out, "model_index.json")))
+    assert index["_class_name"] == "DDAEPipeline" and index["scheduler"] == ["diffusers", "EDMEulerScheduler"]
+    scheduler_config = json.load(open(os.path.join(out, "scheduler", "scheduler_config.json")))
+    assert (scheduler_config["sigma_min"], scheduler_config["sigma_max"], scheduler_config["sigma_data"]) == (
+        0.002, 80.0, 0.5)
+    backbone = DDAEBackbone.from_pretrained(out)
+    assert backbone.objective == "edm" and backbone.denoiser.config.upsample_type == "resnet"
+    assert DDAEBackbone.from_pretrained(os.path.join(out, "best-probe")).objective == "edm"
+    losses = [r["loss"] for r in metrics(out) if "loss" in r]
+    assert len(losses) == 4 and all(0 < loss < 10 for loss in losses)  # EDM's weighting: about 1 at the start
+    assert [r["step"] for r in metrics(out) if "probe/knn_acc" in r] == [2, 4]
+    card = open(os.path.join(out, "README.md")).read()
+    assert "with EDM's objective" in card and "at sigma 0.05995" in card and "DDAEPipeline.from_pretrained" in card
+    assert os.path.isfile(os.path.join(out, "samples", "epoch-0001.png"))
+
+    continued = ["--dataset_name", CIFAR10_SAMPLE, "--max_train_samples", "16", "--objective", "edm",
+                 "--pretrained_model_name_or_path", tiny_unet_pipeline_dir, "--max_train_steps", "1",
+                 "--output_dir", str(tmp_path / "continued")]
+    with pytest.raises(ValueError, match="is a DDPM model but --objective is edm: pass --objective ddpm"):
+        train_unconditional.main(train_unconditional.parse_args(continued))
+
+
 def test_dit_trains_and_loads(tmp_path):
     config = tmp_path / "dit.json"
     config.write_text(json.dumps({"_class_name": "DiTTransformer2DModel", **TINY_DIT_CONFIG}))
@@ -144,9 +173,20 @@ def test_dit_trains_and_loads(tmp_path):
         (["--probe_timestep", "1000"], "out of range"),
         (["--logger", "tensorboard"], "tensorboard installed"),
         (["--probe_train_samples", "60000"], "lower it"),
+        (["--probe_timestep", "0.06"], "is a float, but this is a DDPM model"),
+        (["--objective", "edm", "--probe_timestep", "10"], "is an integer, but this is an EDM model"),
+        (["--objective", "edm", "--probe_timestep", "200.0"], "outside this model's range"),
+        (["--objective", "edm", "--prediction_type", "v_prediction"], "applies to --objective ddpm"),
+        (["--objective", "edm", "--edm_sigma_min", "0"], "must be positive"),
+        (["--objective", "diffusion"], "invalid choice"),
     ],
 )
-def test_bad_input_fails_before_training(tmp_path, extra, message):
+def test_bad_input_fails_before_training(tmp_path, extra, message, capsys):
+    if extra[:2] == ["--objective", "diffusion"]:  # argparse: exits with status 2 and one usage line
+        with pytest.raises(SystemExit):
+            train_unconditional.parse_args([*BASE, "--output_dir", str(tmp_path / "o"), *extra])
+        assert message in capsys.readouterr().err
+        return
     if extra[0] == "--dataset_name":
         args = [*BASE, "--train_data_dir", "/nonexistent", "--output_dir", str(tmp_path / "o")]
     else:
@@ -218,10 +258,12 @@ def _script(*args: str) -> list[str]:
     return [sys.executable, str(SCRIPT), *args]
 
 
-def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("objective", ["ddpm", "edm"])
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, objective):
     """Kill -9 after checkpoint-4 (mid-epoch 1 of 4), resume from latest: same final (EMA) weights, same
     raw weights, same probe history as an uninterrupted run. 48 images / batch 8 / accumulation 2."""
-    args = [*BASE, "--max_train_samples", "48", "--gradient_accumulation_steps", "2", "--max_train_steps", "12",
+    args = [*BASE, "--objective", objective, "--max_train_samples", "48", "--gradient_accumulation_steps", "2",
+            "--max_train_steps", "12",
             "--checkpointing_steps", "4", "--probe_every_n_steps", "3", "--use_ema", "--random_flip",
             "--mixed_precision", "bf16", "--learning_rate", "1e-3", "--lr_warmup_steps", "2"]
     ref, killed = tmp_path / "ref", tmp_path / "killed"
@@ -258,20 +300,22 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     ][-4:]
 
 
-def test_two_process_gloo_run(tmp_path):
+@pytest.mark.parametrize("objective", ["ddpm", "edm"])
+def test_two_process_gloo_run(tmp_path, objective):
     out = tmp_path / "ddp"
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no", str(SCRIPT),
-               *BASE, "--max_train_steps", "4", "--checkpointing_steps", "2", "--probe_every_n_steps", "2",
-               "--use_ema", "--output_dir", str(out)]
+               *BASE, "--objective", objective, "--max_train_steps", "4", "--checkpointing_steps", "2",
+               "--probe_every_n_steps", "2", "--use_ema", "--output_dir", str(out)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 processes x 8" in result.stderr
     records = metrics(str(out))
     assert [r["images_seen"] for r in records if "loss" in r] == [16, 32, 48, 64]  # 2 processes x 8 per step
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(os.listdir(out / "checkpoint-4"))
-    assert isinstance(DDPMPipeline.from_pretrained(out).unet, UNet2DModel)
+    assert isinstance(DDAEPipeline.from_pretrained(out).unet, UNet2DModel)
+    assert DDAEBackbone.from_pretrained(out).objective == objective
     assert [r["step"] for r in records if "probe/knn_acc" in r] == [2, 4]
 
 

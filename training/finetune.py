@@ -35,6 +35,7 @@ from ddae_diffusers.data import (
 from ddae_diffusers.errors import OneLineErrors, UsageError, run_command
 from ddae_diffusers.io_utils import check_writable_dir
 from ddae_diffusers.loading import check_source
+from ddae_diffusers.noise import parse_noise_level
 from ddae_diffusers.probing.result import ProbeResult
 
 PROG = "finetune.py"
@@ -52,7 +53,11 @@ class ModelArguments:
                   "(results.json + heads.safetensors), or a saved DDAEForImageClassification."}
     )
     layer: str | None = field(default=None, metadata={"help": "Feature block, e.g. up_blocks.1.resnets.2."})
-    timestep: int | None = field(default=None, metadata={"help": "Diffusers timestep index (paper t=11 is 10)."})
+    timestep: str | None = field(
+        default=None,
+        metadata={"help": "Noise level in the model's units: a DDPM timestep index (default 10, the paper's t=11) or "
+                  "an EDM sigma (default: index 4 of the 18-step schedule, about 0.06)."},
+    )
     head_norm: str = field(default="batchnorm", metadata={"help": "batchnorm, layernorm or none."})
     noise_policy: str = field(default="fixed", metadata={"help": "fixed, random or none."})
     classifier_dropout: float = field(default=0.0)
@@ -122,9 +127,10 @@ def build_model(args: ModelArguments, num_labels: int, id2label: dict[int, str] 
     head_norm = None if args.head_norm in ("none", "") else args.head_norm
     options = dict(head_norm=head_norm, noise_policy=args.noise_policy, classifier_dropout=args.classifier_dropout)
     path = args.model_name_or_path
+    level = None if args.timestep is None else parse_noise_level(args.timestep)
     if os.path.isdir(path) and ProbeResult.is_probe_folder(path):
         options.pop("head_norm")  # the probe's normalisation is part of its head
-        model = DDAEForImageClassification.from_probe(path, layer=args.layer, timestep=args.timestep, **options)
+        model = DDAEForImageClassification.from_probe(path, layer=args.layer, timestep=level, **options)
     elif os.path.isdir(path) and is_ddae_classifier(path):
         model = AutoModelForImageClassification.from_pretrained(path)
         for name, value in (("layer", args.layer), ("timestep", args.timestep)):
@@ -136,7 +142,7 @@ def build_model(args: ModelArguments, num_labels: int, id2label: dict[int, str] 
         model = DDAEForImageClassification.from_diffusers(
             path,
             layer=args.layer,
-            timestep=10 if args.timestep is None else args.timestep,
+            timestep=level,
             num_labels=num_labels,
             id2label=id2label,
             **options,

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Pretrain a denoising diffusion autoencoder (DDAE): an unconditional DDPM (``UNet2DModel`` or pixel
-``DiTTransformer2DModel``) trained on a ``datasets`` image data set, while a probe monitor watches the
-linear separability of its features and keeps the best-probe weights.
+"""Pretrain a denoising diffusion autoencoder (DDAE): an unconditional diffusion model (``UNet2DModel`` or pixel
+``DiTTransformer2DModel``) trained as a DDPM or with EDM's objective (``--objective edm``) on a ``datasets`` image
+data set, while a probe monitor watches the linear separability of its features and keeps the best-probe weights.
 
 Flags that exist in diffusers' ``examples/unconditional_image_generation/train_unconditional.py`` keep
 their names and meaning. Run it with ``python`` or ``accelerate launch``, e.g. on CIFAR-10::
@@ -11,8 +11,12 @@ their names and meaning. Run it with ``python`` or ``accelerate launch``, e.g. o
         --learning_rate 2e-4 --lr_warmup_steps 5000 --use_ema --mixed_precision bf16 \\
         --probe_every_n_steps 5000 --output_dir ddae-cifar10
 
-Outputs in ``--output_dir``: a pipeline folder with the EMA weights (``DDPMPipeline`` for UNets, a
-``DDAEPipeline`` folder with ``transformer/`` for DiT), a model card ``README.md``, ``best-probe/``,
+EDM (Karras et al. 2022): the same command with ``--objective edm`` (DDPM++ layout: ``--model_config
+ddpmpp-cifar10``); the saved pipeline holds an ``EDMEulerScheduler`` (sigma range, ``sigma_data``), from which
+every loader knows that noise levels are sigmas and how inputs are preconditioned.
+
+Outputs in ``--output_dir``: a pipeline folder with the EMA weights (``DDPMPipeline`` for a DDPM UNet, a
+``DDAEPipeline`` folder for a DiT or an EDM model), a model card ``README.md``, ``best-probe/``,
 ``checkpoint-N/`` folders (``accelerator.save_state``) and ``logs/``.
 """
 
@@ -35,7 +39,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration
-from diffusers import DDPMPipeline, DDPMScheduler
+from diffusers import DDPMPipeline, DDPMScheduler, EDMEulerScheduler, SchedulerMixin
 from diffusers.optimization import SchedulerType, get_scheduler
 from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
@@ -54,6 +58,7 @@ from ddae_diffusers.io_utils import atomic_path, check_writable_dir
 from ddae_diffusers.loading import check_source, is_hub_id
 from ddae_diffusers.modelcard import pretraining_model_card
 from ddae_diffusers.monitor import ProbeHistory, ProbeMonitor, default_probe_layer, load_probe_data
+from ddae_diffusers.noise import EDMNoise, noise_axis, parse_noise_level
 from ddae_diffusers.presets import PRESETS, build_denoiser
 from ddae_diffusers.tracking import JSONLinesTracker
 from ddae_diffusers.training_step import PREDICTION_TYPES, NonFiniteLossError, check_finite_weights, train_step
@@ -61,6 +66,7 @@ from ddae_diffusers.training_step import PREDICTION_TYPES, NonFiniteLossError, c
 logger = get_logger(__name__, log_level="INFO")
 
 LOGGERS = ("jsonl", "none", "tensorboard", "wandb", "all")
+OBJECTIVES = ("ddpm", "edm")
 UPLOAD_IGNORE_PATTERNS = ["checkpoint-*", ".*", "*.tmp", "*/.*"]
 DEFAULT_NUM_EPOCHS = 100
 DEFAULT_PROBE_EVERY = 500
@@ -96,8 +102,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             "UNet2DModel / DiTTransformer2DModel; default ddpm-cifar10-32.")
     model.add_argument("--pretrained_model_name_or_path", type=str, default=None,
                        help="Continue from these weights: a pipeline folder/repo or a model folder.")
+    model.add_argument("--objective", choices=OBJECTIVES, default="ddpm",
+                       help="ddpm: epsilon prediction over --ddpm_num_steps timesteps; edm: EDM's preconditioning, "
+                            "log-normal sigmas (P_mean -1.2, P_std 1.2) and loss weighting (Karras et al. 2022).")
+    model.add_argument("--edm_sigma_min", type=float, default=0.002, help="EDM: smallest sigma of the schedule.")
+    model.add_argument("--edm_sigma_max", type=float, default=80.0, help="EDM: largest sigma of the schedule.")
+    model.add_argument("--edm_sigma_data", type=float, default=0.5, help="EDM: the data's standard deviation.")
     model.add_argument("--ddpm_num_steps", type=int, default=1000)
-    model.add_argument("--ddpm_num_inference_steps", type=int, default=1000)
+    model.add_argument("--ddpm_num_inference_steps", type=int, default=None,
+                       help="Sampling steps of the sample grids (default 1000 for DDPM, 18 for EDM).")
     model.add_argument("--ddpm_beta_schedule", type=str, default="linear")
     model.add_argument("--prediction_type", type=str, default="epsilon", choices=PREDICTION_TYPES)
 
@@ -131,8 +144,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             "when labelled data is available, else 0.")
     probe.add_argument("--probe_layer", type=str, default=None,
                        help="Block to probe, e.g. up_blocks.1.resnets.2; default: the middle of the decoder.")
-    probe.add_argument("--probe_timestep", type=int, default=10,
-                       help="Diffusers timestep index of the probe (the paper's t=11 is 10).")
+    probe.add_argument("--probe_timestep", type=parse_noise_level, default=None,
+                       help="Noise level of the probe in the model's units: a DDPM timestep index (default 10, the "
+                            "paper's t=11) or an EDM sigma (default index 4 of the 18-step schedule, about 0.06).")
     probe.add_argument("--probe_train_samples", type=int, default=1000)
     probe.add_argument("--probe_eval_samples", type=int, default=500)
     probe.add_argument("--probe_dataset_name", type=str, default=None,
@@ -188,7 +202,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError("Give one of --num_epochs and --max_train_steps, not both: each sets the training length.")
     for flag in ("num_epochs", "max_train_steps", "train_batch_size", "gradient_accumulation_steps",
                  "checkpointing_steps", "checkpoints_total_limit", "resolution", "max_train_samples",
-                 "probe_batch_size", "ddpm_num_steps", "eval_batch_size"):
+                 "probe_batch_size", "ddpm_num_steps", "eval_batch_size", "ddpm_num_inference_steps"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UsageError(f"--{flag} must be >= 1, got {value}.")
@@ -212,6 +226,12 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--train_data_dir {args.train_data_dir!r} is not a folder: give a folder of images.")
     if args.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {args.seed}.")
+    sigmas = (args.edm_sigma_min, args.edm_sigma_max, args.edm_sigma_data)
+    if not all(math.isfinite(s) and s > 0 for s in sigmas) or args.edm_sigma_min >= args.edm_sigma_max:
+        raise UsageError("--edm_sigma_min/--edm_sigma_max/--edm_sigma_data must be positive, with min < max.")
+    if args.objective == "edm" and args.prediction_type != "epsilon":
+        raise UsageError("--prediction_type applies to --objective ddpm: EDM's network output is fixed by its "
+                         "preconditioning; drop --prediction_type.")
     if not math.isfinite(args.learning_rate) or args.learning_rate <= 0:
         raise UsageError(f"--learning_rate must be a finite number > 0, got {args.learning_rate}.")
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
@@ -289,8 +309,9 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 # ============================================================================================ model
-def build_model(args: argparse.Namespace, resolution: int | None) -> tuple[torch.nn.Module, DDPMScheduler]:
-    """The denoiser (fresh from --model_config, or --pretrained_model_name_or_path) and the DDPM scheduler."""
+def build_model(args: argparse.Namespace, resolution: int | None) -> tuple[torch.nn.Module, SchedulerMixin]:
+    """The denoiser (fresh from --model_config, or --pretrained_model_name_or_path) and the scheduler of
+    --objective (``DDPMScheduler`` or ``EDMEulerScheduler``); a pretrained model keeps its objective."""
     if args.pretrained_model_name_or_path is not None:
         try:
             backbone = DDAEBackbone.from_pretrained(args.pretrained_model_name_or_path, cache_dir=args.cache_dir)
@@ -301,6 +322,11 @@ def build_model(args: argparse.Namespace, resolution: int | None) -> tuple[torch
         if backbone.vae is not None:
             raise UsageError("Latent (VAE) models are not supported for pretraining: give a pixel-space model.")
         denoiser = backbone.denoiser
+        if backbone.objective != args.objective:
+            raise UsageError(
+                f"--pretrained_model_name_or_path is a {backbone.objective.upper()} model but --objective is "
+                f"{args.objective}: pass --objective {backbone.objective} to continue training it."
+            )
         size = backbone.image_size
         if resolution is not None and size is not None and resolution != size:
             raise UsageError(
@@ -320,6 +346,10 @@ def build_model(args: argparse.Namespace, resolution: int | None) -> tuple[torch
         config["sample_size"] = resolution
         torch.manual_seed(args.seed)
         denoiser = build_denoiser(config)
+    if args.objective == "edm":
+        return denoiser, EDMEulerScheduler(
+            sigma_min=args.edm_sigma_min, sigma_max=args.edm_sigma_max, sigma_data=args.edm_sigma_data
+        )
     noise_scheduler = DDPMScheduler(
         num_train_timesteps=args.ddpm_num_steps,
         beta_schedule=args.ddpm_beta_schedule,
@@ -344,12 +374,14 @@ def _check_resolution(config: dict, resolution: int) -> None:
 
 
 def pipeline_for(denoiser, noise_scheduler):
-    """The pipeline to save: ``DDPMPipeline`` for a UNet, ``DDAEPipeline`` for a DiT."""
-    if family_of(denoiser).component == "unet":
+    """The pipeline to save: ``DDPMPipeline`` for a DDPM UNet, ``DDAEPipeline`` for a DiT or an EDM model
+    (``DDPMPipeline`` neither preconditions nor scales the initial noise)."""
+    component = family_of(denoiser).component
+    if component == "unet" and not isinstance(noise_axis(noise_scheduler), EDMNoise):
         return DDPMPipeline(unet=denoiser, scheduler=noise_scheduler)
     from ddae_diffusers.pipelines.pipeline_ddae import DDAEPipeline
 
-    return DDAEPipeline(transformer=denoiser, scheduler=noise_scheduler)
+    return DDAEPipeline(**{component: denoiser}, scheduler=noise_scheduler)
 
 
 def diverged(what: str, output_dir: str) -> NonFiniteLossError:
@@ -470,7 +502,12 @@ def main(args: argparse.Namespace) -> str:
         train_split = train_split.select(range(min(args.max_train_samples, len(train_split))))
 
     denoiser, noise_scheduler = build_model(args, args.resolution)
-    resolution = args.resolution or DDAEBackbone(denoiser, noise_scheduler).image_size
+    backbone = DDAEBackbone(denoiser, noise_scheduler)
+    resolution = args.resolution or backbone.image_size
+    if args.probe_timestep is None:
+        args.probe_timestep = backbone.noise_axis.default_probe_level()
+    if args.ddpm_num_inference_steps is None:
+        args.ddpm_num_inference_steps = 18 if backbone.objective == "edm" else 1000
 
     monitor = _build_monitor(args, dataset_dict, image_column, denoiser, noise_scheduler, resolution)
     probe_every = args.probe_every_n_steps if monitor is not None else 0
@@ -639,6 +676,8 @@ def main(args: argparse.Namespace) -> str:
             wall_time_s=state.wall_time,
             total_batch_size=total_batch_size,
             mixed_precision=accelerator.mixed_precision,
+            objective=backbone.objective,
+            probe_ve_sigma=backbone.noise_axis.ve_sigma(args.probe_timestep),
             probe_layer=probe_layer,
             probe_timestep=args.probe_timestep,
             probe_description=monitor.data.description if monitor else "probe monitor off",

@@ -5,6 +5,7 @@ Examples::
     ddae-probe --model google/ddpm-cifar10-32 --dataset uoft-cs/cifar10 --output_dir probe-out
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 -m ddae_diffusers.probing.cli \\
         --model ./my-ddpm --dataset data/cifar10-sample --timesteps 10 50 --output_dir probe-out
+    ddae-probe --model ./my-edm --dataset data/cifar10-sample --sigma_index 3 4 5 --output_dir probe-edm
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from accelerate.logging import get_logger
 
 from ..errors import ArgumentParser, UsageError, run_command
 from ..loading import check_source
+from ..noise import DEFAULT_EDM_INDICES, EDM_INDEX_STEPS, parse_noise_level
 from .engine import DEFAULT_TIMESTEPS, DTYPES, PROTOCOLS, RECIPES, ProbeConfig, run_probe
 from .heads import ProbeRecipe
 
@@ -42,8 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max_eval_samples", type=int, default=None)
     add("--layers", nargs="+", default=None,
         help="Block names (default: every resnet/attention output of encoder, mid block and decoder).")
-    add("--timesteps", nargs="+", type=int, default=list(DEFAULT_TIMESTEPS),
-        help="Diffusers timestep indices (the paper's t=11 is 10).")
+    add("--timesteps", "--noise_levels", dest="timesteps", nargs="+", type=parse_noise_level, default=None,
+        help="Noise levels in the model's units: diffusers timestep indices for DDPM models (the paper's t=11 is "
+             f"10; default {' '.join(map(str, DEFAULT_TIMESTEPS))}), sigmas for EDM models (e.g. 0.06; default: "
+             f"--sigma_index {' '.join(map(str, DEFAULT_EDM_INDICES))}).")
+    add("--sigma_index", nargs="+", type=int, default=None,
+        help=f"EDM models: noise levels as indices of the {EDM_INDEX_STEPS}-step EDM sampling schedule counted from "
+             "the clean end (index 0 is sigma 0), as the DDAE code does: 4 is about sigma 0.06, 3 0.023, 5 0.14.")
     add("--resolution", type=int, default=None, help="Image side (default: the model's sample size).")
     add("--batch_size", type=int, default=64, help="Extraction batch size.")
     add("--output_dir", required=True)
@@ -87,7 +94,8 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     if results is not None:
         best = results["best"]
         print(
-            f"best cell (on validation): {best['layer']} @ t={best['timestep']}: linear "
+            f"best cell (on validation): {best['layer']} @ {'sigma' if results.objective == 'edm' else 't'}="
+            f"{best['timestep']}: linear "
             f"{100 * best['linear_acc']:.2f}%, kNN {100 * best['knn_acc']:.2f}% -> {args.output_dir}/results.md"
         )
     return results

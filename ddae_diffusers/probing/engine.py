@@ -1,6 +1,9 @@
-"""The probe grid: every (layer, timestep) cell scored by linear probes and kNN.
+"""The probe grid: every (layer, noise level) cell scored by linear probes and kNN.
 
-``prepare`` checks every input (model, layers, timesteps, resolution, data set, labels,
+Noise levels are in the model's units (DDPM timestep indices, EDM sigmas; see ``noise.py``); the
+results also place each level on the shared variance-exploding axis.
+
+``prepare`` checks every input (model, layers, noise levels, resolution, data set, labels,
 folders) before any feature is computed; ``run_probe`` extracts features into the cache
 (sharded across processes under ``accelerate launch``), trains all heads together, scores
 kNN and writes the report.
@@ -20,6 +23,7 @@ from ..capture import DDAEBackbone
 from ..data import conversion_note, detect_image_column, detect_label_column, label_names, load_split
 from ..errors import UsageError
 from ..io_utils import check_writable_dir
+from ..noise import DEFAULT_DDPM_LEVELS, EDMNoise, NoiseLevel
 from .baselines import pixel_features, random_init
 from .cache import FeatureCache, View
 from .heads import PAPER_RECIPE, ProbeRecipe, choose_lr, train_heads
@@ -27,7 +31,7 @@ from .knn import knn_accuracy
 from .result import ProbeCell, ProbeResult
 
 logger = logging.getLogger(__name__)
-DEFAULT_TIMESTEPS = (0, 10, 25, 50, 100, 200, 400)
+DEFAULT_TIMESTEPS = DEFAULT_DDPM_LEVELS  # the DDPM grid; EDM models default to EDMNoise.default_levels()
 PROTOCOLS = ("cached", "online")
 RECIPES = ("converge", "paper")
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -48,7 +52,8 @@ class ProbeConfig:
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     layers: list[str] | None = None  # default: default_layers(backbone)
-    timesteps: list[int] = field(default_factory=lambda: list(DEFAULT_TIMESTEPS))
+    timesteps: list[NoiseLevel] | None = None  # default: the model's (DDPM: DEFAULT_TIMESTEPS; EDM: indices 2..8)
+    sigma_index: list[int] | None = None  # EDM: levels as indices of the 18-step schedule (DDAE paper: 3, 4, 5)
     resolution: int | None = None  # default: the model's sample size
     batch_size: int = 64
     train_views: int = 1
@@ -95,7 +100,7 @@ class Prepared:
     num_labels: int
     id2label: dict[str, str]
     layers: list[str]
-    timesteps: list[int]
+    timesteps: list[NoiseLevel]
     resolution: int
     fit_rows: list[int]
     val_rows: list[int]
@@ -111,6 +116,20 @@ def _labels(dataset, column: str, split: str) -> torch.Tensor:
             "probing needs a labelled split; choose another --train_split/--eval_split."
         )
     return labels.long()
+
+
+def noise_levels(config: ProbeConfig, backbone: DDAEBackbone) -> list[NoiseLevel]:
+    """The grid's noise levels in the model's units: ``timesteps``, or ``sigma_index`` turned into EDM sigmas, or
+    the model's default grid."""
+    axis = backbone.noise_axis
+    if config.sigma_index is not None:
+        if config.timesteps is not None:
+            raise UsageError("Give --timesteps or --sigma_index, not both: each sets the noise levels.")
+        if not isinstance(axis, EDMNoise):
+            raise UsageError("--sigma_index indexes EDM's sampling schedule, but this is a DDPM model: use "
+                             "--timesteps with diffusers timestep indices (e.g. 10).")
+        return [axis.sigma_at_index(index) for index in config.sigma_index]
+    return list(config.timesteps) if config.timesteps is not None else axis.default_levels()
 
 
 def prepare(config: ProbeConfig, backbone: DDAEBackbone | None = None) -> Prepared:
@@ -138,7 +157,7 @@ def prepare(config: ProbeConfig, backbone: DDAEBackbone | None = None) -> Prepar
     if config.random_init:
         backbone = random_init(backbone, config.seed)
     layers = backbone.check_layers(config.layers if config.layers else default_layers(backbone))
-    timesteps = backbone.check_timesteps(config.timesteps)
+    timesteps = backbone.check_timesteps(noise_levels(config, backbone))
     resolution = config.resolution or backbone.image_size or 32
     if backbone.image_size is not None and resolution != backbone.image_size:
         raise UsageError(
@@ -336,6 +355,8 @@ def run_probe(
         id2label=prep.id2label,
         layers=prep.layers,
         timesteps=prep.timesteps,
+        objective=backbone.objective,
+        noise_levels=[backbone.noise_axis.describe(t) for t in prep.timesteps],
         random_init=config.random_init,
         cells=cells,
         best=best,

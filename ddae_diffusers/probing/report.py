@@ -79,20 +79,47 @@ def _row(name: str, t, c: dict) -> str:
     )
 
 
+def level_unit(results: dict) -> str:
+    """The name of the noise level in a probe's cells: ``t`` (DDPM timestep index) or ``sigma`` (EDM)."""
+    return "sigma" if results.get("objective") == "edm" else "t"
+
+
+def noise_axis_table(results: dict) -> list[str]:
+    """Each noise level of the grid with its variance-exploding sigma and log-SNR (lines of markdown)."""
+    levels = results.get("noise_levels") or []
+    if not levels:
+        return []
+    unit = level_unit(results)
+    lines = [
+        "## Noise levels on one axis",
+        "",
+        f"Each {unit} with its variance-exploding equivalent (the noise std over the signal scale; for DDPM "
+        "sqrt((1 - a) / a) with a = alphas_cumprod[t]) and log-SNR = -2 ln sigma_VE, so DDPM and EDM grids line up.",
+        "",
+        f"| {unit} | VE sigma | log-SNR |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {lv['level']} | {lv['ve_sigma']:.4g} | {lv['log_snr']:.2f} |" for lv in levels]
+    return lines + [""]
+
+
 def markdown_table(results: dict) -> str:
-    """``results.md``: the run's settings, the best cell per part, the baselines and every cell."""
+    """``results.md``: the run's settings, the noise axis, the best cell per part, the baselines and every cell."""
     cells = sorted(results["cells"], key=lambda c: (-c["val_acc"], -c["linear_acc"]))
     best = results["best"]
-    header = ["| layer | t | dim | linear acc (%) | kNN acc (%) | val acc (%) | lr |", "|---|---|---|---|---|---|---|"]
+    unit = level_unit(results)
+    header = [f"| layer | {unit} | dim | linear acc (%) | kNN acc (%) | val acc (%) | lr |",
+              "|---|---|---|---|---|---|---|"]
     lines = [
         f"# Probe grid: {model_title(results)} on {results['dataset']}",
         "",
         f"Protocol `{results['protocol']}` (recipe `{results['recipe']}`, normalization "
         f"`{results['normalization']}`), {results['num_train']} train / {results['num_val']} validation / "
         f"{results['num_eval']} {results['eval_split']} examples, resolution {results['resolution']}, "
-        f"seed {results['seed']}. Best cell (chosen on validation): **{best['layer']} @ t={best['timestep']}**, "
+        f"seed {results['seed']}. Best cell (chosen on validation): **{best['layer']} @ {unit}={best['timestep']}**, "
         f"linear {100 * best['linear_acc']:.2f}%, kNN {100 * best['knn_acc']:.2f}%.",
         "",
+        *noise_axis_table(results),
     ]
     parts = best_per_part(results["cells"])
     if len(parts) > 1 or results.get("baselines"):
@@ -105,8 +132,9 @@ def markdown_table(results: dict) -> str:
 
 
 def heatmap(results: dict, metric: str, path: str, title: str, marked: tuple[str, int]) -> None:
-    """Layers (execution order) x timesteps, annotated in %, with ``marked`` outlined; PNG at ``path``."""
-    grid_heatmap(results["cells"], path, metric, title=title, marked=marked, layers=results["layers"])
+    """Layers (execution order) x noise levels, annotated in %, with ``marked`` outlined; PNG at ``path``."""
+    grid_heatmap(results["cells"], path, metric, title=title, marked=marked, layers=results["layers"],
+                 noise_levels=results.get("noise_levels"), unit=level_unit(results))
 
 
 def write_report(output_dir: str, result: ProbeResult, heads: Mapping[tuple[str, int], LinearHead]) -> None:

@@ -14,6 +14,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from ..errors import UsageError
 from ..io_utils import atomic_path
+from ..noise import NoiseLevel, parse_noise_level
 
 RESULTS_FILE = "results.json"
 HEADS_FILE = "heads.safetensors"
@@ -21,10 +22,12 @@ HEADS_FILE = "heads.safetensors"
 
 @dataclass
 class ProbeCell:
-    """One (layer, timestep) cell: test linear and kNN accuracy, the chosen lr and validation accuracies."""
+    """One (layer, noise level) cell: test linear and kNN accuracy, the chosen lr and validation accuracies.
+
+    ``timestep`` is the noise level in the model's units: a DDPM timestep index (int) or an EDM sigma (float)."""
 
     layer: str
-    timestep: int
+    timestep: NoiseLevel
     feature_dim: int
     linear_acc: float
     knn_acc: float
@@ -55,14 +58,15 @@ def file_digest(path: str) -> str:
     return digest.hexdigest()
 
 
-def cell_key(layer: str, timestep: int) -> str:
+def cell_key(layer: str, timestep: NoiseLevel) -> str:
     return f"{layer}@{timestep}"
 
 
-def parse_cell_key(key: str) -> tuple[str, int]:
-    """``"up_blocks.0.resnets.1@10"`` -> ``("up_blocks.0.resnets.1", 10)``."""
+def parse_cell_key(key: str) -> tuple[str, NoiseLevel]:
+    """``"up_blocks.0.resnets.1@10"`` -> ``("up_blocks.0.resnets.1", 10)``; an EDM cell ``"mid_block@0.06"`` ->
+    ``("mid_block", 0.06)``."""
     layer, t = key.rsplit("@", 1)
-    return layer, int(t)
+    return layer, parse_noise_level(t)
 
 
 @dataclass
@@ -93,7 +97,7 @@ class ProbeResult:
     num_labels: int
     id2label: dict[str, str]
     layers: list[str]
-    timesteps: list[int]
+    timesteps: list[NoiseLevel]  # noise levels in the model's units (DDPM timesteps or EDM sigmas)
     random_init: bool
     cells: list[ProbeCell]
     best: ProbeCell
@@ -101,6 +105,9 @@ class ProbeResult:
     config: dict = field(default_factory=dict)  # the ProbeConfig of the run
     timings: dict[str, dict[str, float]] = field(default_factory=dict)  # stage -> {"wall_s", "cpu_s"}
     files: dict[str, str] = field(default_factory=dict)  # the run's other files -> SHA-256 (written last)
+    objective: str = "ddpm"  # how the model noises its inputs: "ddpm" or "edm"
+    # each level on the shared axis: {"level", "ve_sigma", "log_snr"} (noise.NoiseAxis.describe)
+    noise_levels: list[dict] = field(default_factory=list)
 
     # ------------------------------------------------------------------ files
     @staticmethod
@@ -127,7 +134,11 @@ class ProbeResult:
     @classmethod
     def from_dict(cls, data: dict) -> ProbeResult:
         """From ``results.json`` content; keys a shorter (older or hand-written) file lacks read as None."""
-        values = {f.name: data.get(f.name) for f in fields(cls) if f.name in data or f.default_factory is MISSING}
+        values = {
+            f.name: data.get(f.name)
+            for f in fields(cls)
+            if f.name in data or (f.default_factory is MISSING and f.default is MISSING)
+        }
         values["cells"] = [_cell(cell) for cell in data["cells"]]
         values["best"] = _cell(data["best"])
         return cls(**values)
@@ -157,16 +168,16 @@ class ProbeResult:
         return result
 
     # ------------------------------------------------------------------ cells
-    def best_cell(self, layer: str | None = None, timestep: int | None = None) -> ProbeCell:
+    def best_cell(self, layer: str | None = None, timestep: NoiseLevel | None = None) -> ProbeCell:
         """The best cell on validation, or the best among those matching ``layer``/``timestep``."""
         if layer is None and timestep is None:
             return self.best
         cells = [
             c for c in self.cells
-            if (layer is None or c.layer == layer) and (timestep is None or int(c.timestep) == int(timestep))
+            if (layer is None or c.layer == layer) and (timestep is None or float(c.timestep) == float(timestep))
         ]
         if not cells:
-            available = sorted({(c.layer, int(c.timestep)) for c in self.cells})
+            available = sorted({(c.layer, c.timestep) for c in self.cells})
             raise UsageError(
                 f"The probe has no cell for layer={layer!r}, timestep={timestep!r}: available (layer, t) are "
                 f"{available}."

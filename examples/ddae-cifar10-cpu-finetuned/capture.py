@@ -2,12 +2,13 @@
 
 ``DDAEBackbone`` pairs a denoiser (``UNet2DModel`` or ``DiTTransformer2DModel``) with its
 noise scheduler (and, for latent models, an ``AutoencoderKL``). ``features()`` noises
-clean images with ``scheduler.add_noise`` at each timestep, runs one forward per timestep
-with forward hooks on every requested block, stops right after the deepest one and
-pools. Nothing here copies a diffusers ``forward()``: hooks work on any version.
+clean images at each noise level (``noise.NoiseAxis``: ``add_noise`` for DDPM, EDM's
+preconditioning for EDM), runs one forward per level with forward hooks on every requested
+block, stops right after the deepest one and pools. Nothing here copies a diffusers
+``forward()``: hooks work on any version.
 
-Timesteps are diffusers scheduler indices ``0 .. num_train_timesteps - 1``; the DDAE
-paper counts from 1, so its t=11 is our t=10.
+Noise levels are in the model's own units: diffusers timestep indices ``0 .. T - 1`` for DDPM (the
+DDAE paper counts from 1, so its t=11 is our t=10), sigmas (floats) for EDM.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import nn
 
 from .errors import UsageError, UsageTypeError
 from .families import family_of, sample_size
+from .noise import NoiseAxis, NoiseLevel, noise_axis
 
 Denoiser = UNet2DModel | DiTTransformer2DModel
 Pooling = str | None
@@ -270,8 +272,9 @@ class DDAEBackbone:
 
     Args:
         denoiser: a ``UNet2DModel`` (pixel DDPM) or ``DiTTransformer2DModel`` (latent or pixel).
-        scheduler: the noise scheduler used for ``add_noise``; default ``DDPMScheduler()``
-            (1000 steps, linear betas 1e-4..0.02, as google/ddpm-cifar10-32).
+        scheduler: the noise scheduler that defines the noise levels: a DDPM-style one (``add_noise``; default
+            ``DDPMScheduler()``, 1000 steps, linear betas 1e-4..0.02, as google/ddpm-cifar10-32) or an EDM one
+            (``EDMEulerScheduler``: levels are sigmas, inputs preconditioned as in training).
         vae: an ``AutoencoderKL`` for latent models; images are encoded to
             ``latent_dist.mean * scaling_factor`` before noising.
 
@@ -289,10 +292,9 @@ class DDAEBackbone:
         vae: AutoencoderKL | None = None,
     ):
         check_denoiser(denoiser)
-        if scheduler is not None and not hasattr(scheduler, "add_noise"):
-            raise UsageTypeError(f"{type(scheduler).__name__} has no add_noise(); pass a DDPM-style scheduler.")
-        self.denoiser = denoiser
         self.scheduler = scheduler if scheduler is not None else DDPMScheduler()
+        self.noise_axis: NoiseAxis = noise_axis(self.scheduler)
+        self.denoiser = denoiser
         self.vae = vae
         self._catalogue: list[LayerInfo] | None = None
 
@@ -323,7 +325,13 @@ class DDAEBackbone:
 
     @property
     def num_train_timesteps(self) -> int:
+        """The scheduler's training timesteps (the DDPM axis 0..T-1)."""
         return int(self.scheduler.config.num_train_timesteps)
+
+    @property
+    def objective(self) -> str:
+        """``"ddpm"`` or ``"edm"``: how this model's inputs are noised (see :mod:`ddae_diffusers.noise`)."""
+        return self.noise_axis.objective
 
     @property
     def image_channels(self) -> int:
@@ -380,18 +388,9 @@ class DDAEBackbone:
                 )
         return sorted(set(layers), key=index.__getitem__)
 
-    def check_timesteps(self, timesteps: int | Sequence[int]) -> list[int]:
-        """Validates diffusers timestep indices (0..num_train_timesteps-1)."""
-        timesteps = [timesteps] if isinstance(timesteps, (int, np.integer)) else list(timesteps)
-        if not timesteps:
-            raise UsageError("No timesteps requested: pass at least one, e.g. timesteps=[10].")
-        for t in timesteps:
-            if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < self.num_train_timesteps:
-                raise UsageError(
-                    f"Timestep {t!r} is out of range: use integer diffusers indices 0..{self.num_train_timesteps - 1} "
-                    "(the DDAE paper's t=11 is diffusers t=10)."
-                )
-        return [int(t) for t in timesteps]
+    def check_timesteps(self, timesteps: NoiseLevel | Sequence[NoiseLevel]) -> list[NoiseLevel]:
+        """Validates noise levels in the model's units: DDPM timestep indices (ints) or EDM sigmas (floats)."""
+        return self.noise_axis.check_levels(timesteps)
 
     def check_images(self, images: torch.Tensor) -> torch.Tensor:
         """Validates a (B, C, H, W) float batch in [-1, 1]; returns it on the backbone's device."""
@@ -406,28 +405,23 @@ class DDAEBackbone:
         latents = self.vae.encode(images).latent_dist.mean
         return latents * self.vae.config.scaling_factor
 
-    def noisy_inputs(
-        self, images: torch.Tensor, timestep: int, noise: torch.Tensor
-    ) -> torch.Tensor:
-        """``scheduler.add_noise`` of clean denoiser inputs at one timestep: (B, C, h, w)."""
-        return family_of(self.denoiser).add_noise(self.scheduler, images, noise, timestep)
-
     def features(
         self,
         images: torch.Tensor,
         layers: str | Sequence[str],
-        timesteps: int | Sequence[int],
+        timesteps: NoiseLevel | Sequence[NoiseLevel],
         pooling: Pooling = "avg",
         seed: int = 0,
         example_ids: Sequence[int] | torch.Tensor | None = None,
         dtype: torch.dtype | None = None,
-    ) -> dict[tuple[str, int], torch.Tensor]:
-        """Pooled (or raw) activations of ``layers`` at each of ``timesteps``.
+    ) -> dict[tuple[str, NoiseLevel], torch.Tensor]:
+        """Pooled (or raw) activations of ``layers`` at each noise level of ``timesteps``.
 
         Args:
             images: (B, C, H, W) float tensor in [-1, 1].
             layers: block names from :meth:`layer_names`.
-            timesteps: diffusers indices 0..T-1 (paper t=11 is t=10).
+            timesteps: noise levels in the model's units: DDPM diffusers indices 0..T-1 (paper t=11 is t=10),
+                EDM sigmas (floats, e.g. 0.06).
             pooling: ``"avg"`` -> (B, C) / (B, D); ``None`` -> (B, C, h, w) / (B, N, D).
             seed, example_ids: the noise of example ``example_ids[i]`` (default ``i``) is drawn
                 from (seed, id), so results do not depend on batching or sharding.
@@ -451,8 +445,8 @@ class DDAEBackbone:
             clean = self._encode(images).float()
             noise = example_noise(clean.shape[1:], example_ids, seed)
             for t in timesteps:
-                noisy = self.noisy_inputs(clean, t, noise)
-                captured = capture_activations(self.denoiser, noisy, t, layers, stop_after=layers[-1])
+                noisy, network_t = self.noise_axis.network_inputs(clean, noise, t)
+                captured = capture_activations(self.denoiser, noisy, network_t, layers, stop_after=layers[-1])
                 for layer in layers:
                     results[layer, t] = pool_activation(captured[layer], pooling).float()
         _check_finite_features(results, example_ids)

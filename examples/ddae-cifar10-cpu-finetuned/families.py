@@ -1,7 +1,8 @@
 """Denoiser families: one small description per kind of diffusers denoiser.
 
 A family says how to recognise the model (its class, and legacy names diffusers remaps on load), which of
-its modules are layers, which extra forward arguments it needs, and how a clean input is noised. The
+its modules are layers and which extra forward arguments it needs (how inputs are noised depends on the
+scheduler, not the family: see ``noise.py``). The
 capture core, the loaders, the classifier and the pipeline ask the family; supporting a new kind of
 denoiser is one new entry in ``FAMILIES``.
 """
@@ -61,11 +62,6 @@ class DenoiserFamily:
     def layer_candidates(self, denoiser: nn.Module) -> list[str]:
         """Module paths of every block whose output can be captured (registration order)."""
         return [name for name, _ in denoiser.named_modules() if self.layer_pattern.match(name)]
-
-    def add_noise(self, scheduler, clean: torch.Tensor, noise: torch.Tensor, timestep: int) -> torch.Tensor:
-        """The noisy input at diffusers timestep ``timestep``: (B, C, h, w) like ``clean``."""
-        t = torch.full((clean.shape[0],), timestep, dtype=torch.long, device=clean.device)
-        return scheduler.add_noise(clean, noise.to(clean.device, clean.dtype), t)
 
 
 UNET_2D = DenoiserFamily(

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from diffusers import DDPMScheduler, EDMEulerScheduler, SchedulerMixin
 from transformers import PreTrainedConfig
 
 from .errors import UsageError
 from .families import FAMILIES
+from .noise import noise_axis
 
 BACKBONE_CLASSES = tuple(FAMILIES)  # "UNet2DModel", "DiTTransformer2DModel"
 NOISE_POLICIES = ("fixed", "random", "none")
+OBJECTIVES = ("ddpm", "edm")
 HEAD_NORMS = ("batchnorm", "layernorm", None)
 POOLINGS = ("avg",)
 
@@ -27,9 +30,16 @@ class DDAEConfig(PreTrainedConfig):
         feature_layer (`str`, *optional*):
             The block whose output is the feature, as a diffusers module path (`"up_blocks.1.resnets.2"`,
             `"mid_block"`, `"transformer_blocks.6"`). Every module after it is dropped from the model.
-        timestep (`int`, *optional*, defaults to 10):
-            Diffusers timestep index `0 .. num_train_timesteps - 1` at which the image is noised (the DDAE
-            paper's t=11 is t=10).
+        timestep (`int` or `float`, *optional*, defaults to 10):
+            The noise level of the input in the model's units: for `objective="ddpm"` a diffusers timestep index
+            `0 .. num_train_timesteps - 1` (the DDAE paper's t=11 is t=10); for `objective="edm"` a sigma (a
+            float in `[sigma_min, sigma_max]`, e.g. 0.06).
+        objective (`str`, *optional*, defaults to `"ddpm"`):
+            How the denoiser was trained, hence how its input is noised: `"ddpm"` (`DDPMScheduler.add_noise`) or
+            `"edm"` (`x + sigma * eps`, preconditioned by an `EDMEulerScheduler` as in training).
+        sigma_min (`float`, *optional*, defaults to 0.002), sigma_max (`float`, *optional*, defaults to 80.0),
+        sigma_data (`float`, *optional*, defaults to 0.5):
+            The EDM scheduler's sigma range and data standard deviation (`objective="edm"` only).
         num_train_timesteps (`int`, *optional*, defaults to 1000):
             Noise schedule length (rebuilds the `DDPMScheduler` whose `add_noise` noises the input).
         beta_start (`float`, *optional*, defaults to 1e-4):
@@ -45,7 +55,7 @@ class DDAEConfig(PreTrainedConfig):
         noise_policy (`str`, *optional*, defaults to `"fixed"`):
             `"fixed"`: fresh Gaussian noise in training, and in eval noise drawn from `(noise_seed, position in
             the batch)` so predictions are deterministic; `"random"`: fresh noise always; `"none"`: no noise is
-            added (the denoiser still sees `timestep`).
+            added (the denoiser still sees `timestep`; an EDM input is still preconditioned).
         noise_seed (`int`, *optional*, defaults to 0):
             Seed of the eval noise of the `"fixed"` policy.
         head_norm (`str`, *optional*, defaults to `"batchnorm"`):
@@ -85,7 +95,11 @@ class DDAEConfig(PreTrainedConfig):
         backbone_class: str = "UNet2DModel",
         backbone_config: dict[str, Any] | None = None,
         feature_layer: str | None = None,
-        timestep: int = 10,
+        timestep: int | float = 10,
+        objective: str = "ddpm",
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        sigma_data: float = 0.5,
         num_train_timesteps: int = 1000,
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
@@ -114,17 +128,18 @@ class DDAEConfig(PreTrainedConfig):
             raise UsageError(f"head_norm {head_norm!r} is not one of {HEAD_NORMS}.")
         if pooling not in POOLINGS:
             raise UsageError(f"pooling {pooling!r} is not one of {POOLINGS}.")
-        if isinstance(timestep, bool) or not isinstance(timestep, int) or not 0 <= timestep < num_train_timesteps:
-            raise UsageError(
-                f"timestep {timestep!r} is out of range: use an integer diffusers index 0..{num_train_timesteps - 1} "
-                "(the DDAE paper's t=11 is t=10)."
-            )
+        if objective not in OBJECTIVES:
+            raise UsageError(f"objective {objective!r} is not one of {OBJECTIVES}.")
         if not 0.0 <= classifier_dropout < 1.0:
             raise UsageError(f"classifier_dropout must be in [0, 1), got {classifier_dropout}.")
         self.backbone_class = backbone_class
         self.backbone_config = backbone_config
         self.feature_layer = feature_layer
         self.timestep = timestep
+        self.objective = objective
+        self.sigma_min = sigma_min
+        self.sigma_max = sigma_max
+        self.sigma_data = sigma_data
         self.num_train_timesteps = num_train_timesteps
         self.beta_start = beta_start
         self.beta_end = beta_end
@@ -141,6 +156,13 @@ class DDAEConfig(PreTrainedConfig):
         self.base_model = base_model
         self.training_summary = training_summary
         super().__init__(**kwargs)
+        self.timestep = noise_axis(self.noise_scheduler()).check_levels([timestep])[0]
+
+    def noise_scheduler(self) -> SchedulerMixin:
+        """The scheduler that defines how the input is noised: ``DDPMScheduler`` or ``EDMEulerScheduler``."""
+        if self.objective == "edm":
+            return EDMEulerScheduler(sigma_min=self.sigma_min, sigma_max=self.sigma_max, sigma_data=self.sigma_data)
+        return DDPMScheduler(**self.scheduler_kwargs())
 
     def scheduler_kwargs(self) -> dict[str, Any]:
         """Arguments of the ``DDPMScheduler`` that noises the input."""

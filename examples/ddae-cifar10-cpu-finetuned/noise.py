@@ -1,0 +1,242 @@
+"""One noise axis for DDPM and EDM models: how a clean input is noised at a level in the model's own units.
+
+* **DDPM** (variance preserving, any scheduler with ``alphas_cumprod``): the level is a diffusers timestep
+  index ``t`` (an ``int``, 0..T-1). The network sees ``scheduler.add_noise(x0, eps, t)`` and ``t``.
+* **EDM** (Karras et al. 2022; ``EDMEulerScheduler``, ``EDMDPMSolverMultistepScheduler``): the level is
+  ``sigma`` (a ``float``). The network sees ``c_in(sigma) * (x0 + sigma * eps)`` and ``c_noise(sigma)``,
+  through the scheduler's own ``precondition_inputs`` / ``precondition_noise``.
+
+Both report the variance-exploding equivalent ``sigma`` of a level (DDPM: ``sqrt((1 - a) / a)`` with
+``a = alphas_cumprod[t]``) and its log-SNR ``-2 ln sigma``, so DDPM and EDM grids line up on one axis.
+The DDAE paper's EDM noise levels are those of the 18-step EDM sampling schedule counted from the clean
+end (index 0 is sigma 0): :meth:`EDMNoise.sigma_at_index` turns such an index into a sigma.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .errors import UsageError, UsageTypeError
+
+NoiseLevel = int | float
+
+# The DDAE paper's EDM grid: indices of the 18-step schedule counted from the clean end.
+EDM_INDEX_STEPS = 18
+DEFAULT_DDPM_LEVELS = (0, 10, 25, 50, 100, 200, 400)
+DEFAULT_EDM_INDICES = (2, 3, 4, 5, 6, 7, 8)  # sigma 0.0075 .. 1.09, about the VE range of DDPM t = 0 .. 200
+DEFAULT_DDPM_PROBE_LEVEL = 10  # the paper's t=11
+DEFAULT_EDM_PROBE_INDEX = 4  # sigma ~ 0.06, the official code's default
+
+
+def is_edm_scheduler(scheduler: object) -> bool:
+    """True for diffusers' EDM schedulers (they precondition inputs, noise levels and outputs)."""
+    return all(hasattr(scheduler, name) for name in ("precondition_inputs", "precondition_noise",
+                                                      "precondition_outputs"))
+
+
+def is_integer_level(level: object) -> bool:
+    return isinstance(level, (int, np.integer)) and not isinstance(level, bool)
+
+
+def parse_noise_level(text: str) -> NoiseLevel:
+    """A command-line noise level: ``"10"`` -> 10 (a DDPM timestep), ``"0.06"`` / ``"2e-2"`` -> a float sigma."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise UsageError(
+            f"Noise level {text!r} is not a number: give DDPM timesteps (10) or EDM sigmas (0.06)."
+        ) from None
+
+
+class NoiseAxis:
+    """The noise levels of one model: validation, noising, and their place on the variance-exploding axis."""
+
+    objective: str = ""
+    unit: str = ""
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+
+    def check_levels(self, levels: NoiseLevel | Sequence[NoiseLevel]) -> list[NoiseLevel]:
+        """Validates levels in the model's units; returns them as a list (``UsageError`` naming the fix)."""
+        levels = [levels] if isinstance(levels, (int, float, np.number)) else list(levels)
+        if not levels:
+            raise UsageError(f"No noise levels requested: pass at least one, e.g. {self.example}.")
+        return [self._check(level) for level in levels]
+
+    @property
+    def example(self) -> str:
+        raise NotImplementedError
+
+    def _check(self, level) -> NoiseLevel:
+        raise NotImplementedError
+
+    def network_inputs(
+        self, clean: torch.Tensor, noise: torch.Tensor | None, level: NoiseLevel
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (B, C, h, w) input the network sees for clean inputs ``clean`` and noise ``noise`` at ``level``,
+        and the (B,) timestep it is given. ``noise=None`` adds no noise (an ablation): DDPM passes ``clean`` as it
+        is, EDM still preconditions it (``c_in`` belongs to EDM's network, not to its noising)."""
+        raise NotImplementedError
+
+    def ve_sigma(self, level: NoiseLevel) -> float:
+        """The variance-exploding sigma of ``level``: noise std over signal scale."""
+        raise NotImplementedError
+
+    def log_snr(self, level: NoiseLevel) -> float:
+        """``log(signal^2 / noise^2) = -2 ln sigma_VE``."""
+        return -2.0 * math.log(self.ve_sigma(level))
+
+    def label(self, level: NoiseLevel) -> str:
+        """How reports name a level: ``t=10`` or ``sigma=0.06``."""
+        return f"{self.unit}={level:g}" if isinstance(level, float) else f"{self.unit}={level}"
+
+    def describe(self, level: NoiseLevel) -> dict[str, float]:
+        """``{"level", "ve_sigma", "log_snr"}`` of one level, for reports."""
+        return {"level": level, "ve_sigma": self.ve_sigma(level), "log_snr": self.log_snr(level)}
+
+    def default_levels(self) -> list[NoiseLevel]:
+        """A sensible probe grid in this model's units."""
+        raise NotImplementedError
+
+    def default_probe_level(self) -> NoiseLevel:
+        """The paper's single noise level for this objective."""
+        raise NotImplementedError
+
+    def draw_training_levels(
+        self, batch_size: int, device: torch.device, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """(B,) training noise levels drawn from ``generator`` (default: torch's global one)."""
+        raise NotImplementedError
+
+
+class DDPMNoise(NoiseAxis):
+    """Variance-preserving noise at diffusers timestep indices (DDPM, DDIM, PNDM... schedulers)."""
+
+    objective = "ddpm"
+    unit = "t"
+    example = "timesteps=[10] (the DDAE paper's t=11 is diffusers t=10)"
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler.config.num_train_timesteps)
+
+    def _check(self, level) -> int:
+        last = self.num_train_timesteps - 1
+        if isinstance(level, (float, np.floating)):
+            raise UsageError(
+                f"Noise level {level!r} is a float, but this is a DDPM model: its levels are integer diffusers "
+                f"timesteps 0..{last} (e.g. 10); EDM sigmas apply to EDM models only."
+            )
+        if not is_integer_level(level) or not 0 <= level <= last:
+            raise UsageError(
+                f"Timestep {level!r} is out of range: use integer diffusers indices 0..{last} "
+                "(the DDAE paper's t=11 is diffusers t=10)."
+            )
+        return int(level)
+
+    def network_inputs(self, clean, noise, level):
+        t = torch.full((clean.shape[0],), int(level), dtype=torch.long, device=clean.device)
+        if noise is None:
+            return clean, t
+        return self.scheduler.add_noise(clean, noise.to(clean.device, clean.dtype), t), t
+
+    def ve_sigma(self, level) -> float:
+        alpha = float(self.scheduler.alphas_cumprod[int(level)])
+        return math.sqrt((1.0 - alpha) / alpha)
+
+    def default_levels(self) -> list[int]:
+        return [t for t in DEFAULT_DDPM_LEVELS if t < self.num_train_timesteps]
+
+    def default_probe_level(self) -> int:
+        return DEFAULT_DDPM_PROBE_LEVEL
+
+    def draw_training_levels(self, batch_size, device, generator=None):
+        return torch.randint(0, self.num_train_timesteps, (batch_size,), generator=generator).to(device)
+
+
+class EDMNoise(NoiseAxis):
+    """EDM noise at sigma, with the scheduler's preconditioning (``sigma_data``, ``sigma_min..sigma_max``).
+
+    Training draws ``ln sigma ~ N(P_MEAN, P_STD^2)`` as EDM does for CIFAR-10.
+    """
+
+    objective = "edm"
+    unit = "sigma"
+    example = "timesteps=[0.06] (a sigma; EDMNoise.sigma_at_index(4) is the DDAE paper's default)"
+    P_MEAN, P_STD = -1.2, 1.2
+
+    @property
+    def sigma_range(self) -> tuple[float, float]:
+        return float(self.scheduler.config.sigma_min), float(self.scheduler.config.sigma_max)
+
+    def _check(self, level) -> float:
+        low, high = self.sigma_range
+        if is_integer_level(level):
+            raise UsageError(
+                f"Noise level {level!r} is an integer, but this is an EDM model: its levels are sigmas (floats) in "
+                f"[{low:g}, {high:g}], e.g. 0.06; write {level}.0 for sigma {level}. DDPM timesteps do not apply."
+            )
+        if not isinstance(level, (float, np.floating)) or not math.isfinite(level):
+            raise UsageError(f"Noise level {level!r} is not a finite sigma: use a float in [{low:g}, {high:g}].")
+        if level <= 0:
+            raise UsageError(f"sigma {level:g} must be > 0 (EDM conditions the network on ln sigma): use e.g. 0.06.")
+        if not low <= level <= high:
+            raise UsageError(
+                f"sigma {level:g} is outside this model's range [{low:g}, {high:g}] (sigma_min, sigma_max of its "
+                "scheduler): pick a sigma inside it."
+            )
+        return float(level)
+
+    def sigma_at_index(self, index: int, num_steps: int = EDM_INDEX_STEPS) -> float:
+        """Sigma at ``index`` of the ``num_steps``-step sampling schedule of this scheduler, counted from the clean
+        end where index 0 is sigma 0 (the DDAE paper's convention: index 4 of 18 is about 0.06), to 4 digits."""
+        if not is_integer_level(index) or not 1 <= index <= num_steps:
+            raise UsageError(f"EDM sigma index {index!r} must be an integer in 1..{num_steps} (0 is sigma 0).")
+        schedule = type(self.scheduler).from_config(self.scheduler.config)
+        schedule.set_timesteps(num_steps)
+        ascending = schedule.sigmas.flip(0)  # [0, sigma_min, ..., sigma_max]
+        return float(f"{float(ascending[index]):.4g}")
+
+    def network_inputs(self, clean, noise, level):
+        sigma = torch.full((clean.shape[0],), float(level), dtype=torch.float32, device=clean.device)
+        noisy = clean if noise is None else clean + float(level) * noise.to(clean.device, clean.dtype)
+        return self.precondition(noisy, sigma)
+
+    def precondition(self, noisy: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(c_in * noisy, c_noise)`` for (B, C, h, w) ``noisy`` at (B,) ``sigma``."""
+        scaled = self.scheduler.precondition_inputs(noisy, sigma.view(-1, *([1] * (noisy.ndim - 1))))
+        return scaled, self.scheduler.precondition_noise(sigma).to(noisy.device)
+
+    def ve_sigma(self, level) -> float:
+        return float(level)
+
+    def default_levels(self) -> list[float]:
+        return [self.sigma_at_index(i) for i in DEFAULT_EDM_INDICES]
+
+    def default_probe_level(self) -> float:
+        return self.sigma_at_index(DEFAULT_EDM_PROBE_INDEX)
+
+    def draw_training_levels(self, batch_size, device, generator=None):
+        return (torch.randn(batch_size, generator=generator) * self.P_STD + self.P_MEAN).exp().to(device)
+
+
+def noise_axis(scheduler) -> NoiseAxis:
+    """The noise axis of a diffusers scheduler: EDM for EDM schedulers, DDPM for those with ``alphas_cumprod``."""
+    if is_edm_scheduler(scheduler):
+        return EDMNoise(scheduler)
+    if hasattr(scheduler, "alphas_cumprod") and hasattr(scheduler, "add_noise"):
+        return DDPMNoise(scheduler)
+    raise UsageTypeError(
+        f"{type(scheduler).__name__} defines neither a beta schedule (alphas_cumprod) nor EDM preconditioning, so "
+        "DDAE inputs cannot be noised with it: use a DDPM-style scheduler (DDPMScheduler, DDIMScheduler, ...) or an "
+        "EDM scheduler (EDMEulerScheduler, EDMDPMSolverMultistepScheduler)."
+    )
