@@ -42,7 +42,7 @@ def is_integer_level(level: object) -> bool:
     return isinstance(level, (int, np.integer)) and not isinstance(level, bool)
 
 
-def parse_noise_level(text: str) -> NoiseLevel:
+def noise_level(text: str) -> NoiseLevel:
     """A command-line noise level: ``"10"`` -> 10 (a DDPM timestep), ``"0.06"`` / ``"2e-2"`` -> a float sigma."""
     try:
         return int(text)
@@ -236,7 +236,7 @@ def noise_axis(scheduler) -> NoiseAxis:
     if hasattr(scheduler, "alphas_cumprod") and hasattr(scheduler, "add_noise"):
         return DDPMNoise(scheduler)
     raise UsageTypeError(
-        f"{type(scheduler).__name__} defines neither a beta schedule (alphas_cumprod) nor EDM preconditioning, so "
+        f"{type(scheduler).__name__} defines no beta schedule (alphas_cumprod) and no EDM preconditioning, so "
         "DDAE inputs cannot be noised with it: use a DDPM-style scheduler (DDPMScheduler, DDIMScheduler, ...) or an "
         "EDM scheduler (EDMEulerScheduler, EDMDPMSolverMultistepScheduler)."
     )

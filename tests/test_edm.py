@@ -15,7 +15,7 @@ from ddae_diffusers.pipelines import DDAEPipeline
 from diffusers import DDPMScheduler, EDMDPMSolverMultistepScheduler, EDMEulerScheduler
 
 from ddae_diffusers import DDAEBackbone, DDAEForImageClassification
-from ddae_diffusers.noise import DDPMNoise, EDMNoise, noise_axis, parse_noise_level
+from ddae_diffusers.noise import DDPMNoise, EDMNoise, noise_axis, noise_level
 from ddae_diffusers.probing.cli import main as probe_main
 from ddae_diffusers.training_step import edm_loss, train_step
 
@@ -80,7 +80,7 @@ def test_one_noise_axis():
     assert edm.ve_sigma(0.06) == 0.06 and edm.log_snr(0.06) == pytest.approx(-2 * math.log(0.06))
     assert edm.default_probe_level() == edm.sigma_at_index(4)
     assert isinstance(noise_axis(EDMDPMSolverMultistepScheduler()), EDMNoise)
-    assert parse_noise_level("10") == 10 and parse_noise_level("0.06") == 0.06 and parse_noise_level("1.0") == 1.0
+    assert noise_level("10") == 10 and noise_level("0.06") == 0.06 and noise_level("1.0") == 1.0
 
 
 def test_edm_model_overfits_a_fixed_batch():

@@ -258,14 +258,13 @@ def _script(*args: str) -> list[str]:
     return [sys.executable, str(SCRIPT), *args]
 
 
-@pytest.mark.parametrize("objective", ["ddpm", "edm"])
-def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, objective):
+@pytest.mark.parametrize(("objective", "precision"), [("ddpm", "bf16"), ("edm", "no")])
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, objective, precision):
     """Kill -9 after checkpoint-4 (mid-epoch 1 of 4), resume from latest: same final (EMA) weights, same
     raw weights, same probe history as an uninterrupted run. 48 images / batch 8 / accumulation 2."""
     args = [*BASE, "--objective", objective, "--max_train_samples", "48", "--gradient_accumulation_steps", "2",
-            "--max_train_steps", "12",
-            "--checkpointing_steps", "4", "--probe_every_n_steps", "3", "--use_ema", "--random_flip",
-            "--mixed_precision", "bf16", "--learning_rate", "1e-3", "--lr_warmup_steps", "2"]
+            "--max_train_steps", "12", "--checkpointing_steps", "4", "--probe_every_n_steps", "3", "--use_ema",
+            "--random_flip", "--mixed_precision", precision, "--learning_rate", "1e-3", "--lr_warmup_steps", "2"]
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     reference = subprocess.Popen(_script(*args, "--output_dir", str(ref)), env=env,
@@ -300,12 +299,12 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, objective):
     ][-4:]
 
 
-@pytest.mark.parametrize("objective", ["ddpm", "edm"])
-def test_two_process_gloo_run(tmp_path, objective):
+@pytest.mark.parametrize(("objective", "precision"), [("ddpm", "bf16"), ("edm", "no")])
+def test_two_process_gloo_run(tmp_path, objective, precision):
     out = tmp_path / "ddp"
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no", str(SCRIPT),
+               "--num_machines", "1", "--mixed_precision", precision, "--dynamo_backend", "no", str(SCRIPT),
                *BASE, "--objective", objective, "--max_train_steps", "4", "--checkpointing_steps", "2",
                "--probe_every_n_steps", "2", "--use_ema", "--output_dir", str(out)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)

@@ -35,7 +35,7 @@ from ddae_diffusers.data import (
 from ddae_diffusers.errors import OneLineErrors, UsageError, run_command
 from ddae_diffusers.io_utils import check_writable_dir
 from ddae_diffusers.loading import check_source
-from ddae_diffusers.noise import parse_noise_level
+from ddae_diffusers.noise import noise_level
 from ddae_diffusers.probing.result import ProbeResult
 
 PROG = "finetune.py"
@@ -127,7 +127,7 @@ def build_model(args: ModelArguments, num_labels: int, id2label: dict[int, str] 
     head_norm = None if args.head_norm in ("none", "") else args.head_norm
     options = dict(head_norm=head_norm, noise_policy=args.noise_policy, classifier_dropout=args.classifier_dropout)
     path = args.model_name_or_path
-    level = None if args.timestep is None else parse_noise_level(args.timestep)
+    level = None if args.timestep is None else noise_level(args.timestep)
     if os.path.isdir(path) and ProbeResult.is_probe_folder(path):
         options.pop("head_norm")  # the probe's normalisation is part of its head
         model = DDAEForImageClassification.from_probe(path, layer=args.layer, timestep=level, **options)

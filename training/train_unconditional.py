@@ -58,7 +58,7 @@ from ddae_diffusers.io_utils import atomic_path, check_writable_dir
 from ddae_diffusers.loading import check_source, is_hub_id
 from ddae_diffusers.modelcard import pretraining_model_card
 from ddae_diffusers.monitor import ProbeHistory, ProbeMonitor, default_probe_layer, load_probe_data
-from ddae_diffusers.noise import EDMNoise, noise_axis, parse_noise_level
+from ddae_diffusers.noise import EDMNoise, noise_axis, noise_level
 from ddae_diffusers.presets import PRESETS, build_denoiser
 from ddae_diffusers.tracking import JSONLinesTracker
 from ddae_diffusers.training_step import PREDICTION_TYPES, NonFiniteLossError, check_finite_weights, train_step
@@ -144,7 +144,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             "when labelled data is available, else 0.")
     probe.add_argument("--probe_layer", type=str, default=None,
                        help="Block to probe, e.g. up_blocks.1.resnets.2; default: the middle of the decoder.")
-    probe.add_argument("--probe_timestep", type=parse_noise_level, default=None,
+    probe.add_argument("--probe_timestep", type=noise_level, default=None,
                        help="Noise level of the probe in the model's units: a DDPM timestep index (default 10, the "
                             "paper's t=11) or an EDM sigma (default index 4 of the 18-step schedule, about 0.06).")
     probe.add_argument("--probe_train_samples", type=int, default=1000)

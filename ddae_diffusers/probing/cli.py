@@ -18,7 +18,7 @@ from accelerate.logging import get_logger
 
 from ..errors import ArgumentParser, UsageError, run_command
 from ..loading import check_source
-from ..noise import DEFAULT_EDM_INDICES, EDM_INDEX_STEPS, parse_noise_level
+from ..noise import DEFAULT_EDM_INDICES, EDM_INDEX_STEPS, noise_level
 from .engine import DEFAULT_TIMESTEPS, DTYPES, PROTOCOLS, RECIPES, ProbeConfig, run_probe
 from .heads import ProbeRecipe
 
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max_eval_samples", type=int, default=None)
     add("--layers", nargs="+", default=None,
         help="Block names (default: every resnet/attention output of encoder, mid block and decoder).")
-    add("--timesteps", "--noise_levels", dest="timesteps", nargs="+", type=parse_noise_level, default=None,
+    add("--timesteps", "--noise_levels", dest="timesteps", nargs="+", type=noise_level, default=None,
         help="Noise levels in the model's units: diffusers timestep indices for DDPM models (the paper's t=11 is "
              f"10; default {' '.join(map(str, DEFAULT_TIMESTEPS))}), sigmas for EDM models (e.g. 0.06; default: "
              f"--sigma_index {' '.join(map(str, DEFAULT_EDM_INDICES))}).")

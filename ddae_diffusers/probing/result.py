@@ -14,7 +14,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from ..errors import UsageError
 from ..io_utils import atomic_path
-from ..noise import NoiseLevel, parse_noise_level
+from ..noise import NoiseLevel, noise_level
 
 RESULTS_FILE = "results.json"
 HEADS_FILE = "heads.safetensors"
@@ -66,7 +66,7 @@ def parse_cell_key(key: str) -> tuple[str, NoiseLevel]:
     """``"up_blocks.0.resnets.1@10"`` -> ``("up_blocks.0.resnets.1", 10)``; an EDM cell ``"mid_block@0.06"`` ->
     ``("mid_block", 0.06)``."""
     layer, t = key.rsplit("@", 1)
-    return layer, parse_noise_level(t)
+    return layer, noise_level(t)
 
 
 @dataclass
