@@ -11,6 +11,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .loading import is_hub_id
+from .noise import noise_axis
 
 PAPER_URL = "https://arxiv.org/abs/2303.09769"
 HEATMAP_FILE = "probe_grid.png"
@@ -117,10 +118,17 @@ def classifier_model_card(config, save_directory: str | None = None, tags: list[
     name = summary.get("model_name") or folder_name or f"ddae-{config.backbone_class.lower()}-classifier"
     dataset = summary.get("dataset")
     accuracy = summary.get("accuracy")
+    axis = noise_axis(config.noise_scheduler())
+    level = config.timestep
+    if axis.objective == "edm":
+        level_text = f"sigma {level:g} (EDM; a variance-exploding sigma)"
+    else:
+        level_text = (f"{level} (diffusers index; t={level + 1} in the DDAE paper); variance-exploding sigma "
+                      f"{axis.ve_sigma(level):.3g}")
     details = {
         "backbone": f"diffusers `{config.backbone_class}` from `{config.base_model or 'unknown'}`",
         "feature layer": f"`{config.feature_layer}` ({config.feature_dim}-d, {config.pooling} pooling)",
-        "timestep": f"{config.timestep} (diffusers index; t={config.timestep + 1} in the DDAE paper)",
+        "noise level": level_text,
         "noise": f"{config.noise_policy} (seed {config.noise_seed})",
         "head": f"{config.head_norm or 'no'} norm, dropout {config.classifier_dropout}, linear -> "
         f"{config.num_labels} classes",
@@ -168,14 +176,14 @@ processor = AutoImageProcessor.from_pretrained("{repo}")
 """
     return make_model_card(
         model_name=name,
-        title=f"DDAE image classifier: {config.backbone_class} `{config.feature_layer}` at t={config.timestep}",
+        title=f"DDAE image classifier: {config.backbone_class} `{config.feature_layer}` at {axis.label(level)}",
         description=(
             "A diffusion denoiser used as an image classifier (Denoising Diffusion Autoencoder): the image is "
-            "noised at a small timestep, the denoiser runs up to the feature layer (everything after it is "
-            "dropped), the activation is average-pooled and a linear head classifies it.\n\n"
+            "noised a little (a small timestep or sigma), the denoiser runs up to the feature layer (everything "
+            "after it is dropped), the activation is average-pooled and a linear head classifies it.\n\n"
             "The `.py` files beside the weights are generated: `save_pretrained` copies the ddae-diffusers "
-            "modules the model needs (configuration, modeling, image processing, capture core, families, "
-            "errors) so that `trust_remote_code=True` loads it without the package. Edit the library, not them."
+            "modules the model needs (configuration, modeling, image processing, capture core, families, noise "
+            "axis, errors) so that `trust_remote_code=True` loads it without the package. Edit the library, not them."
         ),
         details=details,
         usage=usage,
