@@ -61,6 +61,7 @@ class NoiseAxis:
 
     objective: str = ""
     unit: str = ""
+    example: str = ""  # a valid call, for error messages
 
     def __init__(self, scheduler):
         self.scheduler = scheduler
@@ -71,10 +72,6 @@ class NoiseAxis:
         if not levels:
             raise UsageError(f"No noise levels requested: pass at least one, e.g. {self.example}.")
         return [self._check(level) for level in levels]
-
-    @property
-    def example(self) -> str:
-        raise NotImplementedError
 
     def _check(self, level) -> NoiseLevel:
         raise NotImplementedError
