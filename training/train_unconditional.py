@@ -506,8 +506,6 @@ def main(args: argparse.Namespace) -> str:
     resolution = args.resolution or backbone.image_size
     if args.probe_timestep is None:
         args.probe_timestep = backbone.noise_axis.default_probe_level()
-    if args.ddpm_num_inference_steps is None:
-        args.ddpm_num_inference_steps = 18 if backbone.objective == "edm" else 1000
 
     monitor = _build_monitor(args, dataset_dict, image_column, denoiser, noise_scheduler, resolution)
     probe_every = args.probe_every_n_steps if monitor is not None else 0
@@ -753,7 +751,9 @@ def save_samples(args, model, noise_scheduler, epoch: int, accelerator: Accelera
     was_training = model.training
     model.eval()
     images = pipeline(
-        batch_size=args.eval_batch_size, num_inference_steps=args.ddpm_num_inference_steps,
+        batch_size=args.eval_batch_size,
+        # None: the pipeline's default for its scheduler (DDPMPipeline 1000 steps, DDAEPipeline 18 for EDM)
+        **({} if args.ddpm_num_inference_steps is None else {"num_inference_steps": args.ddpm_num_inference_steps}),
         generator=torch.Generator(device=model.device).manual_seed(0), output_type="pil",
     ).images
     model.train(was_training)
