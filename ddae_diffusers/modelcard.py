@@ -15,6 +15,7 @@ from .noise import noise_axis
 
 PAPER_URL = "https://arxiv.org/abs/2303.09769"
 HEATMAP_FILE = "probe_grid.png"
+KNN_K = 20  # the probe's kNN neighbours (probing.knn)
 
 _TEMPLATE = """---
 {{ card_data }}
@@ -53,6 +54,7 @@ def make_model_card(
     dataset_split: str | None = None,
     accuracy: float | None = None,
     metric_name: str = "Top-1 accuracy",
+    knn_accuracy: float | None = None,
     library_name: str = "transformers",
     pipeline_tag: str = "image-classification",
     tags: list[str] | None = None,
@@ -60,24 +62,22 @@ def make_model_card(
     extra: str = "",
 ) -> ModelCard:
     """A card with Hub YAML (library, pipeline tag, tags incl. ddae/diffusers, datasets, base_model, license,
-    ``model-index`` when ``accuracy`` is given) and a body listing ``details`` as a table.
+    ``model-index`` when ``accuracy`` is given, with ``knn_accuracy`` as a second metric) and a body listing
+    ``details`` as a table.
 
     Local paths are kept out of ``base_model``/``datasets`` (the Hub only accepts ids) and shown in the body.
     """
     dataset_id = dataset if is_hub_id(dataset) else (os.path.basename(os.path.normpath(dataset)) if dataset else None)
     eval_results = None
     if accuracy is not None and dataset_id:
-        eval_results = [
-            EvalResult(
-                task_type="image-classification",
-                dataset_type=dataset_id,
-                dataset_name=dataset_id,
-                dataset_split=dataset_split,
-                metric_type="accuracy",
-                metric_value=round(float(accuracy), 6),
-                metric_name=metric_name,
-            )
-        ]
+        where = dict(task_type="image-classification", dataset_type=dataset_id, dataset_name=dataset_id,
+                     dataset_split=dataset_split, metric_type="accuracy")
+        eval_results = [EvalResult(**where, metric_value=round(float(accuracy), 6), metric_name=metric_name)]
+        if knn_accuracy is not None:
+            eval_results.append(EvalResult(
+                **where, metric_value=round(float(knn_accuracy), 6), metric_name=f"kNN accuracy (k={KNN_K})",
+                metric_args={"k": KNN_K},
+            ))
     all_tags = ["ddae", "diffusers", "image-classification", "self-supervised-learning"]
     all_tags += [tag for tag in tags or [] if tag not in all_tags]
     card_data = ModelCardData(
@@ -109,10 +109,26 @@ def _split(name: str | None, size: int | None) -> str | None:
     return f"{name} ({size:,} images)" if name and size is not None else name
 
 
-def classifier_model_card(config, save_directory: str | None = None, tags: list[str] | None = None) -> ModelCard:
+def _weights_text(parameters: dict[str, int] | None, bytes_per_value: int) -> str | None:
+    """``"denoiser (truncated) 1,234,567 + VAE encoder ... = N parameters (X MB)"`` from per-part counts."""
+    if not parameters:
+        return None
+    total = sum(parameters.values())
+    parts = " + ".join(f"{name} {count:,}" for name, count in parameters.items() if count)
+    return f"{parts} = {total:,} parameters ({total * bytes_per_value / 1e6:.1f} MB)"
+
+
+def classifier_model_card(
+    config,
+    save_directory: str | None = None,
+    tags: list[str] | None = None,
+    parameters: dict[str, int] | None = None,
+    bytes_per_value: int = 4,
+) -> ModelCard:
     """The card of a ``DDAEForImageClassification`` from its ``DDAEConfig`` (``base_model`` and
     ``training_summary``); writes the probe heatmap next to it when the model came from a probe grid.
-    The model is named by ``training_summary["model_name"]``, else by the folder it is saved to."""
+    The model is named by ``training_summary["model_name"]``, else by the folder it is saved to.
+    ``parameters`` counts the saved weights per part (``{"denoiser (truncated)": n, "VAE encoder": m, ...}``)."""
     summary = dict(config.training_summary or {})
     folder_name = os.path.basename(os.path.normpath(save_directory)) if save_directory else None
     name = summary.get("model_name") or folder_name or f"ddae-{config.backbone_class.lower()}-classifier"
@@ -125,11 +141,21 @@ def classifier_model_card(config, save_directory: str | None = None, tags: list[
     else:
         level_text = (f"{level} (diffusers index; t={level + 1} in the DDAE paper); variance-exploding sigma "
                       f"{axis.ve_sigma(level):.3g}")
+    vae = getattr(config, "vae_config", None)
     details = {
         "backbone": f"diffusers `{config.backbone_class}` from `{config.base_model or 'unknown'}`",
+        "latents": (
+            f"`AutoencoderKL` encoder ({'frozen' if config.freeze_vae else 'trained'}; decoder dropped), "
+            f"{vae.get('latent_channels')} channels, scaling factor {vae.get('scaling_factor')}"
+            + (f", shift {vae['shift_factor']}" if vae.get("shift_factor") is not None else "")
+        ) if vae else None,
+        "weights": _weights_text(parameters, bytes_per_value),
         "feature layer": f"`{config.feature_layer}` ({config.feature_dim}-d, {config.pooling} pooling)",
         "noise level": level_text,
-        "noise": f"{config.noise_policy} (seed {config.noise_seed})",
+        "noise": (
+            f"fixed in eval: the image at batch position i gets the noise drawn from (seed {config.noise_seed}, i)"
+            if config.noise_policy == "fixed" else config.noise_policy
+        ),
         "head": f"{config.head_norm or 'no'} norm, dropout {config.classifier_dropout}, linear -> "
         f"{config.num_labels} classes",
         "image size": f"{config.image_size}x{config.image_size}, scaled to [-1, 1]",
@@ -154,7 +180,11 @@ def classifier_model_card(config, save_directory: str | None = None, tags: list[
             + " |"
             for c in grid
         )
-        extra = "\n## Probe grid\n\n| layer | t | linear % | kNN % |\n|---|---|---|---|\n" + table + "\n"
+        unit = "sigma" if axis.objective == "edm" else "t"
+        extra = f"\n## Probe grid\n\n| layer | {unit} | linear % | kNN % |\n|---|---|---|---|\n" + table + "\n"
+        if summary.get("results_file"):
+            name = summary["results_file"]
+            extra += f"\nEvery setting and number of the probe run: [`{name}`]({name}).\n"
         heatmap_path = os.path.join(save_directory, HEATMAP_FILE) if save_directory is not None else None
         from .probing.heatmap import grid_heatmap
 
@@ -192,6 +222,7 @@ processor = AutoImageProcessor.from_pretrained("{repo}")
         dataset_split=summary.get("eval_split"),
         accuracy=accuracy,
         metric_name=f"Top-1 accuracy, {summary.get('protocol', 'classifier')}",
+        knn_accuracy=summary.get("knn_accuracy"),
         tags=tags,
         license=summary.get("license", "apache-2.0"),
         extra=extra,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -17,7 +18,15 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
-from diffusers import AutoencoderKL, DDPMPipeline, DDPMScheduler, DiTTransformer2DModel, UNet2DModel  # noqa: E402
+from diffusers import (  # noqa: E402
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMPipeline,
+    DDPMScheduler,
+    DiTPipeline,
+    DiTTransformer2DModel,
+    UNet2DModel,
+)
 from huggingface_hub import CommitInfo, HfApi  # noqa: E402
 from huggingface_hub.hf_api import RepoUrl  # noqa: E402
 
@@ -60,6 +69,9 @@ TINY_VAE_CONFIG = dict(
     sample_size=16,
 )
 
+# Latent DiT in the facebook/DiT-XL-2-256 shape, tiny: 4 latent channels, learned sigma (8 out), 1000 classes.
+TINY_LATENT_DIT = dict(in_channels=4, out_channels=8, sample_size=8, num_embeds_ada_norm=1000)
+
 
 def make_tiny_unet(seed: int = 0, **overrides) -> UNet2DModel:
     torch.manual_seed(seed)
@@ -85,6 +97,38 @@ def tiny_unet_pipeline_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_dit_pipeline_dir(tmp_path_factory) -> str:
+    """A pixel-space DDAEPipeline folder (model_index.json, transformer/, scheduler/) with a tiny random DiT."""
+    from ddae_diffusers import DDAEPipeline
+
+    folder = tmp_path_factory.mktemp("tiny-pixel-dit")
+    DDAEPipeline(transformer=make_tiny_dit(), scheduler=DDPMScheduler()).save_pretrained(folder)
+    return str(folder)
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2))
+
+
+@pytest.fixture(scope="session")
+def dit_xl_layout_dir(tmp_path_factory) -> str:
+    """A folder in the facebook/DiT-XL-2-256 layout (DiTPipeline model_index with the legacy
+    Transformer2DModel class name, id2label, DDIMScheduler, AutoencoderKL) with tiny random weights."""
+    folder = tmp_path_factory.mktemp("dit-xl-2-256-layout")
+    transformer = make_tiny_dit(**TINY_LATENT_DIT)
+    scheduler = DDIMScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, clip_sample=False)
+    DiTPipeline(transformer=transformer, vae=make_tiny_vae(), scheduler=scheduler).save_pretrained(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(_diffusers_version="0.12.0.dev0", transformer=["diffusers", "Transformer2DModel"],
+                 id2label={"0": "tench, Tinca tinca", "1": "goldfish, Carassius auratus"})
+    write_json(folder / "model_index.json", index)
+    config = json.loads((folder / "transformer" / "config.json").read_text())
+    write_json(folder / "transformer" / "config.json", {**config, "_class_name": "Transformer2DModel"})
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
 def cifar_small():
     """256 real CIFAR-10 training images of the embedded sample (columns ``img``, ``label``)."""
     import datasets
@@ -95,11 +139,15 @@ def cifar_small():
 class FakeHub:
     """Records what HfApi would send: created repos and, per commit, the files written into a local 'repo'."""
 
+    user = "someone"  # the owner of the fake token
+
     def __init__(self, root: Path):
         self.root, self.repos, self.commits = root, [], []
 
     def create_repo(self, api, repo_id, **kwargs):
         self.repos.append(repo_id)
+        if "/" not in repo_id:  # the Hub puts a bare name in the token owner's namespace
+            repo_id = f"{self.user}/{repo_id}"
         return RepoUrl(f"https://huggingface.co/{repo_id}")
 
     def create_commit(self, api, repo_id, operations, **kwargs):

@@ -23,6 +23,7 @@ from ddae_diffusers import (
     example_noise,
 )
 from ddae_diffusers.modeling_ddae import PrunedModule
+from ddae_diffusers.probing.result import ProbeResult
 
 UNET_LAYERS = [
     "down_blocks.1.resnets.0",
@@ -199,11 +200,13 @@ def test_bad_inputs_raise_clear_errors(unet, model):
         DDAEForImageClassification.from_diffusers(unet, layer="mid_block")
     with pytest.raises(ValueError, match="id2label has 3 classes but num_labels is 5"):
         DDAEForImageClassification.from_diffusers(unet, layer="mid_block", num_labels=5, id2label=LABELS)
-    with pytest.raises(ValueError, match="pixel-space"):
+    with pytest.raises(ValueError, match="a latent model without its VAE"):
         DDAEForImageClassification.from_diffusers(
-            DDAEBackbone(make_tiny_dit(in_channels=4, out_channels=4), vae=make_tiny_vae()),
-            layer="transformer_blocks.0",
-            num_labels=2,
+            make_tiny_dit(in_channels=4, out_channels=4), layer="transformer_blocks.0", num_labels=2
+        )
+    with pytest.raises(ValueError, match="VAE gives 4-channel latents but the DiTTransformer2DModel takes 3"):
+        DDAEForImageClassification.from_diffusers(
+            DDAEBackbone(make_tiny_dit(), vae=make_tiny_vae()), layer="transformer_blocks.0", num_labels=2
         )
     with pytest.raises(ValueError, match="does not noise like a DDPMScheduler"):
         DDAEForImageClassification.from_diffusers(
@@ -290,7 +293,9 @@ def test_from_probe_reproduces_the_probe_head(tiny_unet_pipeline_dir, tmp_path):
     x = images()
     backbone = DDAEBackbone.from_pretrained(tiny_unet_pipeline_dir)
     key = "up_blocks.0.resnets.1@10"
-    feats = backbone.features(x, ["up_blocks.0.resnets.1"], [10], seed=0)["up_blocks.0.resnets.1", 10]
+    eval_seed = ProbeResult.load(tmp_path / "probe").eval_noise_seed  # the probe's test noise
+    assert model.config.noise_seed == eval_seed != 0
+    feats = backbone.features(x, ["up_blocks.0.resnets.1"], [10], seed=eval_seed)["up_blocks.0.resnets.1", 10]
     standardized = (feats - heads[f"{key}.mean"]) / torch.sqrt(heads[f"{key}.var"] + 1e-5)
     expected = standardized @ heads[f"{key}.weight"].T + heads[f"{key}.bias"]
     with torch.no_grad():

@@ -14,7 +14,15 @@ import PIL.Image
 import pytest
 import torch
 import yaml
-from conftest import CIFAR10_SAMPLE, REPO_ROOT, TINY_DIT_CONFIG, FakeHub, make_tiny_dit, make_tiny_unet, make_tiny_vae
+from conftest import (
+    CIFAR10_SAMPLE,
+    REPO_ROOT,
+    TINY_DIT_CONFIG,
+    FakeHub,
+    make_tiny_dit,
+    make_tiny_unet,
+    write_json,
+)
 from diffusers import (
     DDIMPipeline,
     DDIMScheduler,
@@ -29,17 +37,9 @@ from diffusers import (
 from ddae_diffusers import DDAEForImageClassification, DDAEPipeline
 from ddae_diffusers.capture import capture_activations, example_noise
 
-# Latent DiT in the facebook/DiT-XL-2-256 shape, tiny: 4 latent channels, learned sigma (8 out), 1000 classes.
-TINY_LATENT_DIT = dict(in_channels=4, out_channels=8, sample_size=8, num_embeds_ada_norm=1000)
-
 
 def random_pixels(batch: int, size: int = 16, seed: int = 0) -> torch.Tensor:
     return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
-
-
-def write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2))
 
 
 @pytest.fixture(scope="module")
@@ -55,23 +55,6 @@ def classifier_pipe(unet_pipe) -> DDAEPipeline:
     torch.manual_seed(1)
     torch.nn.init.normal_(classifier.classifier.weight, std=1.0)  # a head that separates something
     return DDAEPipeline(unet=unet_pipe.unet, scheduler=unet_pipe.scheduler, classifier=classifier)
-
-
-@pytest.fixture(scope="module")
-def dit_xl_layout_dir(tmp_path_factory) -> str:
-    """A folder in the facebook/DiT-XL-2-256 layout (DiTPipeline model_index with the legacy
-    Transformer2DModel class name, id2label, DDIMScheduler, AutoencoderKL) with tiny random weights."""
-    folder = tmp_path_factory.mktemp("dit-xl-2-256-layout")
-    transformer = make_tiny_dit(**TINY_LATENT_DIT)
-    scheduler = DDIMScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, clip_sample=False)
-    DiTPipeline(transformer=transformer, vae=make_tiny_vae(), scheduler=scheduler).save_pretrained(folder)
-    index = json.loads((folder / "model_index.json").read_text())
-    index.update(_diffusers_version="0.12.0.dev0", transformer=["diffusers", "Transformer2DModel"],
-                 id2label={"0": "tench, Tinca tinca", "1": "goldfish, Carassius auratus"})
-    write_json(folder / "model_index.json", index)
-    config = json.loads((folder / "transformer" / "config.json").read_text())
-    write_json(folder / "transformer" / "config.json", {**config, "_class_name": "Transformer2DModel"})
-    return str(folder)
 
 
 # ---------------------------------------------------------------------------------------------- sampling

@@ -9,13 +9,15 @@ Training images get random crop (padding 4) and flip on the fly; evaluation repo
         --output_dir ddae-cifar10 --num_train_epochs 15 --learning_rate 1e-3 --freeze_backbone
 
 LoRA: ``--lora_r 8 --lora_alpha 16`` (adapters in ``output_dir/adapter``, the merged model in
-``output_dir``). ``--push_to_hub --hub_model_id me/ddae-cifar10`` uploads the final model with its card.
+``output_dir``). A latent model (DiT-XL-2-256 layout) carries its VAE encoder, frozen unless ``--train_vae``.
+``--push_to_hub --hub_model_id me/ddae-cifar10`` uploads the final model with its card.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 
@@ -62,6 +64,9 @@ class ModelArguments:
     noise_policy: str = field(default="fixed", metadata={"help": "fixed, random or none."})
     classifier_dropout: float = field(default=0.0)
     freeze_backbone: bool = field(default=False, metadata={"help": "Train the head only (a linear probe)."})
+    train_vae: bool = field(
+        default=False, metadata={"help": "Latent models: also train the VAE encoder (frozen by default)."}
+    )
     lora_r: int = field(default=0, metadata={"help": "LoRA rank on the backbone; 0 disables LoRA."})
     lora_alpha: int = field(default=16)
     lora_dropout: float = field(default=0.0)
@@ -160,12 +165,14 @@ def add_lora(model, args: ModelArguments):
     from peft import LoraConfig, get_peft_model
 
     targets = args.lora_target_modules or DEFAULT_LORA_TARGETS[model.config.backbone_class]
+    suffixes = [re.escape(t.strip()) for t in targets.split(",") if t.strip()]
     modules_to_save = ["classifier"] + (["feature_norm"] if model.config.head_norm else [])
     config = LoraConfig(
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
-        target_modules=[t.strip() for t in targets.split(",") if t.strip()],
+        # module names ending in one of the suffixes, inside the denoiser only (never the VAE encoder)
+        target_modules=rf"denoiser\..*\b({'|'.join(suffixes)})",
         modules_to_save=modules_to_save,
     )
     try:
@@ -260,6 +267,11 @@ def main(argv: list[str] | None = None) -> dict:
         eval_set = prepare_split(eval_ds, image_column, label_column, resolution, data_args, train=False)
 
     base_model = model
+    if model_args.train_vae:
+        if model.vae is None:
+            raise UsageError("--train_vae needs a latent model (one with a VAE); this one works on pixels.")
+        model.config.freeze_vae = False
+        model.vae.requires_grad_(True)
     if model_args.freeze_backbone:
         model.denoiser.requires_grad_(False)
     if model_args.lora_r:

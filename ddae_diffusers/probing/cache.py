@@ -80,6 +80,9 @@ class View:
         return torch.stack(rows)
 
 
+EVAL_VIEW = View(1, 0, False)  # the test split: clean images, noise from derive_seed(seed, 1, 0)
+
+
 class CacheUnit:
     """Features of ``layers`` (widths ``dims``) at one timestep for ``num_rows`` examples, on disk."""
 

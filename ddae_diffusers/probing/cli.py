@@ -6,6 +6,8 @@ Examples::
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 -m ddae_diffusers.probing.cli \\
         --model ./my-ddpm --dataset data/cifar10-sample --timesteps 10 50 --output_dir probe-out
     ddae-probe --model ./my-edm --dataset data/cifar10-sample --sigma_index 3 4 5 --output_dir probe-edm
+    ddae-probe --model ./my-ddpm --dataset data/cifar10-sample --output_dir probe-out \
+        --push_to_hub --hub_model_id me/ddae-cifar10-probe   # the best cell as a Hub classifier
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ from collections.abc import Sequence
 from accelerate.logging import get_logger
 
 from ..errors import ArgumentParser, UsageError, run_command
+from ..hub import create_hub_repo
 from ..loading import check_source
 from ..noise import DEFAULT_EDM_INDICES, EDM_INDEX_STEPS, noise_level
-from .engine import DEFAULT_TIMESTEPS, DTYPES, PROTOCOLS, RECIPES, ProbeConfig, run_probe
+from .engine import DEFAULT_TIMESTEPS, DTYPES, PROTOCOLS, RECIPES, ProbeConfig, prepare, run_probe
 from .heads import ProbeRecipe
+from .publish import check_cell_in_grid, parse_push_cell, publish_probe
 
 DEFAULT_DATASET = "uoft-cs/cifar10"
 logger = get_logger(__name__)
@@ -70,11 +74,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="Baseline: probe the same architecture with freshly initialised weights (seeded by --seed).")
     add("--pixel_baseline", action="store_true",
         help="Baseline: also probe the flattened raw pixels (same views, rows and heads) and report them.")
+    hub = parser.add_argument_group("publishing (the flags of the diffusers and transformers example scripts)")
+    hub.add_argument("--push_to_hub", action="store_true",
+                     help="After the grid, push the best cell (or --push_cell) as a DDAEForImageClassification "
+                          "with its model card and results.json, in one commit.")
+    hub.add_argument("--hub_model_id", default=None, help="Repository id (default: the --output_dir folder name).")
+    hub.add_argument("--hub_private_repo", action="store_true", help="Create the repository as private.")
+    hub.add_argument("--hub_token", default=None, help="Hub write token (default: the logged-in one).")
+    hub.add_argument("--push_cell", default=None, metavar="LAYER@LEVEL",
+                     help="The cell to publish, e.g. up_blocks.1.resnets.2@10 (default: best on validation).")
     return parser
+
+
+HUB_FLAGS = ("push_to_hub", "hub_model_id", "hub_private_repo", "hub_token", "push_cell")
 
 
 def main(argv: Sequence[str] | None = None) -> dict | None:
     args = build_parser().parse_args(argv)
+    hub = {name: getattr(args, name) for name in HUB_FLAGS}  # not part of the run's recorded config (the token)
+    for name in HUB_FLAGS:
+        delattr(args, name)
+    if not hub["push_to_hub"] and any(hub[name] for name in HUB_FLAGS[1:]):
+        raise UsageError("--hub_model_id, --hub_private_repo, --hub_token and --push_cell need --push_to_hub.")
+    parse_push_cell(hub["push_cell"])
     dataset_defaulted = args.dataset is None
     args.dataset = DEFAULT_DATASET if dataset_defaulted else args.dataset
     args.model = check_source(args.model, "--model")
@@ -90,7 +112,18 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
             "WORLD_SIZE > 1 but accelerate started a single process: on CPU launch with "
             "ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N."
         )
-    results = run_probe(config, accelerator)
+    repo_id = None
+    if hub["push_to_hub"]:  # every process: a refused id or token stops all of them before any extraction
+        repo_id = create_hub_repo(
+            hub["hub_model_id"] or os.path.basename(os.path.abspath(args.output_dir)),
+            token=hub["hub_token"], private=hub["hub_private_repo"] or None,
+        )
+    prepared = prepare(config)
+    check_cell_in_grid(hub["push_cell"], prepared.layers, prepared.timesteps)
+    results = run_probe(config, accelerator, prepared=prepared)
+    if results is not None and repo_id is not None:
+        commit = publish_probe(args.output_dir, repo_id, cell=hub["push_cell"], token=hub["hub_token"])
+        print(f"pushed to {commit.commit_url}")
     if results is not None:
         best = results["best"]
         print(

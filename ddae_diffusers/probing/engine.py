@@ -25,7 +25,7 @@ from ..errors import UsageError
 from ..io_utils import check_writable_dir
 from ..noise import DEFAULT_DDPM_LEVELS, EDMNoise, NoiseLevel
 from .baselines import pixel_features, random_init
-from .cache import FeatureCache, View
+from .cache import EVAL_VIEW, FeatureCache, View
 from .heads import PAPER_RECIPE, ProbeRecipe, choose_lr, train_heads
 from .knn import knn_accuracy
 from .result import ProbeCell, ProbeResult
@@ -264,7 +264,7 @@ def _pixel_baseline(prep: Prepared, recipe: ProbeRecipe, progress: bool) -> dict
                                          progress=progress)}
 
     views = [pixels(prep.train, View(0, k, True)) for k in range(config.train_views)]
-    eval_x = pixels(prep.eval, View(1, 0, False))["pixels"]
+    eval_x = pixels(prep.eval, EVAL_VIEW)["pixels"]
     fits, knn_bank, knn_labels = _fit_heads(prep, views, recipe)
     return _score(fits["pixels"], knn_bank["pixels"], knn_labels, eval_x, prep.eval_labels)
 
@@ -275,13 +275,16 @@ def run_probe(
     backbone: DDAEBackbone | None = None,
     on_batch: Callable[[int, int], None] | None = None,
     progress: bool = True,
+    prepared: Prepared | None = None,
 ) -> ProbeResult | None:
-    """Runs the grid and writes the report to ``config.output_dir``; returns the results (main process only)."""
+    """Runs the grid and writes the report to ``config.output_dir``; returns the results (main process only).
+
+    ``prepared``: the checked inputs of ``prepare(config)`` when the caller already has them."""
     from .online import train_online
     from .report import write_report
 
     clock = Stopwatch()
-    prep = prepare(config, backbone)
+    prep = prepared or prepare(config, backbone)
     clock.lap("prepare")
     backbone = prep.backbone
     if accelerator is not None:
@@ -294,7 +297,7 @@ def run_probe(
         backbone, prep.layers, prep.timesteps, prep.resolution, config.seed, dtype,
     )
     extract = dict(batch_size=config.batch_size, accelerator=accelerator, on_batch=on_batch, progress=progress)
-    eval_features = cache.extract(prep.eval, config.eval_split, prep.image_column, View(1, 0, False), **extract)
+    eval_features = cache.extract(prep.eval, config.eval_split, prep.image_column, EVAL_VIEW, **extract)
     recipe = config.probe_recipe()
     clock.lap("extract_eval")
     if config.protocol == "online":

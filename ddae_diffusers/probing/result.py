@@ -167,6 +167,14 @@ class ProbeResult:
                 )
         return result
 
+    @property
+    def eval_noise_seed(self) -> int:
+        """The seed of the test split's noise: example i (in split order) got ``example_noise`` of
+        ``(eval_noise_seed, i)``."""
+        from .cache import EVAL_VIEW
+
+        return EVAL_VIEW.noise_seed(self.seed or 0)
+
     # ------------------------------------------------------------------ cells
     def best_cell(self, layer: str | None = None, timestep: NoiseLevel | None = None) -> ProbeCell:
         """The best cell on validation, or the best among those matching ``layer``/``timestep``."""

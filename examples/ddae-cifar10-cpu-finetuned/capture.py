@@ -261,6 +261,21 @@ def example_noise(
     return torch.stack(rows).to(dtype)
 
 
+def vae_scale_factor(vae: AutoencoderKL | None) -> int:
+    """Pixels per latent pixel of a VAE (1 without one): 8 for Stable Diffusion's and DiT's."""
+    return 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def encode_latents(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) pixels in [-1, 1] -> (B, c, H/f, W/f) latents as the denoiser was trained on them:
+    ``(latent_dist.mean - shift_factor) * scaling_factor`` (no shift when the VAE config has none)."""
+    latents = vae.encode(images).latent_dist.mean
+    shift = vae.config.get("shift_factor")
+    if shift is not None:
+        latents = latents - shift
+    return latents * vae.config.scaling_factor
+
+
 def _autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None or dtype == torch.float32:
         return contextlib.nullcontext()
@@ -275,8 +290,8 @@ class DDAEBackbone:
         scheduler: the noise scheduler that defines the noise levels: a DDPM-style one (``add_noise``; default
             ``DDPMScheduler()``, 1000 steps, linear betas 1e-4..0.02, as google/ddpm-cifar10-32) or an EDM one
             (``EDMEulerScheduler``: levels are sigmas, inputs preconditioned as in training).
-        vae: an ``AutoencoderKL`` for latent models; images are encoded to
-            ``latent_dist.mean * scaling_factor`` before noising.
+        vae: an ``AutoencoderKL`` for latent models; images are encoded by :func:`encode_latents`
+            (``latent_dist.mean``, shifted and scaled as in diffusers pipelines) before noising.
 
     Example::
 
@@ -341,9 +356,7 @@ class DDAEBackbone:
     @property
     def vae_scale(self) -> int:
         """Pixels per latent pixel (1 for pixel-space models)."""
-        if self.vae is None:
-            return 1
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_scale_factor(self.vae)
 
     @property
     def image_size(self) -> int | None:
@@ -400,10 +413,7 @@ class DDAEBackbone:
     # ------------------------------------------------------------------ capture
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) pixels -> the denoiser's clean input (latents times scaling factor for a VAE)."""
-        if self.vae is None:
-            return images
-        latents = self.vae.encode(images).latent_dist.mean
-        return latents * self.vae.config.scaling_factor
+        return images if self.vae is None else encode_latents(self.vae, images)
 
     def features(
         self,

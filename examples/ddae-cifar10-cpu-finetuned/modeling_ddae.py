@@ -4,18 +4,20 @@ The forward noises ``pixel_values`` at the configured noise level exactly as in 
 (``DDPMScheduler.add_noise`` at a timestep for DDPM; ``x + sigma * eps`` preconditioned by an
 ``EDMEulerScheduler`` for EDM), runs the denoiser through the capture core (forward hooks, early exit right
 after ``feature_layer``), pools the activation and applies ``norm -> dropout -> linear``. Modules the forward
-never reaches are replaced by parameter-free placeholders, so they are neither trained nor saved. Pixel-space
-models only.
+never reaches are replaced by parameter-free placeholders, so they are neither trained nor saved. A latent
+denoiser carries its VAE's encoder (frozen by default; the decoder is dropped): ``pixel_values`` are encoded to
+latents first, as in the model's pipeline.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from typing import Any
 
 import torch
-from diffusers import DDPMScheduler
+from diffusers import AutoencoderKL, DDPMScheduler
 from diffusers.models.embeddings import PatchEmbed, get_2d_sincos_pos_embed
 from torch import nn
 from transformers import PreTrainedModel
@@ -29,9 +31,11 @@ from .capture import (
     check_denoiser,
     check_image_batch,
     dummy_input,
+    encode_latents,
     example_noise,
     pool_activation,
     trace_forward,
+    vae_scale_factor,
 )
 from .configuration_ddae import DDAEConfig
 from .errors import UsageError
@@ -143,11 +147,13 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
                 "DDAEForImageClassification.from_diffusers(model_or_path, layer=..., timestep=...)."
             )
         denoiser = family_named(config.backbone_class).model_class.from_config(config.backbone_config)
-        if denoiser.config.in_channels != 3:
-            raise UsageError(
-                f"The {config.backbone_class} takes {denoiser.config.in_channels}-channel inputs: "
-                "DDAEForImageClassification supports pixel-space (RGB) denoisers only, not latent models."
-            )
+        vae = None
+        if config.vae_config is not None:
+            vae = AutoencoderKL.from_config(config.vae_config)
+            prune_modules(vae, vae_decoder_modules(vae))
+            if config.freeze_vae:
+                vae.requires_grad_(False)
+        check_input_channels(denoiser, vae)
         layers = candidate_layers(denoiser)
         if config.feature_layer not in layers:
             raise UsageError(
@@ -164,8 +170,9 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
                 )[config.feature_layer]
             config.feature_dim = int(act.shape[1] if act.ndim == 4 else act.shape[-1])
         if config.image_size is None:
-            config.image_size = int(dummy_input(denoiser).shape[-1])
+            config.image_size = int(dummy_input(denoiser).shape[-1]) * vae_scale_factor(vae)
 
+        self.vae = vae
         self.denoiser = denoiser
         with torch.device("cpu"):  # a scheduler holds plain tensors: not on the meta device of from_pretrained
             self.noise_scheduler = config.noise_scheduler()
@@ -197,7 +204,9 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
 
         Args:
             model_or_path: a ``UNet2DModel`` / ``DiTTransformer2DModel``, a ``DDAEBackbone``, or a folder or
-                Hub id that ``DDAEBackbone.from_pretrained`` loads (pipeline or bare model).
+                Hub id that ``DDAEBackbone.from_pretrained`` loads (pipeline or bare model). A latent model
+                (e.g. the facebook/DiT-XL-2-256 layout) brings its ``vae``: its encoder becomes part of the
+                classifier.
             layer: feature block, one of ``DDAEBackbone.layer_names()``.
             timestep: noise level in the model's units: a DDPM timestep index (paper t=11 is 10, the default) or an
                 EDM sigma (default: index 4 of the 18-step schedule, about 0.06). The model's scheduler decides.
@@ -213,12 +222,8 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
         else:
             check_denoiser(model_or_path)
             backbone = DDAEBackbone(model_or_path)
-        denoiser = backbone.denoiser
-        if backbone.vae is not None or denoiser.config.in_channels != 3:
-            raise UsageError(
-                "DDAEForImageClassification supports pixel-space denoisers only: this one is a latent model "
-                "(it has a VAE or takes non-RGB inputs). Use DDAEBackbone.features for latent models."
-            )
+        denoiser, vae = backbone.denoiser, backbone.vae
+        check_input_channels(denoiser, vae)
         layer = backbone.check_layers([layer])[0]
         if timestep is None:
             timestep = backbone.noise_axis.default_probe_level()
@@ -235,6 +240,7 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
         config = DDAEConfig(
             backbone_config=dict(denoiser.config),
             backbone_class=type(denoiser).__name__,
+            vae_config=dict(vae.config) if vae is not None else None,
             feature_layer=layer,
             timestep=timestep,
             feature_dim=backbone.layer_info(layer).feature_dim,
@@ -247,9 +253,9 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
             **config_kwargs,
         )
         model = cls(config)
-        pruned = tuple(p + "." for p in config.pruned_modules)
-        state = {k: v for k, v in denoiser.state_dict().items() if not k.startswith(pruned)}
-        model.denoiser.load_state_dict(state, strict=True)
+        load_unpruned(model.denoiser, denoiser, config.pruned_modules)
+        if vae is not None:
+            load_unpruned(model.vae, vae, vae_decoder_modules(vae))
         model.to(denoiser.device, denoiser.dtype).eval()
         _check_truncation(denoiser, model.denoiser, layer)
         return model
@@ -263,7 +269,8 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
 
         ``results.json`` names the model, the data and the grid cells; ``heads.safetensors`` holds
         ``"{layer}@{t}.weight|bias"`` (and ``.mean|.var`` for standardised features). Without ``layer`` and
-        ``timestep`` the best cell is used; with one or both, the best matching cell.
+        ``timestep`` the best cell is used; with one or both, the best matching cell. The eval noise is the
+        probe's: the test split, in its order and in one batch, gets exactly the probe's test predictions.
         """
         try:  # absolute and guarded: a Hub copy of this file (trust_remote_code) carries no probe code
             from ddae_diffusers.probing.result import ProbeResult
@@ -299,6 +306,7 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
             ],
         }
         config_kwargs.setdefault("head_norm", "batchnorm" if standardize else None)
+        config_kwargs.setdefault("noise_seed", result.eval_noise_seed)  # the probe's test noise, in split order
         model = cls.from_diffusers(
             model_path,
             layer=cell.layer,
@@ -325,12 +333,24 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
                 model.feature_norm.running_var.copy_(heads[f"{key}.var"])
         return model
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """``PreTrainedModel.from_pretrained``, then the VAE frozen again when ``config.freeze_vae`` (loading
+        replaces the parameters, and with them the ``requires_grad=False`` set at construction)."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        if model.vae is not None and model.config.freeze_vae:
+            model.vae.requires_grad_(False)
+        return loaded
+
     def train(self, mode: bool = True) -> DDAEForImageClassification:
         """Like ``nn.Module.train``, but a fully frozen backbone stays in eval mode (no dropout): a linear
         probe through the Trainer then sees the same features as the probe engine."""
         super().train(mode)
         if mode and not any(p.requires_grad for p in self.denoiser.parameters()):
             self.denoiser.eval()
+        if self.vae is not None and self.config.freeze_vae:
+            self.vae.eval()
         return self
 
     # ------------------------------------------------------------------ forward
@@ -338,25 +358,40 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
     def feature_layer(self) -> str:
         return self.config.feature_layer
 
+    @property
+    def vae_scale(self) -> int:
+        """Pixels per latent pixel (1 for pixel-space models)."""
+        return vae_scale_factor(self.vae)
+
     def check_pixel_values(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Validates a (B, 3, H, W) float batch at the model's resolution; outside training also its range
         [-1, 1] (a device sync, so training steps skip it: the image processor's output is in range)."""
         return check_image_batch(pixel_values, 3, self.config.image_size, check_range=not self.training)
 
-    def noisy_input(
-        self, pixel_values: torch.Tensor, noise: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The denoiser's input under the configured noise policy, as in pretraining: (B, 3, H, W), and its (B,)
-        timestep (DDPM: ``add_noise(x_0, eps, t)`` and t; EDM: ``c_in (x_0 + sigma eps)`` and ``c_noise``)."""
+    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) pixels -> the denoiser's clean input: the pixels themselves, or for a latent model the
+        VAE latents (B, c, H/f, W/f) (no gradient through a frozen VAE)."""
+        if self.vae is None:
+            return pixel_values
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_vae):
+            return encode_latents(self.vae, pixel_values)
+
+    def noisy_input(self, clean: torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The denoiser's input under the configured noise policy, as in pretraining, from its clean input
+        (B, C, h, w) (pixels, or latents from :meth:`encode`), and its (B,) timestep (DDPM: ``add_noise(x_0, eps,
+        t)`` and t; EDM: ``c_in (x_0 + sigma eps)`` and ``c_noise``).
+
+        The ``"fixed"`` policy's eval noise of the example at batch position i is ``example_noise`` of
+        ``(noise_seed, i)``: a probe's test split in its order, in one batch, gets the probe's own noise."""
         policy = self.config.noise_policy
         if policy == "none":
             noise = None
         elif noise is None:
             if policy == "fixed" and not self.training:
-                noise = example_noise(pixel_values.shape[1:], range(pixel_values.shape[0]), self.config.noise_seed)
+                noise = example_noise(clean.shape[1:], range(clean.shape[0]), self.config.noise_seed)
             else:
-                noise = torch.randn_like(pixel_values)
-        return self.noise_axis.network_inputs(pixel_values, noise, self.config.timestep)
+                noise = torch.randn_like(clean)
+        return self.noise_axis.network_inputs(clean, noise, self.config.timestep)
 
     def forward(
         self,
@@ -368,10 +403,11 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
         **kwargs,
     ) -> ImageClassifierOutput | tuple:
         """pixel_values (B, 3, H, W) in [-1, 1]; labels (B,) class ids (or floats for regression /
-        multi-label); noise: optional (B, 3, H, W) eps overriding the noise policy."""
+        multi-label); noise: optional eps overriding the noise policy, shaped like the denoiser's input
+        ((B, 3, H, W), or the latents (B, c, H/f, W/f) of a latent model)."""
         dtype = next(self.denoiser.parameters()).dtype
         pixel_values = self.check_pixel_values(pixel_values).to(dtype)
-        noisy, timestep = self.noisy_input(pixel_values, noise)
+        noisy, timestep = self.noisy_input(self.encode(pixel_values), noise)
         layer = self.config.feature_layer
         activation = capture_activations(self.denoiser, noisy, timestep, [layer], stop_after=layer)[layer]
         features = pool_activation(activation, self.config.pooling)
@@ -385,6 +421,11 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
         return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=hidden_states)
 
     # ------------------------------------------------------------------ saving
+    def parameter_counts(self) -> dict[str, int]:
+        """Saved parameters per part: the truncated denoiser, the VAE encoder (latent models), the head."""
+        parts = {"denoiser (truncated)": self.denoiser, "VAE encoder": self.vae, "head": self.classifier}
+        return {name: sum(p.numel() for p in part.parameters()) for name, part in parts.items() if part is not None}
+
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
         """``PreTrainedModel.save_pretrained`` plus a model card (README.md) and, if the folder has none,
         a ``preprocessor_config.json`` for this resolution, so the folder works with ``pipeline()``."""
@@ -397,9 +438,11 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
             if not os.path.isfile(os.path.join(save_directory, "preprocessor_config.json")):
                 DDAEImageProcessor(size=self.config.image_size).save_pretrained(save_directory)
             if classifier_model_card is not None:
-                classifier_model_card(self.config, save_directory, tags=tags).save(
-                    os.path.join(save_directory, "README.md")
+                card = classifier_model_card(
+                    self.config, save_directory, tags=tags, parameters=self.parameter_counts(),
+                    bytes_per_value=self.classifier.weight.element_size(),
                 )
+                card.save(os.path.join(save_directory, "README.md"))
 
     def push_to_hub(
         self,
@@ -413,8 +456,10 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
         create_pr: bool = False,
         max_shard_size: int | str | None = "50GB",
         tags: list[str] | None = None,
+        extra_files: list[str | os.PathLike] | None = None,
     ):
-        """Uploads weights, config, remote code, image processor and the model card in one commit.
+        """Uploads weights, config, remote code, image processor and the model card in one commit, with
+        ``extra_files`` (e.g. a probe's ``results.json``) copied beside them.
 
         Overrides transformers' ``push_to_hub``, which would replace our model card with a generic one."""
         if push_folder is None:
@@ -423,11 +468,41 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
         with tempfile.TemporaryDirectory() as tmp:
             folder = os.path.join(tmp, repo_id.split("/")[-1])  # the card names the model after its folder
             self.save_pretrained(folder, max_shard_size=max_shard_size, tags=tags)
+            for path in extra_files or []:
+                shutil.copy(path, os.path.join(folder, os.path.basename(path)))
             return push_folder(
                 folder, repo_id, token=token,
                 commit_message=commit_message or "Upload DDAEForImageClassification",
                 commit_description=commit_description, revision=revision, create_pr=create_pr,
             )
+
+
+def vae_decoder_modules(vae: AutoencoderKL) -> list[str]:
+    """The VAE modules a classifier never runs (decoder side): pruned, so neither trained nor saved."""
+    return [name for name in ("decoder", "post_quant_conv") if isinstance(getattr(vae, name, None), nn.Module)]
+
+
+def check_input_channels(denoiser: nn.Module, vae: AutoencoderKL | None) -> None:
+    """The denoiser must take RGB pixels, or the latents of ``vae``; a clear error otherwise."""
+    channels = int(denoiser.config.in_channels)
+    if vae is None and channels != 3:
+        raise UsageError(
+            f"The {type(denoiser).__name__} takes {channels}-channel inputs, a latent model without its VAE: build "
+            "the classifier from the pipeline folder or Hub id (with its vae/), or pass DDAEBackbone(denoiser, "
+            "scheduler, vae)."
+        )
+    if vae is not None and channels != int(vae.config.latent_channels):
+        raise UsageError(
+            f"The VAE gives {vae.config.latent_channels}-channel latents but the {type(denoiser).__name__} takes "
+            f"{channels} channels: they are not one model's components."
+        )
+
+
+def load_unpruned(target: nn.Module, source: nn.Module, pruned: list[str]) -> None:
+    """Copies ``source``'s weights into ``target``, a copy of it with the ``pruned`` modules replaced."""
+    prefixes = tuple(name + "." for name in pruned)
+    state = {key: value for key, value in source.state_dict().items() if not key.startswith(prefixes)}
+    target.load_state_dict(state, strict=True)
 
 
 def _schedule_kwargs(scheduler, timestep: NoiseLevel) -> dict[str, Any]:

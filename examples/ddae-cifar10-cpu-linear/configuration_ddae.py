@@ -15,6 +15,7 @@ BACKBONE_CLASSES = tuple(FAMILIES)  # "UNet2DModel", "DiTTransformer2DModel"
 NOISE_POLICIES = ("fixed", "random", "none")
 OBJECTIVES = ("ddpm", "edm")
 HEAD_NORMS = ("batchnorm", "layernorm", None)
+VAE_CLASSES = ("AutoencoderKL",)
 POOLINGS = ("avg",)
 
 
@@ -27,6 +28,12 @@ class DDAEConfig(PreTrainedConfig):
             The diffusers denoiser class: `"UNet2DModel"` or `"DiTTransformer2DModel"` (pixel space only).
         backbone_config (`dict`, *optional*):
             The denoiser's diffusers config (what `UNet2DModel.from_config` takes). Required to build a model.
+        vae_config (`dict`, *optional*):
+            Latent denoisers only: the diffusers config of the `AutoencoderKL` whose encoder maps `pixel_values`
+            to the denoiser's latents (`(latent_dist.mean - shift_factor) * scaling_factor`). Its encoder weights
+            are part of the model; its decoder is dropped.
+        freeze_vae (`bool`, *optional*, defaults to `True`):
+            Keep the VAE encoder's weights fixed (no gradients) when the model is trained.
         feature_layer (`str`, *optional*):
             The block whose output is the feature, as a diffusers module path (`"up_blocks.1.resnets.2"`,
             `"mid_block"`, `"transformer_blocks.6"`). Every module after it is dropped from the model.
@@ -94,6 +101,8 @@ class DDAEConfig(PreTrainedConfig):
         self,
         backbone_class: str = "UNet2DModel",
         backbone_config: dict[str, Any] | None = None,
+        vae_config: dict[str, Any] | None = None,
+        freeze_vae: bool = True,
         feature_layer: str | None = None,
         timestep: int | float = 10,
         objective: str = "ddpm",
@@ -120,6 +129,11 @@ class DDAEConfig(PreTrainedConfig):
         if backbone_config is not None:
             backbone_class = backbone_config.get("_class_name", backbone_class)
             backbone_config = {k: v for k, v in dict(backbone_config).items() if not k.startswith("_")}
+        if vae_config is not None:
+            vae_class = vae_config.get("_class_name", VAE_CLASSES[0])
+            if vae_class not in VAE_CLASSES:
+                raise UsageError(f"vae_config is a {vae_class}: DDAE classifiers support {VAE_CLASSES} encoders.")
+            vae_config = {k: v for k, v in dict(vae_config).items() if not k.startswith("_")}
         if backbone_class not in BACKBONE_CLASSES:
             raise UsageError(f"backbone_class {backbone_class!r} is not supported: use one of {BACKBONE_CLASSES}.")
         if noise_policy not in NOISE_POLICIES:
@@ -134,6 +148,8 @@ class DDAEConfig(PreTrainedConfig):
             raise UsageError(f"classifier_dropout must be in [0, 1), got {classifier_dropout}.")
         self.backbone_class = backbone_class
         self.backbone_config = backbone_config
+        self.vae_config = vae_config
+        self.freeze_vae = freeze_vae
         self.feature_layer = feature_layer
         self.timestep = timestep
         self.objective = objective
