@@ -320,7 +320,9 @@ class DDAEPipeline(DiffusionPipeline):
             sample = self.scheduler.step(output, t, sample, **step_kwargs).prev_sample
 
         if self.vae is not None:
-            sample = self.vae.decode(sample.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+            config = self.vae.config  # the inverse of capture.encode_latents
+            latents = sample.to(self.vae.dtype) / config.scaling_factor + (config.get("shift_factor") or 0.0)
+            sample = self.vae.decode(latents).sample
         images = (sample.float() / 2 + 0.5).clamp(0, 1)
         if output_type != "pt":
             images = images.cpu().permute(0, 2, 3, 1).numpy()

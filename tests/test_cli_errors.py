@@ -77,6 +77,13 @@ MISTAKES = [
     ("finetune.py", [*FINETUNE, "--eval_split", "train"], "is the training split"),
     ("finetune.py", [*FINETUNE, "--num_train_epochs", "few"], "invalid float value"),
     ("finetune.py", replace(FINETUNE, "--layer", "nope"), "Unknown layer"),
+    # --push_to_hub: the repository is checked (and created) before any work; the Hub is offline here
+    ("ddae-probe", [*PROBE, "--push_to_hub", "--hub_model_id", "me/a/b"], "is not a Hub repository id"),
+    ("ddae-probe", [*PROBE, "--push_to_hub", "--hub_model_id", "me/probe"], "Cannot reach the Hub"),
+    ("ddae-probe", [*PROBE, "--push_cell", "mid_block@10"], "need --push_to_hub"),
+    ("ddae-probe", [*PROBE, "--push_to_hub", "--push_cell", "mid_block"], "is not LAYER@LEVEL"),
+    ("train_unconditional.py", [*TRAIN, "--push_to_hub", "--hub_model_id", "bad id"], "is not a Hub repository"),
+    ("finetune.py", [*FINETUNE, "--push_to_hub", "--hub_model_id", "me/ft"], "Cannot reach the Hub"),
 ]
 
 

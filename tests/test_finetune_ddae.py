@@ -208,3 +208,28 @@ def test_finetune_from_probe_folder(tiny_unet_pipeline_dir, tmp_path):
     assert trained.config.head_norm == "batchnorm"  # the probe's standardisation
     card = (tmp_path / "run" / "README.md").read_text()
     assert "## Probe grid" in card and (tmp_path / "run" / "probe_grid.png").is_file()
+
+
+def test_latent_finetune_keeps_the_vae_frozen_unless_asked(dit_xl_layout_dir, tiny_unet_pipeline_dir, tmp_path):
+    layer = "transformer_blocks.1"
+    source = DDAEForImageClassification.from_diffusers(dit_xl_layout_dir, layer=layer, num_labels=10)
+    run(dit_xl_layout_dir, tmp_path / "frozen", "--layer", layer, "--eval_split", "", train="train[:32]")
+    frozen = DDAEForImageClassification.from_pretrained(tmp_path / "frozen")
+    assert frozen.config.freeze_vae and not any(p.requires_grad for p in frozen.vae.parameters())
+    torch.testing.assert_close(frozen.vae.state_dict(), source.vae.state_dict(), rtol=0, atol=0)
+    assert not torch.equal(frozen.denoiser.pos_embed.proj.weight, source.denoiser.pos_embed.proj.weight)
+
+    run(dit_xl_layout_dir, tmp_path / "vae", "--layer", layer, "--train_vae", "--eval_split", "", train="train[:32]")
+    trained = DDAEForImageClassification.from_pretrained(tmp_path / "vae")
+    assert not trained.config.freeze_vae
+    assert not torch.equal(trained.vae.encoder.conv_in.weight, source.vae.encoder.conv_in.weight)
+    with pytest.raises(ValueError, match="--train_vae needs a latent model"):
+        run(tiny_unet_pipeline_dir, tmp_path / "pixel", "--layer", "mid_block", "--train_vae")
+
+
+def test_lora_on_a_latent_model_adapts_the_denoiser_only(dit_xl_layout_dir):
+    model = DDAEForImageClassification.from_diffusers(dit_xl_layout_dir, layer="transformer_blocks.1", num_labels=3)
+    peft_model = finetune.add_lora(model, finetune.ModelArguments(model_name_or_path="-", lora_r=2))
+    lora_modules = [name for name, _ in peft_model.named_modules() if name.endswith("lora_A")]
+    assert lora_modules and all(".denoiser.transformer_blocks." in name for name in lora_modules)
+    assert not any(p.requires_grad for p in model.vae.parameters())

@@ -351,3 +351,41 @@ def test_frozen_backbone_stays_in_eval_mode(unet):
     model.denoiser.requires_grad_(False)
     model.train()
     assert not model.denoiser.training and model.feature_norm.training and model.classifier.training
+
+
+def test_latent_classifier_carries_the_vae_encoder(dit_xl_layout_dir, tmp_path):
+    from safetensors import safe_open
+    from test_hub_ddae import load_without_package
+
+    layer = "transformer_blocks.0"
+    backbone = DDAEBackbone.from_pretrained(dit_xl_layout_dir)
+    model = DDAEForImageClassification.from_diffusers(dit_xl_layout_dir, layer=layer, timestep=10, num_labels=3)
+    assert model.config.image_size == 16 and model.vae_scale == 2 and model.config.vae_config["latent_channels"] == 4
+    x = images(batch=3)
+    with torch.no_grad():
+        out = model(x, output_hidden_states=True)
+    # the same features as the capture core: VAE latents, noised at t=10, pooled
+    expected = backbone.features(x, [layer], [10], seed=0)[layer, 10]
+    torch.testing.assert_close(out.hidden_states[0].mean(dim=1), expected, rtol=1e-5, atol=1e-5)
+
+    # frozen VAE: gradients reach the denoiser, not the encoder
+    model.train()
+    model(x, labels=torch.tensor([0, 1, 2])).loss.backward()
+    assert all(p.grad is None for p in model.vae.parameters())
+    assert model.denoiser.pos_embed.proj.weight.grad is not None and not model.vae.training
+
+    model.eval().save_pretrained(tmp_path / "latent")
+    with torch.no_grad():
+        logits = model(x).logits  # after the step (batchnorm statistics moved)
+    with safe_open(tmp_path / "latent" / "model.safetensors", "pt") as weights:
+        keys = list(weights.keys())
+    assert any(k.startswith("vae.encoder.") for k in keys) and not any(k.startswith("vae.decoder") for k in keys)
+    card = (tmp_path / "latent" / "README.md").read_text()
+    encoder_params = sum(p.numel() for p in model.vae.parameters())
+    assert f"VAE encoder {encoder_params:,}" in card and "decoder dropped" in card
+    reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "latent")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x).logits, logits, rtol=0, atol=0)
+    np.save(tmp_path / "pixels.npy", x.numpy())
+    remote = load_without_package(tmp_path / "latent", tmp_path / "pixels.npy", tmp_path)
+    np.testing.assert_allclose(remote, logits.numpy(), rtol=1e-5, atol=1e-6)

@@ -35,6 +35,7 @@ from ddae_diffusers.data import (
     random_crop_flip,
 )
 from ddae_diffusers.errors import OneLineErrors, UsageError, run_command
+from ddae_diffusers.hub import create_hub_repo
 from ddae_diffusers.io_utils import check_writable_dir
 from ddae_diffusers.loading import check_source
 from ddae_diffusers.noise import noise_level
@@ -236,6 +237,12 @@ def main(argv: list[str] | None = None) -> dict:
     if model_args.lora_r and model_args.freeze_backbone:
         raise UsageError("--freeze_backbone and --lora_r are exclusive: LoRA already freezes the base weights.")
     check_writable_dir(training_args.output_dir)
+    repo_id = None
+    if training_args.push_to_hub:  # a bad id or token fails now, not after training
+        repo_id = create_hub_repo(
+            training_args.hub_model_id or os.path.basename(os.path.normpath(training_args.output_dir)),
+            token=training_args.hub_token, private=training_args.hub_private_repo,
+        )
 
     if data_args.eval_split == data_args.train_split:
         raise UsageError(
@@ -282,7 +289,6 @@ def main(argv: list[str] | None = None) -> dict:
     def compute_metrics(prediction) -> dict:
         return {"accuracy": accuracy(np.argmax(prediction.predictions, axis=-1), prediction.label_ids)}
 
-    push_to_hub = training_args.push_to_hub
     training_args.push_to_hub = False  # the final model is pushed below, with its DDAE model card
     training_args.remove_unused_columns = False  # the on-the-fly transform needs the raw image column
     training_args.label_names = ["labels"]
@@ -333,8 +339,7 @@ def main(argv: list[str] | None = None) -> dict:
         final.save_pretrained(training_args.output_dir)
         processor.save_pretrained(training_args.output_dir)
         trainer.save_metrics("all", metrics, combined=False)
-        if push_to_hub:
-            repo_id = training_args.hub_model_id or os.path.basename(os.path.normpath(training_args.output_dir))
+        if repo_id is not None:
             final.push_to_hub(repo_id, token=training_args.hub_token, private=training_args.hub_private_repo)
     return metrics
 
