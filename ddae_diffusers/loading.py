@@ -4,7 +4,8 @@
 with ``.``, ``/`` or ``~``, or its parent folder exists) but does not exist is refused at once, instead of
 being tried as a Hub id. ``inspect_source`` reads only the configs (``model_index.json`` or ``config.json``)
 and checks the denoiser's family before any weight is read; ``load_components`` then loads the denoiser,
-scheduler and VAE with diffusers' own ``from_pretrained``.
+scheduler and VAE with diffusers' own ``from_pretrained`` and, for text-conditioned models, the text encoders
+and tokenizers with transformers' (safety checkers, feature extractors and image encoders are never loaded).
 """
 
 from __future__ import annotations
@@ -94,13 +95,22 @@ def read_root_json(path_or_hub_id: str, filename: str, **hub_kwargs) -> dict | N
 class DiffusersSource:
     """A checked diffusers checkpoint: a pipeline layout (``model_index.json``) or a bare model folder.
 
-    ``denoiser_key`` is ``"unet"`` or ``"transformer"`` for a pipeline and None for a bare model.
+    ``denoiser_key`` is ``"unet"`` or ``"transformer"`` for a pipeline and None for a bare model;
+    ``pipeline_class`` the diffusers pipeline of ``model_index.json`` when it encodes prompts (e.g.
+    ``"StableDiffusionXLPipeline"``).
     """
 
     path: str
     family: DenoiserFamily
     model_index: dict | None = None
     denoiser_key: str | None = None
+
+    @property
+    def pipeline_class(self) -> str | None:
+        import diffusers
+
+        name = (self.model_index or {}).get("_class_name")
+        return name if name and hasattr(getattr(diffusers, name, None), "encode_prompt") else None
 
     def component_names(self) -> list[str]:
         """The pipeline components present (not saved as ``[null, null]``), in model_index order."""
@@ -170,11 +180,21 @@ def _from_pretrained(model_class, path: str, what: str, **kwargs):
 
 
 def load_components(source: DiffusersSource, **hub_kwargs) -> dict[str, object]:
-    """The diffusers components of ``source``: ``{"denoiser", "scheduler", "vae"}`` (None when absent).
+    """The components of ``source``: ``{"denoiser", "scheduler", "vae", "text"}`` (None / {} when absent);
+    ``"text"`` maps the text encoders and tokenizers of a text-conditioned model by component name.
 
-    A bare model folder has no scheduler or VAE.
+    A bare model folder has no scheduler, VAE or text encoders.
     """
     import diffusers
+    import transformers
+
+    def text_component(key: str):
+        library, class_name = source.model_index[key]
+        if library != "transformers" or not hasattr(transformers, class_name):
+            raise UsageTypeError(f"Component {key!r} of {source.path} is {library}.{class_name}: not a transformers "
+                                 "text encoder or tokenizer.")
+        return _from_pretrained(getattr(transformers, class_name), source.path, f"{key} of", subfolder=key,
+                                **hub_kwargs)
 
     def component(key: str):
         library, class_name = source.model_index[key]
@@ -187,10 +207,12 @@ def load_components(source: DiffusersSource, **hub_kwargs) -> dict[str, object]:
 
     if source.model_index is None:
         denoiser = _from_pretrained(source.family.model_class, source.path, "model in", **hub_kwargs)
-        return {"denoiser": denoiser, "scheduler": None, "vae": None}
+        return {"denoiser": denoiser, "scheduler": None, "vae": None, "text": {}}
     present = source.component_names()
+    text_keys = source.family.text.components if source.family.conditional else ()
     return {
         "denoiser": component(source.denoiser_key),
         "scheduler": component("scheduler") if "scheduler" in present else None,
         "vae": component("vae") if "vae" in present else None,
+        "text": {key: text_component(key) for key in text_keys if key in present},
     }

@@ -2,8 +2,10 @@
 
 It holds a pixel-space ``UNet2DModel`` (google/ddpm-cifar10-32 layout) or a ``DiTTransformer2DModel``
 (facebook/DiT-XL-2-256 layout, with its ``AutoencoderKL``), a noise scheduler and an optional
-``DDAEForImageClassification``. Features come from the capture core (``DDAEBackbone``); this module only
-turns user inputs into pixel tensors and wires the components together.
+``DDAEForImageClassification``. It also reads the layouts of text-conditioned models (Stable Diffusion 1.x, 2.x
+and XL, PixArt, SD3, Flux: the denoiser, VAE, scheduler, text encoders and tokenizers) for feature extraction;
+those are generated with their own diffusers pipelines. Features come from the capture core (``DDAEBackbone``);
+this module only turns user inputs into pixel tensors and wires the components together.
 """
 
 from __future__ import annotations
@@ -21,10 +23,8 @@ from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
     DiffusionPipeline,
-    DiTTransformer2DModel,
     ImagePipelineOutput,
     SchedulerMixin,
-    UNet2DModel,
 )
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
@@ -44,6 +44,7 @@ from ddae_diffusers.probing.result import ProbeResult
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | Sequence[PIL.Image.Image | np.ndarray | torch.Tensor]
 
 _OUTPUT_TYPES = ("pil", "np", "pt")
+TEXT_COMPONENTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
 EDM_SAMPLING_STEPS = 18  # EDM's CIFAR-10 schedule length
 
 EXAMPLE_DOC_STRING = """
@@ -94,32 +95,46 @@ class DDAEPipeline(DiffusionPipeline):
     Give exactly one of `unet` and `transformer`.
 
     Parameters:
-        unet ([`UNet2DModel`], *optional*):
-            A pixel-space DDPM denoiser (google/ddpm-cifar10-32 and `train_unconditional.py` outputs).
+        unet ([`UNet2DModel`] or [`UNet2DConditionModel`], *optional*):
+            A pixel-space DDPM denoiser (google/ddpm-cifar10-32 and `train_unconditional.py` outputs), or a Stable
+            Diffusion UNet (features only, conditioned on the empty prompt or `set_prompt`).
         scheduler ([`SchedulerMixin`], *optional*):
             The sampling scheduler ([`DDPMScheduler`], [`DDIMScheduler`], ... or, for an EDM model,
             [`EDMEulerScheduler`] / [`EDMDPMSolverMultistepScheduler`]). Its betas (EDM: its sigma range and
             `sigma_data`) also define the noise that feature extraction adds, and the units of noise levels
             (timestep indices or sigmas). Defaults to `DDPMScheduler()` (1000 linear steps, 1e-4 to 0.02).
-        transformer ([`DiTTransformer2DModel`], *optional*):
-            A DiT denoiser, latent (with `vae`, as facebook/DiT-XL-2-256) or pixel-space. It always gets the
-            null class id, i.e. runs unconditionally.
+        transformer ([`DiTTransformer2DModel`], [`PixArtTransformer2DModel`], [`SD3Transformer2DModel`] or
+            [`FluxTransformer2DModel`], *optional*):
+            A DiT denoiser, latent (with `vae`, as facebook/DiT-XL-2-256) or pixel-space, which always gets the
+            null class id, i.e. runs unconditionally; or a text-conditioned transformer (features only).
         vae ([`AutoencoderKL`], *optional*):
             Encodes images to latents (times `scaling_factor`) for features and decodes samples.
         classifier ([`DDAEForImageClassification`], *optional*):
             A fine-tuned or linear-probe DDAE classifier, used by [`~DDAEPipeline.classify`].
+        text_encoder, tokenizer, text_encoder_2, tokenizer_2, text_encoder_3, tokenizer_3 (*optional*):
+            The text encoders and tokenizers of a text-conditioned denoiser, as its own pipeline names them; they
+            encode the prompt (by default the empty one, once) that conditions every feature forward.
     """
 
-    model_cpu_offload_seq = "transformer->unet->vae"
-    _optional_components = ["unet", "scheduler", "transformer", "vae", "classifier"]
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->transformer->unet->vae"
+    _optional_components = [
+        "unet", "scheduler", "transformer", "vae", "classifier",
+        *TEXT_COMPONENTS,
+    ]  # fmt: skip
 
     def __init__(
         self,
-        unet: UNet2DModel | None = None,
+        unet: torch.nn.Module | None = None,
         scheduler: SchedulerMixin | None = None,
-        transformer: DiTTransformer2DModel | None = None,
+        transformer: torch.nn.Module | None = None,
         vae: AutoencoderKL | None = None,
         classifier: DDAEForImageClassification | None = None,
+        text_encoder: torch.nn.Module | None = None,
+        tokenizer: object | None = None,
+        text_encoder_2: torch.nn.Module | None = None,
+        tokenizer_2: object | None = None,
+        text_encoder_3: torch.nn.Module | None = None,
+        tokenizer_3: object | None = None,
     ):
         super().__init__()
         if (unet is None) == (transformer is None):
@@ -130,11 +145,10 @@ class DDAEPipeline(DiffusionPipeline):
             )
         check_denoiser(unet if unet is not None else transformer)
         if unet is not None and family_of(unet).component != "unet":
-            raise UsageTypeError(f"unet must be a UNet2DModel, got {type(unet).__name__}: pass a DiT as transformer=.")
+            raise UsageTypeError(f"unet must be a UNet, got {type(unet).__name__}: pass it as transformer=.")
         if transformer is not None and family_of(transformer).component != "transformer":
             raise UsageTypeError(
-                f"transformer must be a DiTTransformer2DModel, got {type(transformer).__name__}: "
-                "pass a UNet2DModel as unet=."
+                f"transformer must be a transformer denoiser, got {type(transformer).__name__}: pass a UNet as unet=."
             )
         if vae is not None and not isinstance(vae, AutoencoderKL):
             raise UsageTypeError(f"vae must be an AutoencoderKL, got {type(vae).__name__}.")
@@ -145,16 +159,19 @@ class DDAEPipeline(DiffusionPipeline):
                 "with DDAEForImageClassification.from_diffusers / from_probe (diffusers cannot save plain modules)."
             )
         scheduler = scheduler if scheduler is not None else DDPMScheduler()
+        text = dict(text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
+                    tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
         self.register_modules(
-            unet=unet, scheduler=scheduler, transformer=transformer, vae=vae, classifier=classifier
+            unet=unet, scheduler=scheduler, transformer=transformer, vae=vae, classifier=classifier, **text
         )
         self._backbone: DDAEBackbone | None = None
         self._backbone_key: tuple | None = None
+        self.prompt_pipeline: str | None = None  # the diffusers pipeline of the loaded folder, for encode_prompt
 
     # ------------------------------------------------------------------ components
     @property
-    def denoiser(self) -> UNet2DModel | DiTTransformer2DModel:
-        """The UNet or the DiT, whichever this pipeline holds."""
+    def denoiser(self) -> torch.nn.Module:
+        """The UNet or the transformer, whichever this pipeline holds."""
         return self.unet if self.unet is not None else self.transformer
 
     @property
@@ -165,12 +182,14 @@ class DDAEPipeline(DiffusionPipeline):
         with a ``DDPMScheduler`` built from ``scheduler.config``: the same betas, and an ``add_noise`` that works
         at any timestep whatever sampler is plugged in.
         """
-        key = (id(self.denoiser), id(self.scheduler), id(self.vae))
+        text = {name: getattr(self, name, None) for name in TEXT_COMPONENTS}
+        key = (id(self.denoiser), id(self.scheduler), id(self.vae), *map(id, text.values()))
         if self._backbone is None or self._backbone_key != key:
             noise_scheduler = self.scheduler
             if isinstance(noise_axis(self.scheduler), DDPMNoise):
                 noise_scheduler = DDPMScheduler.from_config(self.scheduler.config)
-            self._backbone = DDAEBackbone(self.denoiser, noise_scheduler, self.vae)
+            self._backbone = DDAEBackbone(self.denoiser, noise_scheduler, self.vae, text_components=text,
+                                          prompt_pipeline=self.prompt_pipeline)
             self._backbone_key = key
         return self._backbone
 
@@ -196,7 +215,13 @@ class DDAEPipeline(DiffusionPipeline):
         if isinstance(classifier, (str, os.PathLike)):
             kwargs["classifier"] = _load_classifier(os.fspath(classifier))
         if source.model_index is not None:
-            return super().from_pretrained(path, **kwargs)
+            # components this pipeline does not use (safety checker, feature extractor, image encoder) stay unloaded
+            for name in source.component_names():
+                if name not in inspect.signature(cls.__init__).parameters:
+                    kwargs.setdefault(name, None)
+            pipe = super().from_pretrained(path, **kwargs)
+            pipe.prompt_pipeline = source.pipeline_class
+            return pipe
         model_kwargs = {k: kwargs.pop(k) for k in ("torch_dtype", *hub_kwargs) if k in kwargs}
         denoiser = load_components(source, **model_kwargs)["denoiser"]
         return cls(**{source.family.component: denoiser}, **kwargs)
@@ -282,6 +307,13 @@ class DDAEPipeline(DiffusionPipeline):
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise UsageError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        family = family_of(self.denoiser)
+        if family.conditional:
+            raise UsageError(
+                f"DDAEPipeline generates with unconditional denoisers only; sample this {family.name} with its own "
+                f"diffusers pipeline ({family.text.pipeline_class(self.denoiser)}). Its features work here: "
+                "extract_features(...)."
+            )
         num_train = self.scheduler.config.num_train_timesteps
         if num_inference_steps is None:
             num_inference_steps = EDM_SAMPLING_STEPS if is_edm_scheduler(self.scheduler) else num_train
@@ -366,6 +398,9 @@ class DDAEPipeline(DiffusionPipeline):
         seed: int = 0,
         dtype: torch.dtype | None = None,
         batch_size: int = 64,
+        upsample: bool = False,
+        ensemble: int = 1,
+        prompt: str | None = None,
     ) -> dict[tuple[str, NoiseLevel], torch.Tensor]:
         """DDAE features of ``images``: the denoiser's block outputs on the images noised at ``timesteps``.
 
@@ -375,10 +410,15 @@ class DDAEPipeline(DiffusionPipeline):
             timesteps: noise levels in the model's units (default: the classifier's): diffusers indices ``0..T-1``
                 for a DDPM (the paper's t=11 is 10), sigmas for an EDM model (e.g. 0.06), noised and
                 preconditioned as in training.
-            pooling: ``"avg"`` -> (N, C) per (layer, t); ``None`` -> raw (N, C, h, w) maps or (N, tokens, D).
+            pooling: ``"avg"`` -> (N, C) per (layer, t); ``"spatial"`` -> dense (N, C, h, w) maps (transformer
+                tokens on their latent grid); ``None`` -> raw (N, C, h, w) maps or (N, tokens, D).
             seed: the noise of the i-th image is drawn from (seed, i), whatever ``batch_size`` is.
             dtype: autocast dtype, e.g. ``torch.bfloat16``.
             batch_size: images per forward.
+            upsample: with ``pooling="spatial"``, maps resized to the image size.
+            ensemble: average over this many noise draws per image (see ``DDAEBackbone.features``).
+            prompt: text-conditioned models: condition on this prompt (default: the empty prompt, or the last
+                ``backbone.set_prompt``).
 
         Returns ``{(layer, t): float32 tensor}`` on the CPU.
         """
@@ -393,6 +433,8 @@ class DDAEPipeline(DiffusionPipeline):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise UsageError(f"batch_size must be a positive integer, got {batch_size!r}.")
         pixel_values = backbone.check_images(self.preprocess(images)).cpu()
+        if prompt is not None:
+            backbone.set_prompt(prompt)
 
         chunks: dict[tuple[str, int], list[torch.Tensor]] = {}
         starts = range(0, pixel_values.shape[0], batch_size)
@@ -400,7 +442,7 @@ class DDAEPipeline(DiffusionPipeline):
             batch = pixel_values[start : start + batch_size].to(backbone.device)
             ids = range(start, start + batch.shape[0])
             out = backbone.features(batch, layers, timesteps, pooling=pooling, seed=seed, example_ids=ids,
-                                    dtype=dtype)
+                                    dtype=dtype, upsample=upsample, ensemble=ensemble)
             for key, value in out.items():
                 chunks.setdefault(key, []).append(value.cpu())
         return {key: torch.cat(values) for key, values in chunks.items()}

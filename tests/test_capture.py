@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_VAE_CONFIG, make_tiny_dit, make_tiny_unet, make_tiny_vae
-from diffusers import DDPMScheduler, DiTPipeline, UNet2DConditionModel
+from diffusers import DDPMScheduler, DiTPipeline, UNet1DModel
 from diffusers.hooks import HookRegistry, ModelHook
 
 from ddae_diffusers import DDAEBackbone, build_denoiser, example_noise
@@ -238,16 +238,22 @@ def test_bad_input_raises_before_any_forward(unet_backbone, kwargs, error, match
 
 
 def test_unsupported_denoiser_class_names_supported_ones(tmp_path):
-    cond = UNet2DConditionModel(
-        sample_size=8, block_out_channels=(8, 16), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=8, layers_per_block=1,
-        norm_num_groups=4, attention_head_dim=2,
-    )
-    with pytest.raises(TypeError, match="UNet2DModel, DiTTransformer2DModel"):
-        DDAEBackbone(cond)
-    cond.save_pretrained(tmp_path)
-    with pytest.raises(TypeError, match="UNet2DConditionModel.*supports UNet2DModel"):
-        DDAEBackbone.from_pretrained(str(tmp_path))
+    supported = "UNet2DModel, DiTTransformer2DModel, UNet2DConditionModel, PixArtTransformer2DModel, " \
+        "SD3Transformer2DModel, FluxTransformer2DModel"
+    one_d = UNet1DModel(block_out_channels=(8, 16), down_block_types=("DownBlock1D", "DownBlock1D"),
+                        up_block_types=("UpBlock1D", "UpBlock1D"), mid_block_type="UNetMidBlock1D")
+    with pytest.raises(TypeError, match=f"UNet1DModel: ddae_diffusers supports {supported}"):
+        DDAEBackbone(one_d)
+    one_d.save_pretrained(tmp_path / "bare")
+    with pytest.raises(TypeError, match=f"UNet1DModel model; ddae_diffusers supports {supported}"):
+        DDAEBackbone.from_pretrained(str(tmp_path / "bare"))
+    # a pipeline whose denoiser class is not supported: refused from model_index.json, before any weight is read
+    (tmp_path / "sana").mkdir()
+    (tmp_path / "sana" / "model_index.json").write_text(json.dumps(
+        {"_class_name": "SanaPipeline", "transformer": ["diffusers", "SanaTransformer2DModel"]}
+    ))
+    with pytest.raises(TypeError, match=f"SanaTransformer2DModel transformer; ddae_diffusers supports {supported}"):
+        DDAEBackbone.from_pretrained(str(tmp_path / "sana"))
     with pytest.raises(TypeError, match="supports"):
         DDAEBackbone(make_tiny_vae())
 
@@ -329,8 +335,11 @@ def test_early_exit_is_skipped_under_diffusers_hooks():
 def test_a_family_is_one_entry():
     from ddae_diffusers.families import DENOISER_CLASSES, FAMILIES, family_named, family_of
 
-    assert list(FAMILIES) == list(DENOISER_CLASSES) == ["UNet2DModel", "DiTTransformer2DModel"]
+    assert list(FAMILIES) == list(DENOISER_CLASSES) == [
+        "UNet2DModel", "DiTTransformer2DModel", "UNet2DConditionModel", "PixArtTransformer2DModel",
+        "SD3Transformer2DModel", "FluxTransformer2DModel",
+    ]  # fmt: skip
     assert family_named("Transformer2DModel") is family_of(make_tiny_dit()) is FAMILIES["DiTTransformer2DModel"]
     assert family_of(make_tiny_unet()).layer_candidates(make_tiny_unet()) == candidate_layers(make_tiny_unet())
     with pytest.raises(TypeError, match="supports UNet2DModel, DiTTransformer2DModel"):
-        family_named("UNet2DConditionModel")
+        family_named("UNet1DModel")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_tiny_dit, make_tiny_unet, make_tiny_vae
-from diffusers import DDIMScheduler, EulerDiscreteScheduler
+from diffusers import DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 from PIL import Image
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, pipeline
@@ -208,9 +208,18 @@ def test_bad_inputs_raise_clear_errors(unet, model):
         DDAEForImageClassification.from_diffusers(
             DDAEBackbone(make_tiny_dit(), vae=make_tiny_vae()), layer="transformer_blocks.0", num_labels=2
         )
-    with pytest.raises(ValueError, match="does not noise like a DDPMScheduler"):
+    # samplers noise with the DDPM betas of their config, as the backbone does
+    euler = DDAEForImageClassification.from_diffusers(
+        DDAEBackbone(unet, EulerDiscreteScheduler(beta_schedule="scaled_linear")), layer="mid_block", num_labels=2
+    )
+    assert euler.config.beta_schedule == "scaled_linear"
+    with pytest.raises(ValueError, match="is not that of a DDPMScheduler"):
         DDAEForImageClassification.from_diffusers(
-            DDAEBackbone(unet, EulerDiscreteScheduler()), layer="mid_block", num_labels=2
+            DDAEBackbone(unet, DDIMScheduler(rescale_betas_zero_snr=True)), layer="mid_block", num_labels=2
+        )
+    with pytest.raises(ValueError, match="supports DDPM and EDM noise"):
+        DDAEForImageClassification.from_diffusers(
+            DDAEBackbone(unet, FlowMatchEulerDiscreteScheduler()), layer="mid_block", timestep=0.05, num_labels=2
         )
     ddim = DDAEBackbone(unet, DDIMScheduler())
     ddim = DDAEForImageClassification.from_diffusers(ddim, layer="mid_block", num_labels=2)

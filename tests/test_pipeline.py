@@ -21,6 +21,7 @@ from conftest import (
     FakeHub,
     make_tiny_dit,
     make_tiny_unet,
+    make_tiny_vae,
     write_json,
 )
 from diffusers import (
@@ -31,6 +32,7 @@ from diffusers import (
     DiTPipeline,
     DiTTransformer2DModel,
     FlowMatchEulerDiscreteScheduler,
+    ScoreSdeVeScheduler,
     UNet2DModel,
 )
 
@@ -454,17 +456,12 @@ def test_constructor_errors(unet_pipe):
         DDAEPipeline(scheduler=DDPMScheduler())
     with pytest.raises(ValueError, match="got both"):
         DDAEPipeline(unet=unet_pipe.unet, transformer=make_tiny_dit())
-    with pytest.raises(TypeError, match="pass a DiT as transformer="):
+    with pytest.raises(TypeError, match="unet must be a UNet, got DiTTransformer2DModel: pass it as transformer="):
         DDAEPipeline(unet=make_tiny_dit())
     with pytest.raises(TypeError, match="must be a DDAEForImageClassification"):
         DDAEPipeline(unet=unet_pipe.unet, classifier=torch.nn.Linear(32, 3))
-    from diffusers import UNet2DConditionModel
-
-    cond = UNet2DConditionModel(block_out_channels=(8, 16), norm_num_groups=4, cross_attention_dim=8,
-                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), sample_size=8)
-    with pytest.raises(TypeError, match="Unsupported denoiser UNet2DConditionModel"):
-        DDAEPipeline(unet=cond)
+    with pytest.raises(TypeError, match="Unsupported denoiser AutoencoderKL"):
+        DDAEPipeline(unet=make_tiny_vae())
 
 
 def test_loading_errors(tmp_path, classifier_pipe):
@@ -476,11 +473,11 @@ def test_loading_errors(tmp_path, classifier_pipe):
     with pytest.raises(ValueError, match="neither model_index.json nor config.json"):
         DDAEPipeline.from_pretrained(tmp_path / "empty")
     # Refused from model_index.json alone, before any weight is read (there are none here).
-    write_json(tmp_path / "sd" / "model_index.json", {"_class_name": "StableDiffusionPipeline",
-                                                      "unet": ["diffusers", "UNet2DConditionModel"],
-                                                      "scheduler": ["diffusers", "PNDMScheduler"]})
-    with pytest.raises(TypeError, match="UNet2DConditionModel unet; DDAEPipeline supports UNet2DModel"):
-        DDAEPipeline.from_pretrained(tmp_path / "sd")
+    write_json(tmp_path / "sana" / "model_index.json", {"_class_name": "SanaPipeline",
+                                                        "transformer": ["diffusers", "SanaTransformer2DModel"],
+                                                        "scheduler": ["diffusers", "DPMSolverMultistepScheduler"]})
+    with pytest.raises(TypeError, match="SanaTransformer2DModel transformer; DDAEPipeline supports UNet2DModel"):
+        DDAEPipeline.from_pretrained(tmp_path / "sana")
     write_json(tmp_path / "two" / "model_index.json", {"unet": ["diffusers", "UNet2DModel"],
                                                        "transformer": ["diffusers", "DiTTransformer2DModel"]})
     with pytest.raises(ValueError, match="names unet and transformer"):
@@ -513,8 +510,11 @@ def test_input_errors(unet_pipe):
     with pytest.raises(ValueError, match="num_inference_steps must be an integer in 1..1000"):
         unet_pipe(num_inference_steps=2000)
     flow = DDAEPipeline(unet=unet_pipe.unet, scheduler=FlowMatchEulerDiscreteScheduler())
-    with pytest.raises(TypeError, match="defines no beta schedule"):
+    with pytest.raises(ValueError, match="integer, but this is a flow-matching model"):
         flow.extract_features(random_pixels(1), ["mid_block"], [10])
+    sde = DDAEPipeline(unet=unet_pipe.unet, scheduler=ScoreSdeVeScheduler())
+    with pytest.raises(TypeError, match="defines no beta schedule"):
+        sde.extract_features(random_pixels(1), ["mid_block"], [10])
 
 
 def test_classify_wrong_size(classifier_pipe):
