@@ -497,6 +497,11 @@ class DDAEBackbone:
         """Capturable layer names in execution order."""
         return [info.name for info in self.layers]
 
+    def default_layer(self) -> str:
+        """A good single feature layer of this family: the middle of the UNet decoder (``up_blocks.1.resnets.2``
+        for the 35.7M DDPM and SD 1.x/2.x), the middle transformer block, Flux's last double-stream block."""
+        return self.family.default_layer(self.denoiser)
+
     def layer_info(self, name: str) -> LayerInfo:
         return {info.name: info for info in self.layers}[self.check_layers([name])[0]]
 

@@ -189,3 +189,56 @@ def test_probe_grid_on_every_family(name, layouts, tmp_path):
     saved = json.loads((tmp_path / "probe" / "results.json").read_text())
     assert len(saved["cells"]) == 4 and saved["objective"] == objective and saved["resolution"] == 32
     assert results.best.layer in layers
+
+
+def test_probe_prompt_and_push_refusal(layouts, tmp_path, tiny_unet_pipeline_dir):
+    from conftest import FakeHub
+
+    args = ["--dataset", CIFAR10_SAMPLE, "--max_train_samples", "40", "--max_eval_samples", "20", "--layers",
+            "mid_block", "--timesteps", "10", "--epochs", "1", "--lrs", "0.01"]  # fmt: skip
+    cache = ["--cache_dir", str(tmp_path / "cache")]
+    empty = probe_main(["--model", layouts["sd15"], "--output_dir", str(tmp_path / "empty"), *cache, *args])
+    cat = probe_main(["--model", layouts["sd15"], "--output_dir", str(tmp_path / "cat"), "--prompt", "a cat", *cache,
+                      *args])  # fmt: skip
+    # the prompt is part of the feature cache key (one eval and one train unit per prompt) and of the config
+    assert cat.config["prompt"] == "a cat" and empty.config["prompt"] is None
+    assert len(list((tmp_path / "cache").glob("*/features.npy"))) == 4
+    with pytest.raises(ValueError, match="UNet2DModel is not text-conditioned: it takes no prompt"):
+        probe_main(["--model", tiny_unet_pipeline_dir, "--output_dir", str(tmp_path / "x"), "--prompt", "a", *args])
+    hub = FakeHub(tmp_path / "hub")
+    with hub.patch(), pytest.raises(ValueError, match="this UNet2DConditionModel cannot be one"):
+        probe_main(["--model", layouts["sd15"], "--output_dir", str(tmp_path / "p"), "--push_to_hub", *args])
+    assert not hub.repos  # refused before the repository is created
+
+
+def test_offloaded_and_bf16_conditional_models(layouts):
+    backbone = DDAEBackbone.from_pretrained(layouts["sd15"])
+    x, layer = pixels(2, 32), "up_blocks.1.resnets.0"
+    plain = backbone.features(x, [layer], [10])[layer, 10]
+    cpu = torch.device("cpu")
+    backbone.denoiser.enable_group_offload(onload_device=cpu, offload_device=cpu, offload_type="block_level",
+                                           num_blocks_per_group=1)
+    torch.testing.assert_close(backbone.features(x, [layer], [10])[layer, 10], plain, rtol=1e-5, atol=1e-6)
+    half = backbone.features(x, [layer], [10], dtype=torch.bfloat16)[layer, 10]
+    assert half.dtype == torch.float32 and torch.allclose(half, plain, rtol=0.1, atol=0.1)
+
+
+def readme_snippet() -> str:
+    from conftest import REPO_ROOT
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    block = readme.split("<!-- snippet: every-denoiser -->", 1)[1].split("<!-- end snippet -->", 1)[0]
+    return block.split("```python", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_readme_snippet_runs_on_every_family(name, layouts):
+    code = readme_snippet().replace('"stabilityai/stable-diffusion-xl-base-1.0"', repr(layouts[name]))
+    namespace = {"pixel_values": pixels(2, RESOLUTIONS[name])}
+    exec(compile(code, "README.md", "exec"), namespace)
+    backbone, layer = namespace["backbone"], namespace["layer"]
+    dim, side = backbone.layer_info(layer).feature_dim, RESOLUTIONS[name]
+    assert layer == backbone.default_layer() and namespace["feats"].shape == (2, dim)
+    assert namespace["dense"].shape == (2, dim, side, side)
+    empty = backbone.encode_prompt("")["encoder_hidden_states"]
+    assert not torch.equal(backbone.conditioning["encoder_hidden_states"], empty)  # the dog prompt is in use

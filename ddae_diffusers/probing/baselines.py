@@ -14,7 +14,7 @@ from .cache import View
 
 
 def random_init(backbone: DDAEBackbone, seed: int) -> DDAEBackbone:
-    """The same architecture (config, scheduler, VAE) with freshly initialised denoiser weights.
+    """The same architecture (config, scheduler, VAE, text encoders) with freshly initialised denoiser weights.
 
     Initialisation is diffusers' own (``from_config``) under ``torch.manual_seed(seed)``.
     """
@@ -25,7 +25,8 @@ def random_init(backbone: DDAEBackbone, seed: int) -> DDAEBackbone:
     fresh.to(denoiser.device)
     if fresh.dtype != denoiser.dtype:
         fresh.to(dtype=denoiser.dtype)
-    return DDAEBackbone(fresh, backbone.scheduler, backbone.vae)
+    return DDAEBackbone(fresh, backbone.scheduler, backbone.vae, text_components=backbone.text_components,
+                        prompt_pipeline=backbone.prompt_pipeline)
 
 
 def pixel_features(

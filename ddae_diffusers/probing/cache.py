@@ -35,16 +35,23 @@ Key = tuple[str, int]
 
 
 def model_fingerprint(backbone: DDAEBackbone) -> str:
-    """SHA-256 of the denoiser's (and VAE's) weights, classes and the scheduler config."""
+    """SHA-256 of the denoiser's (and VAE's) weights, classes, the scheduler config and, for text-conditioned
+    models, the conditioning (the prompt's embeddings)."""
     digest = hashlib.sha256()
+
+    def update(name: str, tensor: torch.Tensor) -> None:
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+
     modules = [backbone.denoiser] + ([backbone.vae] if backbone.vae is not None else [])
     for module in modules:
         digest.update(type(module).__name__.encode())
         for name, tensor in sorted(module.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(str(tuple(tensor.shape)).encode())
-            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            update(name, tensor)
     digest.update(json.dumps(dict(backbone.scheduler.config), sort_keys=True, default=str).encode())
+    for name, tensor in sorted((backbone.conditioning or {}).items()):
+        update(f"conditioning.{name}", tensor)
     return digest.hexdigest()
 
 

@@ -19,8 +19,9 @@ from collections.abc import Sequence
 from accelerate.logging import get_logger
 
 from ..errors import ArgumentParser, UsageError, run_command
+from ..families import UNCONDITIONAL
 from ..hub import create_hub_repo
-from ..loading import check_source
+from ..loading import check_source, inspect_source
 from ..noise import DEFAULT_EDM_INDICES, EDM_INDEX_STEPS, noise_level
 from .engine import DEFAULT_TIMESTEPS, DTYPES, PROTOCOLS, RECIPES, ProbeConfig, prepare, run_probe
 from .heads import ProbeRecipe
@@ -56,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"EDM models: noise levels as indices of the {EDM_INDEX_STEPS}-step EDM sampling schedule counted from "
              "the clean end (index 0 is sigma 0), as the DDAE code does: 4 is about sigma 0.06, 3 0.023, 5 0.14.")
     add("--resolution", type=int, default=None, help="Image side (default: the model's sample size).")
+    add("--prompt", default=None,
+        help="Text-conditioned models (Stable Diffusion, PixArt, SD3, Flux): condition on this prompt (default: the "
+             "empty prompt, encoded once with the pipeline's own text encoders).")
     add("--batch_size", type=int, default=64, help="Extraction batch size.")
     add("--output_dir", required=True)
     add("--cache_dir", default=None, help="Feature cache (default: <output_dir>/feature_cache).")
@@ -89,6 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
 HUB_FLAGS = ("push_to_hub", "hub_model_id", "hub_private_repo", "hub_token", "push_cell")
 
 
+def check_publishable(family: str, objective: str | None) -> None:
+    """``--push_to_hub`` publishes a ``DDAEForImageClassification``: unconditional DDPM or EDM denoisers only."""
+    if family not in UNCONDITIONAL or objective not in (None, "ddpm", "edm"):
+        raise UsageError(
+            f"--push_to_hub publishes a DDAEForImageClassification, which takes unconditional DDPM or EDM denoisers "
+            f"({', '.join(UNCONDITIONAL)}); this {family}{f' ({objective})' if objective else ''} cannot be one: "
+            "drop --push_to_hub."
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> dict | None:
     args = build_parser().parse_args(argv)
     hub = {name: getattr(args, name) for name in HUB_FLAGS}  # not part of the run's recorded config (the token)
@@ -113,13 +127,20 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
             "ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N."
         )
     repo_id = None
-    if hub["push_to_hub"]:  # every process: a refused id or token stops all of them before any extraction
+    if hub["push_to_hub"]:
+        if args.random_init:
+            raise UsageError("--push_to_hub publishes the probed model's weights: a --random_init baseline has other "
+                             "weights; drop one of the two.")
+        check_publishable(inspect_source(args.model).family.name, None)
+        # every process: a refused id or token stops all of them before any extraction
         repo_id = create_hub_repo(
             hub["hub_model_id"] or os.path.basename(os.path.abspath(args.output_dir)),
             token=hub["hub_token"], private=hub["hub_private_repo"] or None,
         )
     prepared = prepare(config)
     check_cell_in_grid(hub["push_cell"], prepared.layers, prepared.timesteps)
+    if repo_id is not None:
+        check_publishable(prepared.backbone.family.name, prepared.backbone.objective)
     results = run_probe(config, accelerator, prepared=prepared)
     if results is not None and repo_id is not None:
         commit = publish_probe(args.output_dir, repo_id, cell=hub["push_cell"], token=hub["hub_token"])

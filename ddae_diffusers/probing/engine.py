@@ -68,6 +68,7 @@ class ProbeConfig:
     val_fraction: float = 0.1
     random_init: bool = False  # baseline: the same architecture, freshly initialised with `seed`
     pixel_baseline: bool = False  # baseline: also probe the flattened raw pixels
+    prompt: str | None = None  # text-conditioned models: the prompt (default: the empty prompt)
 
     def probe_recipe(self) -> ProbeRecipe:
         if self.recipe == "paper" or self.protocol == "online":
@@ -156,6 +157,8 @@ def prepare(config: ProbeConfig, backbone: DDAEBackbone | None = None) -> Prepar
         backbone = DDAEBackbone.from_pretrained(config.model)
     if config.random_init:
         backbone = random_init(backbone, config.seed)
+    if config.prompt is not None:
+        backbone.set_prompt(config.prompt)
     layers = backbone.check_layers(config.layers if config.layers else default_layers(backbone))
     timesteps = backbone.check_timesteps(noise_levels(config, backbone))
     resolution = config.resolution or backbone.image_size or 32

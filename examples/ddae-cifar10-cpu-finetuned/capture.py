@@ -1,14 +1,15 @@
 """The capture core: intermediate activations of a diffusers denoiser at a noise timestep.
 
-``DDAEBackbone`` pairs a denoiser (``UNet2DModel`` or ``DiTTransformer2DModel``) with its
-noise scheduler (and, for latent models, an ``AutoencoderKL``). ``features()`` noises
-clean images at each noise level (``noise.NoiseAxis``: ``add_noise`` for DDPM, EDM's
-preconditioning for EDM), runs one forward per level with forward hooks on every requested
-block, stops right after the deepest one and pools. Nothing here copies a diffusers
-``forward()``: hooks work on any version.
+``DDAEBackbone`` pairs a denoiser (any family of ``families.py``: pixel or latent UNets and DiTs, Stable
+Diffusion UNets, PixArt, SD3, Flux) with its noise scheduler (and, for latent models, an ``AutoencoderKL``; for
+text-conditioned ones, the conditioning of a prompt, by default the empty one). ``features()`` noises clean
+images at each noise level (``noise.NoiseAxis``: ``add_noise`` for DDPM, EDM's preconditioning, flow matching's
+``scale_noise``), runs one forward per level with forward hooks on every requested block, stops right after the
+deepest one and pools (or returns dense maps). Nothing here copies a diffusers ``forward()``: hooks work on any
+version.
 
 Noise levels are in the model's own units: diffusers timestep indices ``0 .. T - 1`` for DDPM (the
-DDAE paper counts from 1, so its t=11 is our t=10), sigmas (floats) for EDM.
+DDAE paper counts from 1, so its t=11 is our t=10), sigmas (floats) for EDM and flow matching.
 """
 
 from __future__ import annotations
@@ -20,15 +21,18 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel, SchedulerMixin, UNet2DModel
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, SchedulerMixin
 from torch import nn
 
 from .errors import UsageError, UsageTypeError
-from .families import family_of, sample_size
+from .families import Conditioning, batched, family_of, sample_size
 from .noise import NoiseAxis, NoiseLevel, noise_axis
 
-Denoiser = UNet2DModel | DiTTransformer2DModel
-Pooling = str | None
+Denoiser = nn.Module  # a diffusers denoiser of a supported family (see families.FAMILIES)
+Pooling = str | None  # "avg", "spatial" or None
+POOLINGS = ("avg", "spatial", None)
+_ENSEMBLE_STREAM = 7  # derive_seed(seed, _ENSEMBLE_STREAM, k): the noise of ensemble draw k >= 1
 
 _RANGE_TOLERANCE = 1e-3
 
@@ -79,11 +83,6 @@ def candidate_layers(denoiser: Denoiser) -> list[str]:
     return family_of(denoiser).layer_candidates(denoiser)
 
 
-def _first_tensor(output: torch.Tensor | tuple) -> torch.Tensor:
-    # UNet down blocks return (hidden_states, residuals); everything else returns a tensor.
-    return output[0] if isinstance(output, tuple) else output
-
-
 def denoiser_kwargs(denoiser: Denoiser, batch_size: int, device: torch.device) -> dict:
     """Extra forward arguments of an unconditional pass (DiT: the null class id)."""
     return family_of(denoiser).forward_kwargs(denoiser, batch_size, device)
@@ -106,13 +105,22 @@ def trace_forward(
     capture: Sequence[str] = (),
     stop_after: str | None = None,
     record_reached: bool = False,
+    conditioning: Conditioning | None = None,
 ) -> Trace:
-    """Runs ``denoiser(sample, timestep)`` once with hooks and returns what it saw (a :class:`Trace`).
+    """Runs the denoiser once on ``sample`` at ``timestep`` with hooks and returns what it saw (a :class:`Trace`).
 
-    ``sample``: (B, C, H, W) noisy input. The forward stops right after ``stop_after`` (a name in
-    ``capture``) unless a module carries a forward wrapper (see :func:`has_forward_wrappers`); then it
-    runs to the end, which gives the same activations. Autograd is left intact (fine-tuning uses this).
+    ``sample``: (B, C, H, W) noisy input (latents unpacked: Flux's 2x2 packing is the family's business).
+    ``conditioning``: a text-conditioned family's prompt conditioning (batch 1 or B). The forward stops right after
+    ``stop_after`` (a name in ``capture``) unless a module carries a forward wrapper (see
+    :func:`has_forward_wrappers`); then it runs to the end, which gives the same activations. Autograd is left
+    intact (fine-tuning uses this).
     """
+    family = family_of(denoiser)
+    if family.conditional and conditioning is None:
+        raise UsageError(
+            f"{family.name} is text-conditioned: pass its conditioning (DDAEBackbone computes the empty prompt's "
+            "with the pipeline's text encoders, or takes set_prompt(...) / set_conditioning(...))."
+        )
     outputs: dict[str, torch.Tensor] = {}
     order: list[str] = []
     reached: set[str] = set()
@@ -120,7 +128,7 @@ def trace_forward(
 
     def capture_hook(name: str):
         def hook(module, inputs, output):
-            outputs[name] = _first_tensor(output)
+            outputs[name] = family.block_output(output)
             order.append(name)
             if early_exit and name == stop_after:
                 raise _StopForward
@@ -138,8 +146,10 @@ def trace_forward(
     if timestep.ndim == 0:
         timestep = timestep.expand(sample.shape[0])
     stopped = False
+    if conditioning is not None:
+        conditioning = batched(conditioning, sample.shape[0], sample.device)
     try:
-        denoiser(sample, timestep, **denoiser_kwargs(denoiser, sample.shape[0], sample.device))
+        family.call(denoiser, sample, timestep, conditioning)
     except _StopForward:
         stopped = True
     finally:
@@ -154,9 +164,10 @@ def capture_activations(
     timestep: torch.Tensor | int,
     layers: Sequence[str],
     stop_after: str | None = None,
+    conditioning: Conditioning | None = None,
 ) -> dict[str, torch.Tensor]:
     """The outputs of ``layers`` in one forward (see :func:`trace_forward`): ``{layer: activation}``."""
-    return trace_forward(denoiser, sample, timestep, layers, stop_after).outputs
+    return trace_forward(denoiser, sample, timestep, layers, stop_after, conditioning=conditioning).outputs
 
 
 def check_image_batch(images: torch.Tensor, channels: int, size: int | None, check_range: bool = True) -> torch.Tensor:
@@ -241,6 +252,14 @@ def pool_activation(activation: torch.Tensor, pooling: Pooling = "avg") -> torch
     return activation.mean(dim=(2, 3)) if activation.ndim == 4 else activation.mean(dim=1)
 
 
+def tokens_to_map(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, N, D) row-major tokens of an ``height x width`` grid -> (B, D, height, width) maps."""
+    b, n, d = tokens.shape
+    if n != height * width:
+        raise UsageError(f"{n} tokens do not tile a {height}x{width} grid: this block's tokens are not image tokens.")
+    return tokens.transpose(1, 2).reshape(b, d, height, width)
+
+
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed from integers, e.g. ``(seed, example_id)`` or ``(seed, step, process)``: the project's one
     way to seed a random stream from its coordinates (numpy's ``SeedSequence`` mixes them)."""
@@ -286,12 +305,20 @@ class DDAEBackbone:
     """A diffusers denoiser with its noise scheduler (and VAE for latent models), ready to capture.
 
     Args:
-        denoiser: a ``UNet2DModel`` (pixel DDPM) or ``DiTTransformer2DModel`` (latent or pixel).
+        denoiser: a denoiser of a supported family: ``UNet2DModel`` (pixel DDPM), ``DiTTransformer2DModel`` (latent
+            or pixel), ``UNet2DConditionModel`` (Stable Diffusion 1.x/2.x/XL), ``PixArtTransformer2DModel``,
+            ``SD3Transformer2DModel`` or ``FluxTransformer2DModel``.
         scheduler: the noise scheduler that defines the noise levels: a DDPM-style one (``add_noise``; default
             ``DDPMScheduler()``, 1000 steps, linear betas 1e-4..0.02, as google/ddpm-cifar10-32) or an EDM one
             (``EDMEulerScheduler``: levels are sigmas, inputs preconditioned as in training).
         vae: an ``AutoencoderKL`` for latent models; images are encoded by :func:`encode_latents`
             (``latent_dist.mean``, shifted and scaled as in diffusers pipelines) before noising.
+        text_components: text-conditioned models: the pipeline's ``text_encoder``/``tokenizer`` (and ``_2``, ``_3``)
+            by component name. The empty prompt's conditioning is computed from them once, on first use, with the
+            diffusers pipeline's own ``encode_prompt``; :meth:`set_prompt` encodes another prompt.
+        conditioning: text-conditioned models: precomputed conditioning instead (see :meth:`set_conditioning`).
+        prompt_pipeline: the diffusers pipeline class whose ``encode_prompt`` is used (default: the family's, e.g.
+            ``StableDiffusionXLPipeline`` for an SDXL UNet); loaders pass the ``_class_name`` of ``model_index.json``.
 
     Example::
 
@@ -305,12 +332,22 @@ class DDAEBackbone:
         denoiser: Denoiser,
         scheduler: SchedulerMixin | None = None,
         vae: AutoencoderKL | None = None,
+        text_components: dict[str, object] | None = None,
+        conditioning: Conditioning | None = None,
+        prompt_pipeline: str | None = None,
     ):
         check_denoiser(denoiser)
+        self.family = family_of(denoiser)
         self.scheduler = scheduler if scheduler is not None else DDPMScheduler()
         self.noise_axis: NoiseAxis = noise_axis(self.scheduler)
         self.denoiser = denoiser
         self.vae = vae
+        self.text_components = {k: v for k, v in (text_components or {}).items() if v is not None}
+        self.prompt_pipeline = prompt_pipeline
+        self._prompt_pipe = None
+        self._conditioning: Conditioning | None = None
+        if conditioning is not None:
+            self.set_conditioning(conditioning)
         self._catalogue: list[LayerInfo] | None = None
 
     # ------------------------------------------------------------------ loading
@@ -323,15 +360,92 @@ class DDAEBackbone:
             from ddae_diffusers.loading import inspect_source, load_components
         except ImportError as error:
             raise ImportError("DDAEBackbone.from_pretrained needs the package: pip install ddae-diffusers") from error
-        components = load_components(inspect_source(path_or_hub_id, **hub_kwargs), **hub_kwargs)
-        return cls(components["denoiser"], components["scheduler"], components["vae"])
+        source = inspect_source(path_or_hub_id, **hub_kwargs)
+        components = load_components(source, **hub_kwargs)
+        return cls(
+            components["denoiser"], components["scheduler"], components["vae"],
+            text_components=components["text"], prompt_pipeline=source.pipeline_class,
+        )
 
     def to(self, device: torch.device | str) -> DDAEBackbone:
-        """Moves the denoiser (and VAE) to ``device``; returns self."""
+        """Moves the denoiser (and VAE, text encoders, conditioning) to ``device``; returns self."""
         self.denoiser.to(device)
-        if self.vae is not None:
-            self.vae.to(device)
+        for module in [self.vae, *self.text_components.values()]:
+            if isinstance(module, nn.Module):
+                module.to(device)
+        if self._conditioning is not None:
+            self._conditioning = {k: v.to(device) for k, v in self._conditioning.items()}
         return self
+
+    # ------------------------------------------------------------------ conditioning (text-conditioned families)
+    @property
+    def conditioning(self) -> Conditioning | None:
+        """The conditioning every forward gets: None for unconditional families; else the prompt's (batch 1),
+        by default the empty prompt's, computed once on first use."""
+        if self.family.conditional and self._conditioning is None:
+            self._conditioning = self.encode_prompt("")
+        return self._conditioning
+
+    def encode_prompt(self, prompt: str) -> Conditioning:
+        """The conditioning of ``prompt`` from the diffusers pipeline's own ``encode_prompt``, run on the text
+        encoders this backbone holds (no classifier-free guidance: one conditional embedding)."""
+        if not self.family.conditional:
+            raise UsageError(f"{self.family.name} is not text-conditioned: it takes no prompt.")
+        if not isinstance(prompt, str):
+            raise UsageTypeError(f"prompt must be a string, got {type(prompt).__name__}.")
+        pipe = self._prompt_encoder()
+        with torch.inference_mode():
+            encoded = self.family.text.encode(pipe, prompt, self.device, self.image_size or 0, self.denoiser)
+        return {key: value.detach() for key, value in encoded.items()}
+
+    def set_prompt(self, prompt: str) -> DDAEBackbone:
+        """Conditions every following forward on ``prompt`` (instead of the empty prompt); returns self."""
+        self._conditioning = self.encode_prompt(prompt)
+        return self
+
+    def set_conditioning(self, conditioning: Conditioning) -> DDAEBackbone:
+        """Conditions every following forward on precomputed embeddings (batch 1, or the batch size), e.g.
+        ``{"encoder_hidden_states": (1, 77, 768)}`` for SD 1.x; the keys each family needs are in
+        ``backbone.family.text.required``. Returns self."""
+        if not self.family.conditional:
+            raise UsageError(f"{self.family.name} is not text-conditioned: it takes no conditioning.")
+        missing = [key for key in self.family.text.required if key not in conditioning]
+        if missing:
+            raise UsageError(
+                f"The conditioning of a {self.family.name} needs {missing}; it has {sorted(conditioning)}."
+            )
+        if not all(isinstance(value, torch.Tensor) for value in conditioning.values()):
+            raise UsageTypeError("Conditioning values must be tensors (the outputs of the pipeline's encode_prompt).")
+        self._conditioning = {key: value.detach().to(self.device) for key, value in conditioning.items()}
+        return self
+
+    def _prompt_encoder(self):
+        """The diffusers pipeline (built once from this backbone's components) whose ``encode_prompt`` is used."""
+        if self._prompt_pipe is None:
+            import inspect
+
+            import diffusers
+
+            if not self.text_components:
+                raise UsageError(
+                    f"This {self.family.name} has no text encoders: load it from its pipeline folder or Hub id "
+                    "(with text_encoder/ and tokenizer/), or pass precomputed embeddings with set_conditioning(...)."
+                )
+            name = self.prompt_pipeline or self.family.text.pipeline_class(self.denoiser)
+            pipeline_class = getattr(diffusers, name)
+            given = {
+                **self.text_components, self.family.component: self.denoiser, "vae": self.vae,
+                # a copy: some pipelines fix up deprecated scheduler settings of what they are given
+                "scheduler": type(self.scheduler).from_config(self.scheduler.config),
+                "requires_safety_checker": False,
+            }
+            parameters = inspect.signature(pipeline_class.__init__).parameters
+            kwargs = {
+                key: given.get(key) for key, parameter in parameters.items()
+                if key != "self" and (key in given or parameter.default is inspect.Parameter.empty)
+            }
+            self._prompt_pipe = pipeline_class(**kwargs)
+        return self._prompt_pipe
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -372,7 +486,8 @@ class DDAEBackbone:
             size = self.image_size or 32
             dummy = dummy_input(self.denoiser, self.image_channels, size)
             with torch.inference_mode():
-                trace = trace_forward(self.denoiser, self._encode(dummy), 0, candidate_layers(self.denoiser))
+                trace = trace_forward(self.denoiser, self._encode(dummy), 0,
+                                      candidate_layers(self.denoiser), conditioning=self.conditioning)
             self._catalogue = [
                 LayerInfo(name, index, tuple(trace.outputs[name].shape[1:])) for index, name in enumerate(trace.order)
             ]
@@ -381,6 +496,11 @@ class DDAEBackbone:
     def layer_names(self) -> list[str]:
         """Capturable layer names in execution order."""
         return [info.name for info in self.layers]
+
+    def default_layer(self) -> str:
+        """A good single feature layer of this family: the middle of the UNet decoder (``up_blocks.1.resnets.2``
+        for the 35.7M DDPM and SD 1.x/2.x), the middle transformer block, Flux's last double-stream block."""
+        return self.family.default_layer(self.denoiser)
 
     def layer_info(self, name: str) -> LayerInfo:
         return {info.name: info for info in self.layers}[self.check_layers([name])[0]]
@@ -424,25 +544,37 @@ class DDAEBackbone:
         seed: int = 0,
         example_ids: Sequence[int] | torch.Tensor | None = None,
         dtype: torch.dtype | None = None,
+        upsample: bool = False,
+        ensemble: int = 1,
     ) -> dict[tuple[str, NoiseLevel], torch.Tensor]:
-        """Pooled (or raw) activations of ``layers`` at each noise level of ``timesteps``.
+        """Pooled, dense or raw activations of ``layers`` at each noise level of ``timesteps``.
 
         Args:
             images: (B, C, H, W) float tensor in [-1, 1].
             layers: block names from :meth:`layer_names`.
             timesteps: noise levels in the model's units: DDPM diffusers indices 0..T-1 (paper t=11 is t=10),
-                EDM sigmas (floats, e.g. 0.06).
-            pooling: ``"avg"`` -> (B, C) / (B, D); ``None`` -> (B, C, h, w) / (B, N, D).
+                EDM or flow-matching sigmas (floats, e.g. 0.06).
+            pooling: ``"avg"`` -> (B, C) / (B, D); ``"spatial"`` -> (B, C, h, w) maps at the block's native
+                resolution (transformer tokens reshaped to their latent grid); ``None`` -> the raw output,
+                (B, C, h, w) or (B, N, D).
             seed, example_ids: the noise of example ``example_ids[i]`` (default ``i``) is drawn
                 from (seed, id), so results do not depend on batching or sharding.
             dtype: autocast dtype, e.g. ``torch.bfloat16`` (faster on CPUs with bf16 instructions and on GPUs).
+            upsample: with ``pooling="spatial"``, resize the maps bilinearly to the image size (H, W).
+            ensemble: average the features of this many noise draws per image (DIFT's ensemble); draw 0 is the
+                usual noise, draw k >= 1 comes from ``(derive_seed(seed, 7, k), id)``: deterministic per seed and
+                independent of the batch size.
 
         Returns ``{(layer, t): float32 tensor}``.
         """
         layers = self.check_layers(layers)
         timesteps = self.check_timesteps(timesteps)
-        if pooling not in ("avg", None):
-            raise UsageError(f"Unknown pooling {pooling!r}: use 'avg' or None.")
+        if pooling not in POOLINGS:
+            raise UsageError(f"Unknown pooling {pooling!r}: use one of {POOLINGS}.")
+        if upsample and pooling != "spatial":
+            raise UsageError("upsample=True resizes dense maps: pass pooling='spatial' with it.")
+        if not isinstance(ensemble, int) or ensemble < 1:
+            raise UsageError(f"ensemble must be an integer >= 1 (noise draws per image), got {ensemble!r}.")
         images = self.check_images(images)
         if example_ids is None:
             example_ids = range(images.shape[0])
@@ -450,14 +582,36 @@ class DDAEBackbone:
         if len(example_ids) != images.shape[0]:
             raise UsageError(f"{len(example_ids)} example_ids for a batch of {images.shape[0]} images.")
 
-        results: dict[tuple[str, int], torch.Tensor] = {}
+        conditioning = self.conditioning
+        results: dict[tuple[str, NoiseLevel], torch.Tensor] = {}
         with torch.inference_mode(), _autocast(self.device, dtype):
             clean = self._encode(images).float()
-            noise = example_noise(clean.shape[1:], example_ids, seed)
-            for t in timesteps:
-                noisy, network_t = self.noise_axis.network_inputs(clean, noise, t)
-                captured = capture_activations(self.denoiser, noisy, network_t, layers, stop_after=layers[-1])
-                for layer in layers:
-                    results[layer, t] = pool_activation(captured[layer], pooling).float()
+            for draw in range(ensemble):
+                draw_seed = seed if draw == 0 else derive_seed(seed, _ENSEMBLE_STREAM, draw)
+                noise = example_noise(clean.shape[1:], example_ids, draw_seed)
+                for t in timesteps:
+                    noisy, network_t = self.noise_axis.network_inputs(clean, noise, t)
+                    captured = capture_activations(
+                        self.denoiser, noisy, network_t, layers, stop_after=layers[-1], conditioning=conditioning
+                    )
+                    for layer in layers:
+                        value = self._shape(captured[layer], pooling, clean.shape[-2:], images.shape[-2:], upsample)
+                        results[layer, t] = value if draw == 0 else results[layer, t] + value
+        if ensemble > 1:
+            results = {key: value / ensemble for key, value in results.items()}
         _check_finite_features(results, example_ids)
         return results
+
+    def _shape(
+        self, activation: torch.Tensor, pooling: Pooling, latent_hw: Sequence[int], image_hw: Sequence[int],
+        upsample: bool,
+    ) -> torch.Tensor:
+        """One block's output in the requested form, float32 (see :meth:`features`)."""
+        if pooling != "spatial":
+            return pool_activation(activation, pooling).float()
+        if activation.ndim == 3:
+            activation = tokens_to_map(activation, *self.family.token_grid(self.denoiser, *latent_hw))
+        activation = activation.float()
+        if upsample:
+            activation = F.interpolate(activation, size=tuple(image_hw), mode="bilinear", align_corners=False)
+        return activation

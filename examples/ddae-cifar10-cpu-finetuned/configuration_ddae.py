@@ -8,10 +8,10 @@ from diffusers import DDPMScheduler, EDMEulerScheduler, SchedulerMixin
 from transformers import PreTrainedConfig
 
 from .errors import UsageError
-from .families import FAMILIES
+from .families import UNCONDITIONAL
 from .noise import noise_axis
 
-BACKBONE_CLASSES = tuple(FAMILIES)  # "UNet2DModel", "DiTTransformer2DModel"
+BACKBONE_CLASSES = UNCONDITIONAL  # "UNet2DModel", "DiTTransformer2DModel"
 NOISE_POLICIES = ("fixed", "random", "none")
 OBJECTIVES = ("ddpm", "edm")
 HEAD_NORMS = ("batchnorm", "layernorm", None)

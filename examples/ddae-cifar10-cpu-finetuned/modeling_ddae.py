@@ -39,9 +39,9 @@ from .capture import (
 )
 from .configuration_ddae import DDAEConfig
 from .errors import UsageError
-from .families import family_named
+from .families import UNCONDITIONAL, family_named
 from .image_processing_ddae import DDAEImageProcessor
-from .noise import NoiseLevel, is_edm_scheduler, noise_axis
+from .noise import DDPMNoise, NoiseAxis, NoiseLevel, is_edm_scheduler, noise_axis
 
 try:  # absolute and guarded: a Hub copy of this file (trust_remote_code) runs without the package's helpers
     from ddae_diffusers.hub import create_hub_repo, push_folder
@@ -223,12 +223,17 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
             check_denoiser(model_or_path)
             backbone = DDAEBackbone(model_or_path)
         denoiser, vae = backbone.denoiser, backbone.vae
+        if backbone.family.conditional:
+            raise UsageError(
+                f"DDAEForImageClassification supports unconditional denoisers ({', '.join(UNCONDITIONAL)}); a "
+                f"{backbone.family.name} is text-conditioned: use DDAEBackbone.features or ddae-probe for it."
+            )
         check_input_channels(denoiser, vae)
         layer = backbone.check_layers([layer])[0]
         if timestep is None:
             timestep = backbone.noise_axis.default_probe_level()
         timestep = backbone.check_timesteps([timestep])[0]
-        schedule = _schedule_kwargs(backbone.scheduler, timestep)
+        schedule = _schedule_kwargs(backbone.noise_axis, timestep)
         if id2label is not None:
             id2label = {int(k): str(v) for k, v in id2label.items()}
             num_labels = num_labels or len(id2label)
@@ -505,12 +510,19 @@ def load_unpruned(target: nn.Module, source: nn.Module, pruned: list[str]) -> No
     target.load_state_dict(state, strict=True)
 
 
-def _schedule_kwargs(scheduler, timestep: NoiseLevel) -> dict[str, Any]:
+def _schedule_kwargs(axis: NoiseAxis, timestep: NoiseLevel) -> dict[str, Any]:
     """The config's noise settings: EDM's sigma range and ``sigma_data``, or the ``DDPMScheduler`` settings whose
-    ``add_noise`` at ``timestep`` equals ``scheduler``'s (clear error if none)."""
+    ``add_noise`` at ``timestep`` equals the backbone's (clear error if none)."""
+    scheduler = axis.scheduler
     config = scheduler.config
     if is_edm_scheduler(scheduler):  # features need c_in and c_noise only: the sigma range and sigma_data
         return {"objective": "edm", **{key: float(config[key]) for key in ("sigma_min", "sigma_max", "sigma_data")}}
+    if not isinstance(axis, DDPMNoise):
+        raise UsageError(
+            "DDAEForImageClassification supports DDPM and EDM noise; this model is noised by "
+            f"{type(scheduler).__name__} ({axis.objective}): use DDAEBackbone.features for it."
+        )
+    scheduler = axis.noiser
     kwargs = {
         key: config[key]
         for key in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
@@ -522,14 +534,10 @@ def _schedule_kwargs(scheduler, timestep: NoiseLevel) -> dict[str, Any]:
     sample = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
     t = torch.full((2,), timestep, dtype=torch.long)
-    try:
-        same = torch.allclose(scheduler.add_noise(sample, noise, t), rebuilt.add_noise(sample, noise, t), atol=1e-5)
-    except Exception:  # schedulers whose add_noise needs set_timesteps() first, or other index conventions
-        same = False
-    if not same:
+    if not torch.allclose(scheduler.add_noise(sample, noise, t), rebuilt.add_noise(sample, noise, t), atol=1e-5):
         raise UsageError(
-            f"The {type(scheduler).__name__} of this model does not noise like a DDPMScheduler with {kwargs}: "
-            "DDAEForImageClassification supports DDPM-style variance-preserving schedules (DDPM, DDIM, PNDM...)."
+            f"The noise schedule of this model is not that of a DDPMScheduler with {kwargs} (other settings of "
+            f"{type(axis.scheduler).__name__} change the betas): DDAEForImageClassification stores only these."
         )
     return kwargs
 

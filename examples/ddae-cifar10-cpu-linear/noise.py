@@ -1,13 +1,19 @@
-"""One noise axis for DDPM and EDM models: how a clean input is noised at a level in the model's own units.
+"""One noise axis for DDPM, EDM and flow-matching models: how a clean input is noised at a level in the model's
+own units.
 
 * **DDPM** (variance preserving, any scheduler with ``alphas_cumprod``): the level is a diffusers timestep
   index ``t`` (an ``int``, 0..T-1). The network sees ``scheduler.add_noise(x0, eps, t)`` and ``t``.
 * **EDM** (Karras et al. 2022; ``EDMEulerScheduler``, ``EDMDPMSolverMultistepScheduler``): the level is
   ``sigma`` (a ``float``). The network sees ``c_in(sigma) * (x0 + sigma * eps)`` and ``c_noise(sigma)``,
   through the scheduler's own ``precondition_inputs`` / ``precondition_noise``.
+* **Flow matching** (SD3, Flux; ``FlowMatchEulerDiscreteScheduler``): the level is ``sigma`` in (0, 1) (a
+  ``float``). The network sees ``(1 - sigma) x0 + sigma * eps`` from the scheduler's own ``scale_noise`` (without
+  the sampling schedule's shift, so the level is the sigma the network sees) and the timestep
+  ``sigma * num_train_timesteps``.
 
-Both report the variance-exploding equivalent ``sigma`` of a level (DDPM: ``sqrt((1 - a) / a)`` with
-``a = alphas_cumprod[t]``) and its log-SNR ``-2 ln sigma``, so DDPM and EDM grids line up on one axis.
+All report the variance-exploding equivalent ``sigma`` of a level (DDPM: ``sqrt((1 - a) / a)`` with
+``a = alphas_cumprod[t]``; flow matching: ``sigma / (1 - sigma)``) and its log-SNR ``-2 ln sigma``, so the
+grids of all three line up on one axis.
 The DDAE paper's EDM noise levels are those of the 18-step EDM sampling schedule counted from the clean
 end (index 0 is sigma 0): :meth:`EDMNoise.sigma_at_index` turns such an index into a sigma.
 """
@@ -30,12 +36,21 @@ DEFAULT_DDPM_LEVELS = (0, 10, 25, 50, 100, 200, 400)
 DEFAULT_EDM_INDICES = (2, 3, 4, 5, 6, 7, 8)  # sigma 0.0075 .. 1.09, about the VE range of DDPM t = 0 .. 200
 DEFAULT_DDPM_PROBE_LEVEL = 10  # the paper's t=11
 DEFAULT_EDM_PROBE_INDEX = 4  # sigma ~ 0.06, the official code's default
+# Flow matching: VE sigma 0.02 .. 1, about the VE range of DDPM t = 0 .. 200; the probe level's VE sigma is 0.053,
+# that of DDPM t=10 on a linear schedule is 0.047.
+DEFAULT_FLOW_LEVELS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
+DEFAULT_FLOW_PROBE_LEVEL = 0.05
 
 
 def is_edm_scheduler(scheduler: object) -> bool:
     """True for diffusers' EDM schedulers (they precondition inputs, noise levels and outputs)."""
     return all(hasattr(scheduler, name) for name in ("precondition_inputs", "precondition_noise",
                                                       "precondition_outputs"))
+
+
+def is_flow_scheduler(scheduler: object) -> bool:
+    """True for diffusers' flow-matching schedulers (``scale_noise`` mixes clean input and noise linearly)."""
+    return hasattr(scheduler, "scale_noise") and not hasattr(scheduler, "alphas_cumprod")
 
 
 def is_integer_level(level: object) -> bool:
@@ -116,11 +131,21 @@ class NoiseAxis:
 
 
 class DDPMNoise(NoiseAxis):
-    """Variance-preserving noise at diffusers timestep indices (DDPM, DDIM, PNDM... schedulers)."""
+    """Variance-preserving noise at diffusers timestep indices (DDPM, DDIM, PNDM, DPM-Solver, Euler... schedulers).
+
+    Inputs are noised by a ``DDPMScheduler`` built from the scheduler's config (the same betas): its ``add_noise``
+    works at any timestep, whereas samplers such as DPM-Solver or Euler noise on their own sampling schedule
+    (Euler even in variance-exploding form)."""
 
     objective = "ddpm"
     unit = "t"
     example = "timesteps=[10] (the DDAE paper's t=11 is diffusers t=10)"
+
+    def __init__(self, scheduler):
+        from diffusers import DDPMScheduler
+
+        super().__init__(scheduler)
+        self.noiser = scheduler if type(scheduler) is DDPMScheduler else DDPMScheduler.from_config(scheduler.config)
 
     @property
     def num_train_timesteps(self) -> int:
@@ -144,10 +169,10 @@ class DDPMNoise(NoiseAxis):
         t = torch.full((clean.shape[0],), int(level), dtype=torch.long, device=clean.device)
         if noise is None:
             return clean, t
-        return self.scheduler.add_noise(clean, noise.to(clean.device, clean.dtype), t), t
+        return self.noiser.add_noise(clean, noise.to(clean.device, clean.dtype), t), t
 
     def ve_sigma(self, level) -> float:
-        alpha = float(self.scheduler.alphas_cumprod[int(level)])
+        alpha = float(self.noiser.alphas_cumprod[int(level)])
         return math.sqrt((1.0 - alpha) / alpha)
 
     def default_levels(self) -> list[int]:
@@ -226,14 +251,77 @@ class EDMNoise(NoiseAxis):
         return (torch.randn(batch_size, generator=generator) * self.P_STD + self.P_MEAN).exp().to(device)
 
 
+class FlowMatchNoise(NoiseAxis):
+    """Flow-matching noise at sigma in (0, 1): ``(1 - sigma) x0 + sigma eps`` (SD3, Flux).
+
+    Noising goes through the scheduler's own ``scale_noise``, on an unshifted copy of it set to the one sigma
+    (``shift`` and dynamic shifting only reshape the sampling schedule, not what a level means)."""
+
+    objective = "flow"
+    unit = "sigma"
+    example = "timesteps=[0.05] (a flow-matching sigma in (0, 1))"
+
+    def __init__(self, scheduler):
+        super().__init__(scheduler)
+        self._at_level: dict[float, object] = {}
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler.config.num_train_timesteps)
+
+    def _check(self, level) -> float:
+        if is_integer_level(level):
+            raise UsageError(
+                f"Noise level {level!r} is an integer, but this is a flow-matching model: its levels are sigmas "
+                "(floats) in (0, 1), e.g. 0.05. DDPM timesteps do not apply."
+            )
+        if not isinstance(level, (float, np.floating)) or not 0.0 < level < 1.0:
+            raise UsageError(f"Flow-matching sigma {level!r} must be a float in (0, 1) (0 is clean, 1 pure noise).")
+        return float(level)
+
+    def _scheduler_at(self, level: float):
+        """A copy of the scheduler whose one step is ``level`` (no shift): its ``timesteps[0]`` is the network's."""
+        if level not in self._at_level:
+            unshifted = type(self.scheduler).from_config(
+                self.scheduler.config, shift=1.0, use_dynamic_shifting=False, shift_terminal=None,
+                use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False,
+            )
+            unshifted.set_timesteps(sigmas=[level])
+            self._at_level[level] = unshifted
+        return self._at_level[level]
+
+    def network_inputs(self, clean, noise, level):
+        scheduler = self._scheduler_at(float(level))
+        t = scheduler.timesteps[:1].to(clean.device).expand(clean.shape[0])
+        if noise is None:
+            return clean, t
+        return scheduler.scale_noise(clean, t, noise.to(clean.device, clean.dtype)), t
+
+    def ve_sigma(self, level) -> float:
+        return float(level) / (1.0 - float(level))
+
+    def default_levels(self) -> list[float]:
+        return list(DEFAULT_FLOW_LEVELS)
+
+    def default_probe_level(self) -> float:
+        return DEFAULT_FLOW_PROBE_LEVEL
+
+    def draw_training_levels(self, batch_size, device, generator=None):
+        raise UsageError("Training flow-matching models is not supported: train with --objective ddpm or edm.")
+
+
 def noise_axis(scheduler) -> NoiseAxis:
-    """The noise axis of a diffusers scheduler: EDM for EDM schedulers, DDPM for those with ``alphas_cumprod``."""
+    """The noise axis of a diffusers scheduler: EDM for EDM schedulers, flow matching for ``scale_noise``
+    schedulers, DDPM for those with ``alphas_cumprod``."""
     if is_edm_scheduler(scheduler):
         return EDMNoise(scheduler)
+    if is_flow_scheduler(scheduler):
+        return FlowMatchNoise(scheduler)
     if hasattr(scheduler, "alphas_cumprod") and hasattr(scheduler, "add_noise"):
         return DDPMNoise(scheduler)
     raise UsageTypeError(
         f"{type(scheduler).__name__} defines no beta schedule (alphas_cumprod) and no EDM preconditioning, so "
-        "DDAE inputs cannot be noised with it: use a DDPM-style scheduler (DDPMScheduler, DDIMScheduler, ...) or an "
-        "EDM scheduler (EDMEulerScheduler, EDMDPMSolverMultistepScheduler)."
+        "DDAE inputs cannot be noised with it: use a DDPM-style scheduler (DDPMScheduler, DDIMScheduler, ...), an "
+        "EDM scheduler (EDMEulerScheduler, EDMDPMSolverMultistepScheduler) or a flow-matching one "
+        "(FlowMatchEulerDiscreteScheduler)."
     )
