@@ -221,6 +221,10 @@ def test_offloaded_and_bf16_conditional_models(layouts):
     torch.testing.assert_close(backbone.features(x, [layer], [10])[layer, 10], plain, rtol=1e-5, atol=1e-6)
     half = backbone.features(x, [layer], [10], dtype=torch.bfloat16)[layer, 10]
     assert half.dtype == torch.float32 and torch.allclose(half, plain, rtol=0.1, atol=0.1)
+    pipe = DDAEPipeline.from_pretrained(layouts["sd15"])
+    pipe.enable_model_cpu_offload(device="cpu")  # accelerate's hooks move each model in and out for its forward
+    offloaded = pipe.extract_features(x, [layer], [10])[layer, 10]
+    torch.testing.assert_close(offloaded, plain, rtol=1e-5, atol=1e-6)
 
 
 def readme_snippet() -> str:
