@@ -386,3 +386,32 @@ def test_two_process_run_equals_single_process(probe_run, tiny_unet_pipeline_dir
     distributed = json.loads((tmp_path / "results.json").read_text())
     assert distributed["num_processes"] == 2
     assert distributed["cells"] == single["cells"]
+
+
+def test_train_view_zero_is_clean_and_extra_views_are_augmented(tiny_unet_pipeline_dir, tmp_path):
+    from ddae_diffusers.probing.engine import train_views
+
+    config = ProbeConfig(model=tiny_unet_pipeline_dir, dataset=CIFAR10_SAMPLE, output_dir=str(tmp_path / "k3"),
+                         max_train_samples=60, max_eval_samples=30, layers=LAYERS[:1], timesteps=[10], epochs=2,
+                         lrs=[0.01], train_views=3, pixel_baseline=True)
+    assert train_views(config) == [View(0, 0, False), View(0, 1, True), View(0, 2, True)]
+    results = run_probe(config, progress=False)
+    assert [(v["split"], v["index"], v["images"]) for v in results.views] == [
+        ("test", 0, "clean"), ("train", 0, "clean"),
+        ("train", 1, "random crop (4-pixel padding) + horizontal flip"),
+        ("train", 2, "random crop (4-pixel padding) + horizontal flip"),
+    ]  # fmt: skip
+    assert "## Views" in (tmp_path / "k3" / "results.md").read_text()
+    # view 0's cached features are those of the clean train images, with the view's fixed noise
+    backbone = DDAEBackbone.from_pretrained(tiny_unet_pipeline_dir)
+    train = datasets.load_dataset(CIFAR10_SAMPLE, split="train").select(range(60))
+    cache = FeatureCache(str(tmp_path / "k3" / "feature_cache"), backbone, LAYERS[:1], [10], 16, seed=0)
+    cached = cache.extract(train, "train", "img", View(0, 0, False), batch_size=60, progress=False)[LAYERS[0], 10]
+    clean = backbone.features(images_to_tensor(train["img"], 16), LAYERS[:1], [10],
+                              seed=View(0, 0, False).noise_seed(0))[LAYERS[0], 10]
+    torch.testing.assert_close(cached.float(), clean, rtol=1e-3, atol=1e-3)  # fp16 cache
+    # augmentation off: extra views differ from view 0 by their noise only
+    off = ProbeConfig(**{**config.__dict__, "train_augment": "none", "output_dir": str(tmp_path / "off")})
+    assert train_views(off) == [View(0, 0, False), View(0, 1, False), View(0, 2, False)]
+    with pytest.raises(ValueError, match="--train_augment must be one of"):
+        run_probe(ProbeConfig(**{**config.__dict__, "train_augment": "mixup"}), progress=False)

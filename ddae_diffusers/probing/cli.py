@@ -23,7 +23,7 @@ from ..families import UNCONDITIONAL
 from ..hub import create_hub_repo
 from ..loading import check_source, inspect_source
 from ..noise import DEFAULT_EDM_INDICES, EDM_INDEX_STEPS, noise_level
-from .engine import DEFAULT_TIMESTEPS, DTYPES, PROTOCOLS, RECIPES, ProbeConfig, prepare, run_probe
+from .engine import DEFAULT_TIMESTEPS, DTYPES, PROTOCOLS, RECIPES, TRAIN_AUGMENTS, ProbeConfig, prepare, run_probe
 from .heads import ProbeRecipe
 from .publish import check_cell_in_grid, parse_push_cell, publish_probe
 
@@ -63,7 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--batch_size", type=int, default=64, help="Extraction batch size.")
     add("--output_dir", required=True)
     add("--cache_dir", default=None, help="Feature cache (default: <output_dir>/feature_cache).")
-    add("--train_views", type=int, default=1, help="Augmented (crop + flip, fresh noise) views of the train set.")
+    add("--train_views", type=int, default=1,
+        help="Views of the train set: view 0 is the clean images (as the test set), views 1.. are augmented with "
+             "--train_augment and fresh noise.")
+    add("--train_augment", choices=TRAIN_AUGMENTS, default="crop_flip",
+        help="Augmentation of train views 1..K-1: 'crop_flip' (4-pixel padded random crop + horizontal flip) or "
+             "'none' (fresh noise only).")
     add("--lrs", nargs="+", type=float, default=list(ProbeRecipe().lrs), help="Head learning rates to sweep.")
     add("--epochs", type=int, default=ProbeRecipe().epochs, help="Head training epochs over the cached features.")
     add("--head_batch_size", type=int, default=ProbeRecipe().batch_size)
@@ -148,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     if results is not None:
         best = results["best"]
         print(
-            f"best cell (on validation): {best['layer']} @ {'sigma' if results.objective == 'edm' else 't'}="
+            f"best cell (on validation): {best['layer']} @ {'t' if results.objective == 'ddpm' else 'sigma'}="
             f"{best['timestep']}: linear "
             f"{100 * best['linear_acc']:.2f}%, kNN {100 * best['knn_acc']:.2f}% -> {args.output_dir}/results.md"
         )

@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_TIMESTEPS = DEFAULT_DDPM_LEVELS  # the DDPM grid; EDM models default to EDMNoise.default_levels()
 PROTOCOLS = ("cached", "online")
 RECIPES = ("converge", "paper")
+TRAIN_AUGMENTS = ("crop_flip", "none")
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -56,7 +57,8 @@ class ProbeConfig:
     sigma_index: list[int] | None = None  # EDM: levels as indices of the 18-step schedule (DDAE paper: 3, 4, 5)
     resolution: int | None = None  # default: the model's sample size
     batch_size: int = 64
-    train_views: int = 1
+    train_views: int = 1  # view 0: the clean images; views 1..: augmented with train_augment, fresh noise
+    train_augment: str = "crop_flip"
     lrs: list[float] = field(default_factory=lambda: list(ProbeRecipe().lrs))
     epochs: int = ProbeRecipe().epochs
     head_batch_size: int = ProbeRecipe().batch_size
@@ -74,6 +76,27 @@ class ProbeConfig:
         if self.recipe == "paper" or self.protocol == "online":
             return PAPER_RECIPE
         return ProbeRecipe(tuple(self.lrs), self.epochs, self.head_batch_size, self.normalization)
+
+
+def train_views(config: ProbeConfig) -> list[View]:
+    """The passes over the train split: view 0 is the clean images with their fixed noise (as the test split is
+    seen), views 1..K-1 are augmented (``train_augment``) with fresh noise."""
+    augment = config.train_augment == "crop_flip"
+    return [View(0, 0, False)] + [View(0, k, augment) for k in range(1, config.train_views)]
+
+
+def describe_views(config: ProbeConfig) -> list[dict]:
+    """``results.json["views"]``: what each view of the run was."""
+    crop_flip = "random crop (4-pixel padding) + horizontal flip"
+    rows = [{"split": config.eval_split, "index": 0, "images": "clean", "noise": "fixed per example"}]
+    if config.protocol == "online":
+        return rows + [{"split": config.train_split, "index": "epoch", "images": crop_flip,
+                        "noise": "fresh every epoch"}]
+    for view in train_views(config):
+        rows.append({"split": config.train_split, "index": view.index,
+                     "images": crop_flip if view.augment else "clean",
+                     "noise": "fixed per example" if view.index == 0 else "fresh (another draw per view)"})
+    return rows
 
 
 def default_layers(backbone: DDAEBackbone) -> list[str]:
@@ -143,6 +166,8 @@ def prepare(config: ProbeConfig, backbone: DDAEBackbone | None = None) -> Prepar
         raise UsageError(f"--dtype must be one of {list(DTYPES)}, got {config.dtype!r}.")
     if config.train_views < 1 or config.batch_size < 1:
         raise UsageError("--train_views and --batch_size must be >= 1.")
+    if config.train_augment not in TRAIN_AUGMENTS:
+        raise UsageError(f"--train_augment must be one of {TRAIN_AUGMENTS}, got {config.train_augment!r}.")
     if config.pixel_baseline and config.protocol != "cached":
         raise UsageError("--pixel_baseline runs with --protocol cached; drop one of the two.")
     if config.seed < 0:
@@ -266,7 +291,7 @@ def _pixel_baseline(prep: Prepared, recipe: ProbeRecipe, progress: bool) -> dict
         return {"pixels": pixel_features(dataset, prep.image_column, view, prep.resolution, config.seed,
                                          progress=progress)}
 
-    views = [pixels(prep.train, View(0, k, True)) for k in range(config.train_views)]
+    views = [pixels(prep.train, view) for view in train_views(config)]
     eval_x = pixels(prep.eval, EVAL_VIEW)["pixels"]
     fits, knn_bank, knn_labels = _fit_heads(prep, views, recipe)
     return _score(fits["pixels"], knn_bank["pixels"], knn_labels, eval_x, prep.eval_labels)
@@ -312,8 +337,8 @@ def run_probe(
         clock.lap("online_train")
     else:
         views = [
-            cache.extract(prep.train, config.train_split, prep.image_column, View(0, k, True), **extract)
-            for k in range(config.train_views)
+            cache.extract(prep.train, config.train_split, prep.image_column, view, **extract)
+            for view in train_views(config)
         ]
         clock.lap("extract_train")
         if is_main:
@@ -363,6 +388,7 @@ def run_probe(
         timesteps=prep.timesteps,
         objective=backbone.objective,
         noise_levels=[backbone.noise_axis.describe(t) for t in prep.timesteps],
+        views=describe_views(config),
         random_init=config.random_init,
         cells=cells,
         best=best,

@@ -113,7 +113,7 @@ def train_online(
     val_rows = list(val_rows)
     for start in range(0, len(val_rows), recipe.batch_size):
         ids = val_rows[start : start + recipe.batch_size]
-        for key, value in sharded_features(backbone, dataset, image_column, ids, View(0, 0, True), **common).items():
+        for key, value in sharded_features(backbone, dataset, image_column, ids, View(0, 0, False), **common).items():
             val_features.setdefault(key, []).append(value)
     val_features = {key: torch.cat(values) for key, values in val_features.items()}
     fits = select_heads(bank, {}, val_features, labels[val_rows])

@@ -80,8 +80,8 @@ def _row(name: str, t, c: dict) -> str:
 
 
 def level_unit(results: dict) -> str:
-    """The name of the noise level in a probe's cells: ``t`` (DDPM timestep index) or ``sigma`` (EDM)."""
-    return "sigma" if results.get("objective") == "edm" else "t"
+    """The name of the noise level in a probe's cells: ``t`` (DDPM timestep index) or ``sigma`` (EDM, flow)."""
+    return "t" if results.get("objective", "ddpm") == "ddpm" else "sigma"
 
 
 def noise_axis_table(results: dict) -> list[str]:
@@ -103,6 +103,16 @@ def noise_axis_table(results: dict) -> list[str]:
     return lines + [""]
 
 
+def views_lines(results: dict) -> list[str]:
+    """What each pass over the data was: clean or augmented, and its noise (lines of markdown)."""
+    views = results.get("views") or []
+    if not views:
+        return []
+    lines = ["## Views", "", "| split | view | images | noise |", "|---|---|---|---|"]
+    lines += [f"| {v['split']} | {v['index']} | {v['images']} | {v['noise']} |" for v in views]
+    return lines + [""]
+
+
 def markdown_table(results: dict) -> str:
     """``results.md``: the run's settings, the noise axis, the best cell per part, the baselines and every cell."""
     cells = sorted(results["cells"], key=lambda c: (-c["val_acc"], -c["linear_acc"]))
@@ -119,6 +129,7 @@ def markdown_table(results: dict) -> str:
         f"seed {results['seed']}. Best cell (chosen on validation): **{best['layer']} @ {unit}={best['timestep']}**, "
         f"linear {100 * best['linear_acc']:.2f}%, kNN {100 * best['knn_acc']:.2f}%.",
         "",
+        *views_lines(results),
         *noise_axis_table(results),
     ]
     parts = best_per_part(results["cells"])

@@ -108,6 +108,8 @@ class ProbeResult:
     objective: str = "ddpm"  # how the model noises its inputs: "ddpm" or "edm"
     # each level on the shared axis: {"level", "ve_sigma", "log_snr"} (noise.NoiseAxis.describe)
     noise_levels: list[dict] = field(default_factory=list)
+    # each pass over the data: {"split", "index", "images" (clean or the augmentation), "noise"}
+    views: list[dict] = field(default_factory=list)
 
     # ------------------------------------------------------------------ files
     @staticmethod
