@@ -415,3 +415,26 @@ def test_train_view_zero_is_clean_and_extra_views_are_augmented(tiny_unet_pipeli
     assert train_views(off) == [View(0, 0, False), View(0, 1, False), View(0, 2, False)]
     with pytest.raises(ValueError, match="--train_augment must be one of"):
         run_probe(ProbeConfig(**{**config.__dict__, "train_augment": "mixup"}), progress=False)
+
+
+def test_fused_probes_concatenate_cells_and_are_chosen_on_validation(tiny_unet_pipeline_dir, tmp_path):
+    from ddae_diffusers.probing.fused import fused_candidates
+
+    results = probe_main(["--model", tiny_unet_pipeline_dir, "--output_dir", str(tmp_path), *PROBE_ARGS,
+                          "--fused_probes"])  # fmt: skip
+    cells = results.cells
+    candidates = fused_candidates(cells)
+    ranked = sorted(cells, key=lambda c: (-c.val_acc, -c.linear_acc))
+    assert candidates["top2"] == [(c.layer, c.timestep) for c in ranked[:2]]
+    assert set(candidates) == {"top2", "top3", "top5", f"{ranked[0].layer}@all", f"all@{ranked[0].timestep}"}
+    fused = results.fused
+    assert [f["name"] for f in fused] and fused == sorted(fused, key=lambda f: (-f["val_acc"], -f["linear_acc"]))
+    dims = {c.key: c.feature_dim for c in cells}
+    for entry in fused:
+        assert entry["feature_dim"] == sum(dims[key] for key in entry["cells"])
+        assert 0 <= entry["linear_acc"] <= 1 and entry["lr"] in (0.001, 0.01)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["fused"] == fused and "## Fused probes" in (tmp_path / "results.md").read_text()
+    with pytest.raises(ValueError, match="--fused_probes runs on the feature cache"):
+        probe_main(["--model", tiny_unet_pipeline_dir, "--output_dir", str(tmp_path / "x"), *PROBE_ARGS,
+                    "--fused_probes", "--protocol", "online"])  # fmt: skip

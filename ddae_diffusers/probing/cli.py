@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--seed", type=int, default=0)
     add("--random_init", action="store_true",
         help="Baseline: probe the same architecture with freshly initialised weights (seeded by --seed).")
+    add("--fused_probes", action="store_true",
+        help="Also train heads on concatenations of cells (the top 2/3/5 on validation, the best layer at every "
+             "level, every layer at the best level), chosen on validation; results.md compares them with the best "
+             "single cell.")
     add("--pixel_baseline", action="store_true",
         help="Baseline: also probe the flattened raw pixels (same views, rows and heads) and report them.")
     hub = parser.add_argument_group("publishing (the flags of the diffusers and transformers example scripts)")

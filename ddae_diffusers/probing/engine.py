@@ -26,6 +26,7 @@ from ..io_utils import check_writable_dir
 from ..noise import DEFAULT_DDPM_LEVELS, EDMNoise, NoiseLevel
 from .baselines import pixel_features, random_init
 from .cache import EVAL_VIEW, FeatureCache, View
+from .fused import concatenate, fused_candidates, fused_entry
 from .heads import PAPER_RECIPE, ProbeRecipe, choose_lr, train_heads
 from .knn import knn_accuracy
 from .result import ProbeCell, ProbeResult
@@ -71,6 +72,7 @@ class ProbeConfig:
     random_init: bool = False  # baseline: the same architecture, freshly initialised with `seed`
     pixel_baseline: bool = False  # baseline: also probe the flattened raw pixels
     prompt: str | None = None  # text-conditioned models: the prompt (default: the empty prompt)
+    fused_probes: bool = False  # also heads on concatenations of cells (fused.py), chosen on validation
 
     def probe_recipe(self) -> ProbeRecipe:
         if self.recipe == "paper" or self.protocol == "online":
@@ -170,6 +172,8 @@ def prepare(config: ProbeConfig, backbone: DDAEBackbone | None = None) -> Prepar
         raise UsageError(f"--train_augment must be one of {TRAIN_AUGMENTS}, got {config.train_augment!r}.")
     if config.pixel_baseline and config.protocol != "cached":
         raise UsageError("--pixel_baseline runs with --protocol cached; drop one of the two.")
+    if config.fused_probes and config.protocol != "cached":
+        raise UsageError("--fused_probes runs on the feature cache (--protocol cached); drop one of the two.")
     if config.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {config.seed}.")
     if not 0 < config.val_fraction < 1:
@@ -283,6 +287,20 @@ def _fit_heads(prep: Prepared, views: list[dict], recipe: ProbeRecipe) -> tuple[
     return fits, _rows(views[0], prep.fit_rows), prep.train_labels[prep.fit_rows]
 
 
+def _fused_probes(prep: Prepared, views: list[dict], eval_features: dict, cells: list[ProbeCell],
+                  recipe: ProbeRecipe) -> list[dict]:
+    """Heads and kNN on concatenations of cells (see ``fused.py``), one entry each, best on validation first."""
+    candidates = fused_candidates(cells)
+    fused_views = [concatenate(view, candidates) for view in views]
+    fits, knn_bank, knn_labels = _fit_heads(prep, fused_views, recipe)
+    eval_x = concatenate(eval_features, candidates)
+    entries = [
+        fused_entry(name, keys, _score(fits[name], knn_bank[name], knn_labels, eval_x[name], prep.eval_labels))
+        for name, keys in candidates.items()
+    ]
+    return sorted(entries, key=lambda e: (-e["val_acc"], -e["linear_acc"]))
+
+
 def _pixel_baseline(prep: Prepared, recipe: ProbeRecipe, progress: bool) -> dict:
     """The grid's heads and kNN on flattened raw pixels of the same views and rows."""
     config = prep.config
@@ -356,6 +374,10 @@ def run_probe(
     ]
     best = cells[choose_lr([cell.val_acc for cell in cells])]
     clock.lap("score")
+    fused = []
+    if config.fused_probes:
+        fused = _fused_probes(prep, views, eval_features, cells, recipe)
+        clock.lap("fused")
     baselines = {}
     if config.pixel_baseline:
         baselines["pixels"] = _pixel_baseline(prep, recipe, progress)
@@ -389,6 +411,7 @@ def run_probe(
         objective=backbone.objective,
         noise_levels=[backbone.noise_axis.describe(t) for t in prep.timesteps],
         views=describe_views(config),
+        fused=fused,
         random_init=config.random_init,
         cells=cells,
         best=best,

@@ -139,7 +139,29 @@ def markdown_table(results: dict) -> str:
         lines += [_row(f"baseline: {name}", "-", c) for name, c in results.get("baselines", {}).items()]
         lines += ["", "## All cells", ""]
     lines += header + [_row(c["layer"], c["timestep"], c) for c in cells]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + fused_lines(results)) + "\n"
+
+
+def fused_lines(results: dict) -> list[str]:
+    """The fused probes' table, best on validation first, with the test gain over the best single cell."""
+    fused = results.get("fused") or []
+    if not fused:
+        return []
+    best = results["best"]
+    lines = [
+        "", "## Fused probes", "",
+        f"One head on the concatenated features of several cells, chosen on validation like a cell. Gain: test "
+        f"accuracy minus the best single cell's ({100 * best['linear_acc']:.2f}%).", "",
+        "| fusion | cells | dim | linear acc (%) | gain (points) | kNN acc (%) | val acc (%) | lr |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for f in fused:
+        gain = 100 * (f["linear_acc"] - best["linear_acc"])
+        lines.append(
+            f"| {f['name']} | {', '.join(f['cells'])} | {f['feature_dim']} | {100 * f['linear_acc']:.2f} | "
+            f"{gain:+.2f} | {100 * f['knn_acc']:.2f} | {100 * f['val_acc']:.2f} | {f['lr']:g} |"
+        )
+    return lines
 
 
 def heatmap(results: dict, metric: str, path: str, title: str, marked: tuple[str, int]) -> None:

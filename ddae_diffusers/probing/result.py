@@ -110,6 +110,8 @@ class ProbeResult:
     noise_levels: list[dict] = field(default_factory=list)
     # each pass over the data: {"split", "index", "images" (clean or the augmentation), "noise"}
     views: list[dict] = field(default_factory=list)
+    # fused probes (--fused_probes), best on validation first: {"name", "cells", "feature_dim", "linear_acc", ...}
+    fused: list[dict] = field(default_factory=list)
 
     # ------------------------------------------------------------------ files
     @staticmethod
