@@ -435,6 +435,10 @@ def test_fused_probes_concatenate_cells_and_are_chosen_on_validation(tiny_unet_p
         assert 0 <= entry["linear_acc"] <= 1 and entry["lr"] in (0.001, 0.01)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["fused"] == fused and "## Fused probes" in (tmp_path / "results.md").read_text()
+    mlp = probe_main(["--model", tiny_unet_pipeline_dir, "--output_dir", str(tmp_path / "mlp"), *PROBE_ARGS,
+                      "--fused_probes", "--fused_head", "mlp"])  # fmt: skip
+    assert [f["name"] for f in mlp.fused] and all(0 <= f["linear_acc"] <= 1 for f in mlp.fused)
+    assert "One mlp head" in (tmp_path / "mlp" / "results.md").read_text()
     with pytest.raises(ValueError, match="--fused_probes runs on the feature cache"):
         probe_main(["--model", tiny_unet_pipeline_dir, "--output_dir", str(tmp_path / "x"), *PROBE_ARGS,
                     "--fused_probes", "--protocol", "online"])  # fmt: skip

@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="Also train heads on concatenations of cells (the top 2/3/5 on validation, the best layer at every "
              "level, every layer at the best level), chosen on validation; results.md compares them with the best "
              "single cell.")
+    add("--fused_head", choices=["linear", "mlp"], default="linear",
+        help="Head of the fused probes: linear, or a small MLP (one hidden layer of 512, ReLU).")
     add("--pixel_baseline", action="store_true",
         help="Baseline: also probe the flattened raw pixels (same views, rows and heads) and report them.")
     hub = parser.add_argument_group("publishing (the flags of the diffusers and transformers example scripts)")

@@ -26,7 +26,7 @@ from ..io_utils import check_writable_dir
 from ..noise import DEFAULT_DDPM_LEVELS, EDMNoise, NoiseLevel
 from .baselines import pixel_features, random_init
 from .cache import EVAL_VIEW, FeatureCache, View
-from .fused import concatenate, fused_candidates, fused_entry
+from .fused import HEAD_KINDS, concatenate, fused_candidates, fused_entry, train_mlp_heads
 from .heads import PAPER_RECIPE, ProbeRecipe, choose_lr, train_heads
 from .knn import knn_accuracy
 from .result import ProbeCell, ProbeResult
@@ -73,6 +73,7 @@ class ProbeConfig:
     pixel_baseline: bool = False  # baseline: also probe the flattened raw pixels
     prompt: str | None = None  # text-conditioned models: the prompt (default: the empty prompt)
     fused_probes: bool = False  # also heads on concatenations of cells (fused.py), chosen on validation
+    fused_head: str = "linear"  # or "mlp": one hidden layer of 512
 
     def probe_recipe(self) -> ProbeRecipe:
         if self.recipe == "paper" or self.protocol == "online":
@@ -174,6 +175,8 @@ def prepare(config: ProbeConfig, backbone: DDAEBackbone | None = None) -> Prepar
         raise UsageError("--pixel_baseline runs with --protocol cached; drop one of the two.")
     if config.fused_probes and config.protocol != "cached":
         raise UsageError("--fused_probes runs on the feature cache (--protocol cached); drop one of the two.")
+    if config.fused_head not in HEAD_KINDS:
+        raise UsageError(f"--fused_head must be one of {HEAD_KINDS}, got {config.fused_head!r}.")
     if config.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {config.seed}.")
     if not 0 < config.val_fraction < 1:
@@ -275,15 +278,18 @@ def _score(fit, knn_bank: torch.Tensor, knn_labels: torch.Tensor, eval_x: torch.
     }
 
 
-def _fit_heads(prep: Prepared, views: list[dict], recipe: ProbeRecipe) -> tuple[dict, dict, torch.Tensor]:
+def _fit_heads(
+    prep: Prepared, views: list[dict], recipe: ProbeRecipe, trainer: Callable = train_heads
+) -> tuple[dict, dict, torch.Tensor]:
     """Heads of every cell on the fit rows of all train views (lr chosen on their validation rows);
-    also the kNN bank (fit rows of the first view) and its labels."""
+    also the kNN bank (fit rows of the first view) and its labels. ``trainer``: ``train_heads`` (linear) or
+    ``fused.train_mlp_heads``."""
     keys = list(views[0])
     fit_x = {key: torch.cat([_rows(v, prep.fit_rows)[key] for v in views]) for key in keys}
     val_x = {key: torch.cat([_rows(v, prep.val_rows)[key] for v in views]) for key in keys}
     fit_y = prep.train_labels[prep.fit_rows].repeat(len(views))
     val_y = prep.train_labels[prep.val_rows].repeat(len(views))
-    fits = train_heads(fit_x, fit_y, prep.num_labels, recipe, val_x, val_y, seed=prep.config.seed)
+    fits = trainer(fit_x, fit_y, prep.num_labels, recipe, val_x, val_y, seed=prep.config.seed)
     return fits, _rows(views[0], prep.fit_rows), prep.train_labels[prep.fit_rows]
 
 
@@ -292,7 +298,8 @@ def _fused_probes(prep: Prepared, views: list[dict], eval_features: dict, cells:
     """Heads and kNN on concatenations of cells (see ``fused.py``), one entry each, best on validation first."""
     candidates = fused_candidates(cells)
     fused_views = [concatenate(view, candidates) for view in views]
-    fits, knn_bank, knn_labels = _fit_heads(prep, fused_views, recipe)
+    trainer = train_mlp_heads if prep.config.fused_head == "mlp" else train_heads
+    fits, knn_bank, knn_labels = _fit_heads(prep, fused_views, recipe, trainer)
     eval_x = concatenate(eval_features, candidates)
     entries = [
         fused_entry(name, keys, _score(fits[name], knn_bank[name], knn_labels, eval_x[name], prep.eval_labels))

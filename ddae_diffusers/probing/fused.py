@@ -9,14 +9,19 @@ single cell, and its test accuracy is compared with the best single cell's.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..noise import NoiseLevel
+from .heads import CellFit, ProbeRecipe, accuracy, choose_lr, feature_stats, minibatches, single_thread, standardize
 from .result import ProbeCell, cell_key
 
 Key = tuple[str, NoiseLevel]
 TOP_KS = (2, 3, 5)
+HEAD_KINDS = ("linear", "mlp")
+MLP_HIDDEN = 512
 
 
 def fused_candidates(cells: Sequence[ProbeCell], top_ks: Sequence[int] = TOP_KS) -> dict[str, list[Key]]:
@@ -41,4 +46,63 @@ def fused_entry(name: str, keys: Sequence[Key], score: dict) -> dict:
     return {"name": name, "cells": [cell_key(layer, t) for layer, t in keys], **score}
 
 
-__all__ = ["TOP_KS", "fused_candidates", "concatenate", "fused_entry"]
+@dataclass
+class MLPHead:
+    """``logits = W2 relu(W1 standardize(x) + b1) + b2``; shapes W1 (H, D), W2 (C, H)."""
+
+    net: torch.nn.Sequential
+    mean: torch.Tensor
+    var: torch.Tensor
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, D) raw features -> (N, C) logits."""
+        return self.net(standardize(x, self.mean, self.var))
+
+    def accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        return accuracy(self.logits(x).argmax(1), y)
+
+
+def train_mlp_heads(
+    train_features: Mapping[str, torch.Tensor],
+    train_labels: torch.Tensor,
+    num_classes: int,
+    recipe: ProbeRecipe,
+    val_features: Mapping[str, torch.Tensor],
+    val_labels: torch.Tensor,
+    seed: int = 0,
+    hidden: int = MLP_HIDDEN,
+) -> dict[str, CellFit]:
+    """One MLP head per input and learning rate (Adam, cosine, ``recipe``'s epochs and batch size, standardised
+    inputs); each input's head with the best validation accuracy, as ``train_heads`` does for linear heads."""
+    labels = train_labels.long()
+    fits = {}
+    for key, x in train_features.items():
+        mean, var = feature_stats(x)
+        inputs = standardize(x, mean, var)
+        candidates, val_accs = [], []
+        for lr in recipe.lrs:
+            torch.manual_seed(seed)
+            net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], hidden), torch.nn.ReLU(),
+                                      torch.nn.Linear(hidden, num_classes))
+            optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+            steps = recipe.epochs * -(-labels.shape[0] // recipe.batch_size)
+            schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
+            generator = torch.Generator().manual_seed(seed)
+            with single_thread():
+                for _ in range(recipe.epochs):
+                    for index in minibatches(labels.shape[0], recipe.batch_size, generator):
+                        loss = F.cross_entropy(net(inputs[index]), labels[index])
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        optimizer.step()
+                        schedule.step()
+            head = MLPHead(net.eval(), mean, var)
+            candidates.append(head)
+            val_accs.append(head.accuracy(val_features[key], val_labels))
+        chosen = choose_lr(val_accs)
+        fits[key] = CellFit(candidates[chosen], recipe.lrs[chosen], val_accs[chosen], val_accs)
+    return fits
+
+
+__all__ = ["HEAD_KINDS", "MLPHead", "TOP_KS", "concatenate", "fused_candidates", "fused_entry", "train_mlp_heads"]

@@ -150,7 +150,8 @@ def fused_lines(results: dict) -> list[str]:
     best = results["best"]
     lines = [
         "", "## Fused probes", "",
-        f"One head on the concatenated features of several cells, chosen on validation like a cell. Gain: test "
+        f"One {results.get('config', {}).get('fused_head', 'linear')} head on the concatenated features of several "
+        f"cells, chosen on validation like a cell. Gain: test "
         f"accuracy minus the best single cell's ({100 * best['linear_acc']:.2f}%).", "",
         "| fusion | cells | dim | linear acc (%) | gain (points) | kNN acc (%) | val acc (%) | lr |",
         "|---|---|---|---|---|---|---|---|",
