@@ -65,6 +65,7 @@ MISTAKES = [
     ("train_unconditional.py", [*TRAIN, "--learning_rate", "0"], "--learning_rate must be a finite number > 0"),
     ("train_unconditional.py", [*TRAIN, "--learning_rate", "inf"], "must be a finite number > 0, got inf"),
     ("train_unconditional.py", [*TRAIN, "--learning_rate", "nan"], "must be a finite number > 0, got nan"),
+    ("train_unconditional.py", [*TRAIN, "--max_train_minutes", "0"], "--max_train_minutes must be a finite"),
     ("train_unconditional.py", replace(TRAIN, "--model_config", "ddpm-huge"), "Unknown model config"),
     ("train_unconditional.py", [*TRAIN, "--train_batch_size", "eight"], "invalid int value"),
     ("train_unconditional.py", [*TRAIN, "--train_data_dir", "images"], "Give exactly one of"),

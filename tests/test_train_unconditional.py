@@ -362,3 +362,14 @@ def test_train_data_dir_without_labels_random_crops_non_square_images(tmp_path):
     assert not any("probe/knn_acc" in r for r in records)
     assert DDAEBackbone.from_pretrained(out).image_size == 16
     assert "No probe was run." in open(os.path.join(out, "README.md")).read()
+
+
+def test_time_budget_stops_with_a_final_probe_and_save(tmp_path):
+    out = run(tmp_path, "--max_train_steps", "100000", "--max_train_minutes", "0.02", "--probe_every_n_steps",
+              "1000", "--mixed_precision", "no", "--checkpointing_steps", "1000")  # fmt: skip
+    steps = [r for r in metrics(out) if "loss" in r]
+    assert 1 <= len(steps) < 100000 and steps[-1]["step"] == len(steps)
+    probes = [r for r in metrics(out) if "probe/linear_acc" in r]
+    assert [r["step"] for r in probes] == [steps[-1]["step"]]  # the last step is probed, as at max_train_steps
+    assert isinstance(DDAEBackbone.from_pretrained(out).denoiser, UNet2DModel)  # the final pipeline is saved
+    assert f"| optimiser steps | {len(steps)} |" in open(os.path.join(out, "README.md")).read()

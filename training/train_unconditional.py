@@ -121,6 +121,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help=f"Epochs to train (default {DEFAULT_NUM_EPOCHS}); give this or --max_train_steps.")
     optim.add_argument("--max_train_steps", type=int, default=None,
                        help="Optimiser steps to train; give this or --num_epochs.")
+    optim.add_argument("--max_train_minutes", type=float, default=None,
+                       help="A time budget: stop (final probe and save included) at the first step after this many "
+                            "minutes of training, counted over every resumed segment. The learning-rate schedule "
+                            "still spans --max_train_steps / --num_epochs.")
     optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
     optim.add_argument("--learning_rate", type=float, default=1e-4)
     optim.add_argument("--lr_scheduler", type=str, default="cosine", choices=[t.value for t in SchedulerType])
@@ -200,6 +204,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError("Give exactly one of --dataset_name (Hub id or local data set) and --train_data_dir.")
     if args.num_epochs is not None and args.max_train_steps is not None:
         raise UsageError("Give one of --num_epochs and --max_train_steps, not both: each sets the training length.")
+    minutes = args.max_train_minutes
+    if minutes is not None and not (math.isfinite(minutes) and minutes > 0):
+        raise UsageError(f"--max_train_minutes must be a finite number > 0, got {args.max_train_minutes}.")
     for flag in ("num_epochs", "max_train_steps", "train_batch_size", "gradient_accumulation_steps",
                  "checkpointing_steps", "checkpoints_total_limit", "resolution", "max_train_samples",
                  "probe_batch_size", "ddpm_num_steps", "eval_batch_size", "ddpm_num_inference_steps"):
@@ -598,8 +605,9 @@ def main(args: argparse.Namespace) -> str:
                     desc="Steps")
     postfix: dict[str, str] = {}
     segment_start = time.time()
+    out_of_time = False
     for epoch in range(first_epoch, num_epochs):
-        if state.global_step >= max_train_steps:
+        if state.global_step >= max_train_steps or out_of_time:
             break
         model.train()
         loader, offset = train_dataloader, 0
@@ -627,7 +635,14 @@ def main(args: argparse.Namespace) -> str:
                 logs["ema_decay"] = ema.cur_decay_value
             postfix["loss"] = f"{logs['loss']:.4f}"
 
-            is_last = state.global_step >= max_train_steps
+            if args.max_train_minutes is not None:
+                # the main process's clock decides; every process stops at the same step
+                if accelerator.is_main_process and (
+                    state.wall_time + time.time() - segment_start >= 60 * args.max_train_minutes
+                ):
+                    accelerator.set_trigger()
+                out_of_time = accelerator.check_trigger()
+            is_last = state.global_step >= max_train_steps or out_of_time
             if probe_every and (state.global_step % probe_every == 0 or is_last):
                 if accelerator.is_main_process:
                     metrics = run_probe(monitor, unwrapped, ema, noise_scheduler, history, state, args.output_dir)
@@ -648,7 +663,7 @@ def main(args: argparse.Namespace) -> str:
 
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            done = state.global_step >= max_train_steps or epoch == num_epochs - 1
+            done = state.global_step >= max_train_steps or epoch == num_epochs - 1 or out_of_time
             if args.save_images_epochs and ((epoch + 1) % args.save_images_epochs == 0):
                 with EMAWeights(ema, unwrapped):
                     save_samples(args, unwrapped, noise_scheduler, epoch, accelerator)
