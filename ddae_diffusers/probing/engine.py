@@ -279,7 +279,7 @@ def _score(fit, knn_bank: torch.Tensor, knn_labels: torch.Tensor, eval_x: torch.
 
 
 def _fit_heads(
-    prep: Prepared, views: list[dict], recipe: ProbeRecipe, trainer: Callable = train_heads
+    prep: Prepared, views: list[dict], recipe: ProbeRecipe, trainer: Callable | None = None
 ) -> tuple[dict, dict, torch.Tensor]:
     """Heads of every cell on the fit rows of all train views (lr chosen on their validation rows);
     also the kNN bank (fit rows of the first view) and its labels. ``trainer``: ``train_heads`` (linear) or
@@ -289,7 +289,7 @@ def _fit_heads(
     val_x = {key: torch.cat([_rows(v, prep.val_rows)[key] for v in views]) for key in keys}
     fit_y = prep.train_labels[prep.fit_rows].repeat(len(views))
     val_y = prep.train_labels[prep.val_rows].repeat(len(views))
-    fits = trainer(fit_x, fit_y, prep.num_labels, recipe, val_x, val_y, seed=prep.config.seed)
+    fits = (trainer or train_heads)(fit_x, fit_y, prep.num_labels, recipe, val_x, val_y, seed=prep.config.seed)
     return fits, _rows(views[0], prep.fit_rows), prep.train_labels[prep.fit_rows]
 
 
