@@ -216,8 +216,9 @@ class DDAEPipeline(DiffusionPipeline):
             kwargs["classifier"] = _load_classifier(os.fspath(classifier))
         if source.model_index is not None:
             # components this pipeline does not use (safety checker, feature extractor, image encoder) stay unloaded
+            accepted = inspect.signature(cls.__init__).parameters
             for name in source.component_names():
-                if name not in inspect.signature(cls.__init__).parameters:
+                if name not in accepted:
                     kwargs.setdefault(name, None)
             pipe = super().from_pretrained(path, **kwargs)
             pipe.prompt_pipeline = source.pipeline_class

@@ -13,7 +13,7 @@ from huggingface_hub import CommitInfo
 
 from ..errors import UsageError
 from ..noise import NoiseLevel
-from .result import RESULTS_FILE, ProbeResult, parse_cell_key
+from .result import RESULTS_FILE, parse_cell_key
 
 
 def parse_push_cell(text: str | None) -> tuple[str | None, NoiseLevel | None]:
@@ -52,7 +52,7 @@ def publish_probe(
 
     layer, level = parse_push_cell(cell)
     model = DDAEForImageClassification.from_probe(probe_folder, layer=layer, timestep=level)
-    result = ProbeResult.load(probe_folder)
+    summary = model.config.training_summary or {}
     model.config.training_summary = {
         **(model.config.training_summary or {}),
         "model_name": repo_id.split("/")[-1],
@@ -65,8 +65,8 @@ def publish_probe(
         token=token,
         private=private,
         tags=tags,
-        commit_message=f"Probe of {result.model}: {model.config.feature_layer}@{model.config.timestep}",
-        commit_description=f"ddae-probe grid on {result.dataset}; {chosen}.",
+        commit_message=f"Probe of {model.config.base_model}: {model.config.feature_layer}@{model.config.timestep}",
+        commit_description=f"ddae-probe grid on {summary.get('dataset')}; {chosen}.",
         extra_files=[os.path.join(os.fspath(probe_folder), RESULTS_FILE)],
     )
 
