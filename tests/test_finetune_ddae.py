@@ -109,6 +109,34 @@ def test_full_finetune_updates_backbone(tiny_unet_pipeline_dir, tmp_path):
     assert not torch.equal(source.denoiser.conv_in.weight, trained.denoiser.conv_in.weight)
 
 
+def largest_change(before: torch.nn.Module, after: torch.nn.Module) -> float:
+    return max((a - b).abs().max().item() for a, b in zip(after.parameters(), before.parameters(), strict=True))
+
+
+def test_backbone_learns_at_its_lr_ratio(tiny_unet_pipeline_dir, tmp_path):
+    source = DDAEForImageClassification.from_diffusers(tiny_unet_pipeline_dir, layer=LAYER, num_labels=10)
+    metrics = run(tiny_unet_pipeline_dir, tmp_path, "--layer", LAYER, "--eval_split", "", "--backbone_lr_ratio",
+                  "0.001", train="train[:64]")
+    trained = DDAEForImageClassification.from_pretrained(tmp_path)
+    backbone_change = largest_change(source.denoiser, trained.denoiser)
+    head_change = largest_change(source.classifier, trained.classifier)
+    # Adam moves each weight by about lr per step: 2 steps at 1e-3 for the head, at 1e-6 for the backbone
+    assert 0 < backbone_change < 1e-5 < 1e-4 < head_change, (backbone_change, head_change)
+    assert metrics["epoch"] == 1
+    assert "backbone lr x0.001" in (tmp_path / "README.md").read_text()
+
+
+def test_head_warmup_keeps_the_backbone_frozen_then_trains_it(tiny_unet_pipeline_dir, tmp_path):
+    source = DDAEForImageClassification.from_diffusers(tiny_unet_pipeline_dir, layer=LAYER, num_labels=10)
+    for epochs, out in (("1", tmp_path / "frozen"), ("0.5", tmp_path / "half")):
+        run(tiny_unet_pipeline_dir, out, "--layer", LAYER, "--eval_split", "", "--head_warmup_epochs", epochs,
+            "--per_device_train_batch_size", "16", train="train[:64]")
+    frozen, half = (DDAEForImageClassification.from_pretrained(tmp_path / name) for name in ("frozen", "half"))
+    assert largest_change(source.denoiser, frozen.denoiser) == 0 < largest_change(source.classifier, frozen.classifier)
+    assert largest_change(source.denoiser, half.denoiser) > 0  # trained after the first half epoch
+    assert "head alone for the first 1 epochs" in (tmp_path / "frozen" / "README.md").read_text()
+
+
 def test_lora_adapters_save_reload_and_merge(tiny_unet_pipeline_dir, tmp_path, cifar_eval):
     metrics = run(tiny_unet_pipeline_dir, tmp_path, "--layer", LAYER, "--lora_r", "4", "--lora_alpha", "8",
                   train="train[:64]")
@@ -148,6 +176,11 @@ def test_bad_arguments_fail_before_training(tiny_unet_pipeline_dir, tmp_path, ci
         run(tiny_unet_pipeline_dir, tmp_path / "out4", "--layer", "up_blocks.7")
     with pytest.raises(ValueError, match="exclusive"):
         run(tiny_unet_pipeline_dir, tmp_path / "out5", "--layer", LAYER, "--lora_r", "4", "--freeze_backbone")
+    with pytest.raises(ValueError, match="--backbone_lr_ratio must be > 0"):
+        run(tiny_unet_pipeline_dir, tmp_path / "out7", "--layer", LAYER, "--backbone_lr_ratio", "0")
+    with pytest.raises(ValueError, match="drop --backbone_lr_ratio"):
+        run(tiny_unet_pipeline_dir, tmp_path / "out8", "--layer", LAYER, "--freeze_backbone",
+            "--head_warmup_epochs", "1")
     unlabeled = tmp_path / "unlabeled"
     unlabeled.mkdir()
     cifar_small.select(range(8)).remove_columns("label").to_parquet(str(unlabeled / "train.parquet"))

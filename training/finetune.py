@@ -23,7 +23,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from transformers import AutoModelForImageClassification, HfArgumentParser, Trainer, TrainingArguments
+from transformers import (
+    AutoModelForImageClassification,
+    HfArgumentParser,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 from ddae_diffusers import DDAEForImageClassification, DDAEImageProcessor
 from ddae_diffusers.data import (
@@ -65,6 +71,15 @@ class ModelArguments:
     noise_policy: str = field(default="fixed", metadata={"help": "fixed, random or none."})
     classifier_dropout: float = field(default=0.0)
     freeze_backbone: bool = field(default=False, metadata={"help": "Train the head only (a linear probe)."})
+    backbone_lr_ratio: float = field(
+        default=1.0,
+        metadata={"help": "The backbone learns at this times --learning_rate, the head at --learning_rate "
+                  "(e.g. 0.1 keeps more of the pretraining)."},
+    )
+    head_warmup_epochs: float = field(
+        default=0.0,
+        metadata={"help": "Train the head alone (backbone frozen) for this many epochs first, then everything."},
+    )
     train_vae: bool = field(
         default=False, metadata={"help": "Latent models: also train the VAE encoder (frozen by default)."}
     )
@@ -182,6 +197,56 @@ def add_lora(model, args: ModelArguments):
         raise UsageError(f"--lora_target_modules {targets!r} matches no backbone module: {error}") from None
 
 
+def backbone_parameters(model) -> list[torch.nn.Parameter]:
+    """The denoiser's parameters (also under a peft wrapper): what ``--backbone_lr_ratio`` and
+    ``--head_warmup_epochs`` act on; the head and any VAE encoder are not part of it."""
+    return [p for name, p in model.named_parameters() if ".denoiser." in f".{name}"]
+
+
+class DDAETrainer(Trainer):
+    """``Trainer`` whose backbone parameters learn at ``backbone_lr_ratio`` times the head's learning rate."""
+
+    def __init__(self, *args, backbone_lr_ratio: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backbone_lr_ratio = backbone_lr_ratio
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        optimizer = super().create_optimizer(model)
+        if self.backbone_lr_ratio == 1.0:
+            return optimizer
+        backbone = {id(p) for p in backbone_parameters(self.model if model is None else model)}
+        groups = [
+            {**group, "params": params, "lr": group["lr"] * (self.backbone_lr_ratio if in_backbone else 1.0)}
+            for group in optimizer.param_groups
+            for in_backbone in (False, True)
+            if (params := [p for p in group["params"] if (id(p) in backbone) == in_backbone])
+        ]
+        optimizer.param_groups.clear()  # nothing is stepped yet: regroup head / backbone with their own lr
+        for group in groups:
+            optimizer.add_param_group(group)
+        return optimizer
+
+
+class HeadWarmup(TrainerCallback):
+    """Freezes the backbone from the start of training until ``epochs`` epochs have passed (the optimizer was
+    built with it, so its parameters join the updates when they get gradients again)."""
+
+    def __init__(self, parameters: list[torch.nn.Parameter], epochs: float):
+        self.parameters, self.epochs, self.frozen = parameters, epochs, False
+
+    def set_frozen(self, frozen: bool) -> None:
+        for parameter in self.parameters:
+            parameter.requires_grad_(not frozen)
+        self.frozen = frozen
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.set_frozen(True)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.frozen and state.epoch >= self.epochs:
+            self.set_frozen(False)
+
+
 def prepare_split(dataset, image_column: str, label_column: str, resolution: int, data_args: DataArguments,
                   train: bool):
     """``with_transform`` returning ``pixel_values`` (3, R, R) in [-1, 1] and ``labels``, augmented if train."""
@@ -202,14 +267,20 @@ def collate(examples: list[dict]) -> dict:
     }
 
 
-def optimisation_summary(args: TrainingArguments) -> str:
-    """One line for the model card: optimiser, lr schedule, total batch, precision, seed."""
+def optimisation_summary(args: TrainingArguments, model_args: ModelArguments) -> str:
+    """One line for the model card: optimiser, lr schedule (and the backbone's share), total batch, precision,
+    seed."""
     batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    recipe = ""
+    if model_args.backbone_lr_ratio != 1.0:
+        recipe += f", backbone lr x{model_args.backbone_lr_ratio:g}"
+    if model_args.head_warmup_epochs > 0:
+        recipe += f", head alone for the first {model_args.head_warmup_epochs:g} epochs"
     return (
         f"{getattr(args.optim, 'value', args.optim)}, lr {args.learning_rate:g} "
-        f"({getattr(args.lr_scheduler_type, 'value', args.lr_scheduler_type)}, {args.warmup_steps:g} warm-up steps), "
-        f"weight decay {args.weight_decay:g}, batch {batch}, {precision}, seed {args.seed}"
+        f"({getattr(args.lr_scheduler_type, 'value', args.lr_scheduler_type)}, {args.warmup_steps:g} warm-up steps)"
+        f"{recipe}, weight decay {args.weight_decay:g}, batch {batch}, {precision}, seed {args.seed}"
     )
 
 
@@ -236,6 +307,15 @@ def main(argv: list[str] | None = None) -> dict:
         raise UsageError(f"--lora_r must be >= 0, got {model_args.lora_r}.")
     if model_args.lora_r and model_args.freeze_backbone:
         raise UsageError("--freeze_backbone and --lora_r are exclusive: LoRA already freezes the base weights.")
+    if model_args.backbone_lr_ratio <= 0 or model_args.head_warmup_epochs < 0:
+        raise UsageError(
+            "--backbone_lr_ratio must be > 0 and --head_warmup_epochs >= 0 (use --freeze_backbone to never "
+            f"train the backbone); got {model_args.backbone_lr_ratio:g} and {model_args.head_warmup_epochs:g}."
+        )
+    if model_args.freeze_backbone and (model_args.backbone_lr_ratio != 1.0 or model_args.head_warmup_epochs):
+        raise UsageError(
+            "--freeze_backbone never trains the backbone: drop --backbone_lr_ratio and --head_warmup_epochs."
+        )
     check_writable_dir(training_args.output_dir)
     repo_id = None
     if training_args.push_to_hub:  # a bad id or token fails now, not after training
@@ -292,8 +372,13 @@ def main(argv: list[str] | None = None) -> dict:
     training_args.push_to_hub = False  # the final model is pushed below, with its DDAE model card
     training_args.remove_unused_columns = False  # the on-the-fly transform needs the raw image column
     training_args.label_names = ["labels"]
-    trainer = Trainer(
+    callbacks = []
+    if model_args.head_warmup_epochs > 0:
+        callbacks.append(HeadWarmup(backbone_parameters(model), model_args.head_warmup_epochs))
+    trainer = DDAETrainer(
         model=model,
+        backbone_lr_ratio=model_args.backbone_lr_ratio,
+        callbacks=callbacks,
         args=training_args,
         data_collator=collate,
         train_dataset=train_set,
@@ -328,7 +413,7 @@ def main(argv: list[str] | None = None) -> dict:
         "num_train": len(train_ds),
         "num_eval": len(eval_ds) if eval_ds is not None else None,
         "epochs": training_args.num_train_epochs,
-        "optimisation": optimisation_summary(training_args),
+        "optimisation": optimisation_summary(training_args, model_args),
         "train_runtime_s": metrics.get("train_runtime"),
         "accuracy": metrics.get("eval_accuracy"),
         "accuracy_source": accuracy_source,
