@@ -442,3 +442,44 @@ def test_fused_probes_concatenate_cells_and_are_chosen_on_validation(tiny_unet_p
     with pytest.raises(ValueError, match="--fused_probes runs on the feature cache"):
         probe_main(["--model", tiny_unet_pipeline_dir, "--output_dir", str(tmp_path / "x"), *PROBE_ARGS,
                     "--fused_probes", "--protocol", "online"])  # fmt: skip
+
+
+def test_halving_finishes_the_best_level_with_fewer_forwards(tiny_unet_pipeline_dir, tmp_path, monkeypatch):
+    from ddae_diffusers.probing.halving import rung_plan
+
+    assert rung_plan(7, 3) == [7, 3] and rung_plan(4, 2) == [4, 2] and rung_plan(1, 3) == []
+    forwards = []
+    features = DDAEBackbone.features
+
+    def counted(self, pixels, layers, timesteps, **kwargs):
+        forwards.append(pixels.shape[0] * len(timesteps))
+        return features(self, pixels, layers, timesteps, **kwargs)
+
+    monkeypatch.setattr(DDAEBackbone, "features", counted)
+    grid = ["--dataset", CIFAR10_SAMPLE, "--max_train_samples", "200", "--max_eval_samples", "60", "--layers", *LAYERS,
+            "--timesteps", "10", "50", "200", "400", "--batch_size", "32", "--epochs", "8", "--lrs", "0.001", "0.01",
+            "--seed", "1", "--cache_dir", str(tmp_path / "cache")]  # fmt: skip
+    halving = probe_main(["--model", tiny_unet_pipeline_dir, "--output_dir", str(tmp_path / "halving"), *grid,
+                          "--search", "halving", "--halving_eta", "2"])  # fmt: skip
+    search = halving.search
+    assert [len(rung["levels"]) for rung in search["rungs"]] == [4, 2] and len(search["finished"]) == 1
+    assert [rung["fit_rows"] for rung in search["rungs"]] == [45, 90]  # 180 fit rows / 4, / 2
+    for rung in search["rungs"]:  # each rung keeps the levels whose best cell is best on validation
+        ranked = sorted(rung["levels"], key=lambda lv: -lv["val_acc"])
+        assert sorted(rung["kept"]) == sorted(lv["level"] for lv in ranked[: len(ranked) // 2])
+    assert search["finished"][0] in search["rungs"][1]["kept"] and halving.timesteps == search["finished"]
+    assert {(c.layer, c.timestep) for c in halving.cells} == {(layer, search["finished"][0]) for layer in LAYERS}
+    # counted on the real forwards (the prepare-time shape check is one image at one level)
+    assert sum(forwards) - 1 == search["forwards"] < search["exhaustive_forwards"] == (200 + 60) * 4
+    assert "## Search: successive halving" in (tmp_path / "halving" / "results.md").read_text()
+
+    # the exhaustive grid on the same cache reuses every row halving computed, and agrees on the finished level
+    forwards.clear()
+    exhaustive = probe_main(["--model", tiny_unet_pipeline_dir, "--output_dir", str(tmp_path / "full"), *grid])
+    assert sum(forwards) - 1 == search["exhaustive_forwards"] - search["forwards"]
+    finished = {c.layer: c for c in exhaustive.cells if c.timestep == search["finished"][0]}
+    for cell in halving.cells:
+        assert cell == finished[cell.layer]
+    with pytest.raises(ValueError, match="--halving_eta >= 2"):
+        probe_main(["--model", tiny_unet_pipeline_dir, "--output_dir", str(tmp_path / "x"), *grid,
+                    "--search", "halving", "--halving_eta", "1"])  # fmt: skip

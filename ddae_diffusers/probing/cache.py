@@ -173,45 +173,59 @@ class CacheUnit:
     def complete(self) -> bool:
         return bool(self.done.all())
 
-    def write(self, start: int, rows: dict[str, torch.Tensor]) -> None:
-        """Writes ``{layer: (B, D)}`` at rows ``start .. start+B``, flushes, then records the checksum."""
+    def write(self, ids: Sequence[int], rows: dict[str, torch.Tensor]) -> None:
+        """Writes ``{layer: (B, D)}`` at rows ``ids`` (ascending), flushes, then records a checksum per run of
+        consecutive ids."""
         block = torch.cat([rows[layer].float() for layer in self.layers], dim=1).to(torch.float16).numpy()
-        stop = start + block.shape[0]
-        self._array[start:stop] = block
+        ids = np.asarray(ids)
+        breaks = np.flatnonzero(np.diff(ids) != 1) + 1
+        runs = [(int(run[0]), int(run[-1]) + 1) for run in np.split(ids, breaks)]
+        self._array[ids] = block
         self._array.flush()
         with open(self.progress_path, "a") as f:
-            f.write(json.dumps({"start": start, "stop": stop, "sha256": self._digest(start, stop)}) + "\n")
+            for start, stop in runs:
+                f.write(json.dumps({"start": start, "stop": stop, "sha256": self._digest(start, stop)}) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        self.done[start:stop] = True
+        self.done[ids] = True
 
-    def read(self) -> dict[str, torch.Tensor]:
-        """``{layer: (N, D) float16}`` copies of a complete unit."""
-        if not self.complete:
-            raise RuntimeError(f"Cache unit {self.folder} is incomplete.")
+    def read(self, rows: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+        """``{layer: (N, D) float16}`` copies of all rows (or of ``rows``, in that order), which must be written."""
+        index = slice(None) if rows is None else np.asarray(rows, dtype=np.int64)
+        if not self.done[index].all():
+            raise RuntimeError(f"Cache unit {self.folder} lacks some of the requested rows.")
+        block = np.asarray(self._array[index])
         return {
-            layer: torch.from_numpy(np.array(self._array[:, self.offsets[i] : self.offsets[i + 1]]))
+            layer: torch.from_numpy(np.array(block[:, self.offsets[i] : self.offsets[i + 1]]))
             for i, layer in enumerate(self.layers)
         }
 
 
-def missing_batches(units: Sequence[CacheUnit], batch_size: int) -> list[tuple[int, int]]:
-    """Contiguous (start, stop) row ranges, at most ``batch_size`` long, that any unit still lacks."""
+def missing_batches(units: Sequence[CacheUnit], batch_size: int, rows: Sequence[int] | None = None) -> list[list[int]]:
+    """Ascending row ids, at most ``batch_size`` per batch, that any unit still lacks (among ``rows``, default all)."""
     missing = np.zeros(units[0].num_rows, dtype=bool)
     for unit in units:
         missing |= ~unit.done
-    batches = []
-    row = 0
-    while row < missing.shape[0]:
-        if not missing[row]:
-            row += 1
-            continue
-        stop = row
-        while stop < missing.shape[0] and missing[stop] and stop - row < batch_size:
-            stop += 1
-        batches.append((row, stop))
-        row = stop
-    return batches
+    if rows is not None:
+        wanted = np.zeros_like(missing)
+        wanted[np.asarray(rows, dtype=np.int64)] = True
+        missing &= wanted
+    ids = np.flatnonzero(missing).tolist()
+    return [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]
+
+
+def extraction_plan(
+    units: Sequence[CacheUnit], batch_size: int, rows: Sequence[int] | None = None
+) -> list[tuple[list[int], list[list[int]]]]:
+    """What to compute: the units lacking some of ``rows`` (default all), grouped by which rows they have, each
+    group with its batches of missing row ids. One forward per row and timestep, so a row that one unit already
+    holds is never recomputed for it."""
+    wanted = slice(None) if rows is None else np.asarray(rows, dtype=np.int64)
+    groups: dict[bytes, list[int]] = {}
+    for i, unit in enumerate(units):
+        if not unit.done[wanted].all():
+            groups.setdefault(np.packbits(unit.done).tobytes(), []).append(i)
+    return [(todo, missing_batches([units[i] for i in todo], batch_size, rows)) for todo in groups.values()]
 
 
 class FeatureCache:
@@ -289,11 +303,13 @@ class FeatureCache:
         accelerator=None,
         on_batch: Callable[[int, int], None] | None = None,
         progress: bool = True,
+        rows: Sequence[int] | None = None,
     ) -> dict[Key, torch.Tensor] | None:
-        """Fills the units of ``view`` and returns ``{(layer, t): (N, D) float16}`` (None off the main process).
+        """Fills the units of ``view`` and returns ``{(layer, t): (N, D) float16}`` (None off the main process);
+        with ``rows``, only those rows are computed and returned (``(len(rows), D)``, in that order).
 
         Batches still missing are split round-robin across the processes of ``accelerator``;
-        the main process gathers and writes them. ``on_batch(start, stop)`` is called after a
+        the main process gathers and writes them. ``on_batch(first, stop)`` (the span of its rows) is called after a
         batch is written (on the main process).
         """
         from tqdm.auto import tqdm
@@ -303,44 +319,45 @@ class FeatureCache:
         is_main = rank == 0
         units = self.units(dataset, split, view, image_column)
         with self._locked(units, is_main):
-            todo: list[int] = []
-            batches: list[tuple[int, int]] = []
+            plan: list[tuple[list[int], list[list[int]]]] = []  # (units to fill, their batches of row ids)
             if is_main:
                 for unit in units:
                     unit.open()
-                todo = [i for i, unit in enumerate(units) if not unit.complete]
-                batches = missing_batches([units[i] for i in todo], batch_size) if todo else []
+                plan = extraction_plan(units, batch_size, rows)
             if world > 1:
                 from accelerate.utils import broadcast_object_list
 
-                todo, batches = broadcast_object_list([todo, batches])
-            timesteps = [units[i].key["timestep"] for i in todo]
-            width = sum(self.dims) * len(timesteps)
-            desc = f"features {split} view {view.index}"
-            bar = tqdm(total=len(batches), desc=desc, disable=not (progress and is_main))
-            for round_start in range(0, len(batches), world):
-                mine = round_start + rank
-                block = torch.zeros(batch_size, width, device=self.backbone.device)
-                start, stop = batches[mine] if mine < len(batches) else (0, 0)
-                if stop > start:
-                    block[: stop - start] = self._compute(dataset, image_column, view, start, stop, timesteps)
-                span = torch.tensor([start, stop], device=self.backbone.device)
-                if world > 1:
-                    block, span = accelerator.gather(block), accelerator.gather(span)
-                if is_main:
-                    block, span = block.cpu(), span.cpu()
-                    for part, (begin, end) in zip(block.split(batch_size), span.view(-1, 2).tolist(), strict=True):
-                        if end > begin:
-                            self._write(units, todo, begin, part[: end - begin])
-                            if on_batch is not None:
-                                on_batch(begin, end)
-                    bar.update(min(world, len(batches) - round_start))
+                plan = broadcast_object_list([plan])[0]
+            bar = tqdm(total=sum(len(batches) for _, batches in plan), desc=f"features {split} view {view.index}",
+                       disable=not (progress and is_main))  # fmt: skip
+            for todo, batches in plan:
+                timesteps = [units[i].key["timestep"] for i in todo]
+                width = sum(self.dims) * len(timesteps)
+                for round_start in range(0, len(batches), world):
+                    mine = round_start + rank
+                    block = torch.zeros(batch_size, width, device=self.backbone.device)
+                    batch = batches[mine] if mine < len(batches) else []
+                    if batch:
+                        block[: len(batch)] = self._compute(dataset, image_column, view, batch, timesteps)
+                    ids = torch.full((batch_size,), -1, dtype=torch.long, device=self.backbone.device)  # -1: pad
+                    ids[: len(batch)] = torch.tensor(batch, dtype=torch.long)
+                    if world > 1:
+                        block, ids = accelerator.gather(block), accelerator.gather(ids)
+                    if is_main:
+                        block, ids = block.cpu(), ids.cpu()
+                        for part, part_ids in zip(block.split(batch_size), ids.split(batch_size), strict=True):
+                            written = part_ids[part_ids >= 0].tolist()
+                            if written:
+                                self._write(units, todo, written, part[: len(written)])
+                                if on_batch is not None:
+                                    on_batch(written[0], written[-1] + 1)
+                        bar.update(min(world, len(batches) - round_start))
             bar.close()
             if not is_main:
                 return None
             features = {}
             for unit in units:
-                for layer, values in unit.read().items():
+                for layer, values in unit.read(rows).items():
                     features[layer, unit.key["timestep"]] = values
             return features
 
@@ -360,20 +377,19 @@ class FeatureCache:
                 stack.enter_context(FileLock(os.path.join(lock_dir, os.path.basename(unit.folder) + ".lock")))
         return stack
 
-    def _compute(
-        self, dataset, image_column: str, view: View, start: int, stop: int, timesteps: list[int]
-    ) -> torch.Tensor:
-        """(stop - start, width) float32: the layers of each timestep, concatenated in unit order."""
-        ids = list(range(start, stop))
-        pixels = view.pixels(dataset[start:stop][image_column], ids, self.resolution, self.seed)
+    def _compute(self, dataset, image_column: str, view: View, ids: list[int], timesteps: list[int]) -> torch.Tensor:
+        """(len(ids), width) float32: the layers of each timestep at rows ``ids``, concatenated in unit order."""
+        consecutive = ids[-1] - ids[0] + 1 == len(ids)
+        images = dataset[ids[0] : ids[-1] + 1] if consecutive else dataset.select(ids)[:]
+        pixels = view.pixels(images[image_column], ids, self.resolution, self.seed)
         features = self.backbone.features(
             pixels, self.layers, timesteps, seed=view.noise_seed(self.seed), example_ids=ids, dtype=self.dtype
         )
         return torch.cat([features[layer, t] for t in timesteps for layer in self.layers], dim=1).cpu()
 
-    def _write(self, units: list[CacheUnit], todo: list[int], start: int, block: torch.Tensor) -> None:
-        """Splits a computed (B, width) block into its units and writes each."""
+    def _write(self, units: list[CacheUnit], todo: list[int], ids: list[int], block: torch.Tensor) -> None:
+        """Splits a computed (B, width) block of rows ``ids`` into its units and writes each."""
         columns = block.split(self.dims * len(todo), dim=1)
         for position, unit_index in enumerate(todo):
             layer_columns = columns[position * len(self.layers) : (position + 1) * len(self.layers)]
-            units[unit_index].write(start, dict(zip(self.layers, layer_columns, strict=True)))
+            units[unit_index].write(ids, dict(zip(self.layers, layer_columns, strict=True)))

@@ -23,7 +23,17 @@ from ..families import UNCONDITIONAL
 from ..hub import create_hub_repo
 from ..loading import check_source, inspect_source
 from ..noise import DEFAULT_EDM_INDICES, EDM_INDEX_STEPS, noise_level
-from .engine import DEFAULT_TIMESTEPS, DTYPES, PROTOCOLS, RECIPES, TRAIN_AUGMENTS, ProbeConfig, prepare, run_probe
+from .engine import (
+    DEFAULT_TIMESTEPS,
+    DTYPES,
+    PROTOCOLS,
+    RECIPES,
+    SEARCHES,
+    TRAIN_AUGMENTS,
+    ProbeConfig,
+    prepare,
+    run_probe,
+)
 from .heads import ProbeRecipe
 from .publish import check_cell_in_grid, parse_push_cell, publish_probe
 
@@ -87,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
              "single cell.")
     add("--fused_head", choices=["linear", "mlp"], default="linear",
         help="Head of the fused probes: linear, or a small MLP (one hidden layer of 512, ReLU).")
+    add("--search", choices=SEARCHES, default="exhaustive",
+        help="'halving': score every cell on a 1/eta^R random share of the train split, keep the best 1/eta of the "
+             "noise levels, grow the share eta-fold, and finish the last level on the full splits (fewer "
+             "forwards; results.md lists the rungs).")
+    add("--halving_eta", type=int, default=3, help="--search halving: the reduction factor per rung.")
     add("--pixel_baseline", action="store_true",
         help="Baseline: also probe the flattened raw pixels (same views, rows and heads) and report them.")
     hub = parser.add_argument_group("publishing (the flags of the diffusers and transformers example scripts)")

@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -27,6 +27,7 @@ from ..noise import DEFAULT_DDPM_LEVELS, EDMNoise, NoiseLevel
 from .baselines import pixel_features, random_init
 from .cache import EVAL_VIEW, FeatureCache, View
 from .fused import HEAD_KINDS, concatenate, fused_candidates, fused_entry, train_mlp_heads
+from .halving import successive_halving
 from .heads import PAPER_RECIPE, ProbeRecipe, choose_lr, train_heads
 from .knn import knn_accuracy
 from .result import ProbeCell, ProbeResult
@@ -36,6 +37,7 @@ DEFAULT_TIMESTEPS = DEFAULT_DDPM_LEVELS  # the DDPM grid; EDM models default to 
 PROTOCOLS = ("cached", "online")
 RECIPES = ("converge", "paper")
 TRAIN_AUGMENTS = ("crop_flip", "none")
+SEARCHES = ("exhaustive", "halving")
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -74,6 +76,8 @@ class ProbeConfig:
     prompt: str | None = None  # text-conditioned models: the prompt (default: the empty prompt)
     fused_probes: bool = False  # also heads on concatenations of cells (fused.py), chosen on validation
     fused_head: str = "linear"  # or "mlp": one hidden layer of 512
+    search: str = "exhaustive"  # or "halving": successive halving over the noise levels (halving.py)
+    halving_eta: int = 3  # halving: keep 1/eta of the levels per rung, grow the rows eta-fold
 
     def probe_recipe(self) -> ProbeRecipe:
         if self.recipe == "paper" or self.protocol == "online":
@@ -177,6 +181,13 @@ def prepare(config: ProbeConfig, backbone: DDAEBackbone | None = None) -> Prepar
         raise UsageError("--fused_probes runs on the feature cache (--protocol cached); drop one of the two.")
     if config.fused_head not in HEAD_KINDS:
         raise UsageError(f"--fused_head must be one of {HEAD_KINDS}, got {config.fused_head!r}.")
+    if config.search not in SEARCHES:
+        raise UsageError(f"--search must be one of {SEARCHES}, got {config.search!r}.")
+    if config.search == "halving" and (config.protocol != "cached" or config.halving_eta < 2):
+        raise UsageError(
+            f"--search halving needs --protocol cached and --halving_eta >= 2 (got {config.protocol!r}, "
+            f"{config.halving_eta}); or use --search exhaustive."
+        )
     if config.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {config.seed}.")
     if not 0 < config.val_fraction < 1:
@@ -345,13 +356,22 @@ def run_probe(
     backbone.denoiser.eval()
     is_main = accelerator is None or accelerator.is_main_process
     dtype = DTYPES[config.dtype]
-    cache = FeatureCache(
-        config.cache_dir or os.path.join(config.output_dir, "feature_cache"),
-        backbone, prep.layers, prep.timesteps, prep.resolution, config.seed, dtype,
-    )
+
+    def cache_for(levels: list) -> FeatureCache:
+        return FeatureCache(
+            config.cache_dir or os.path.join(config.output_dir, "feature_cache"),
+            backbone, prep.layers, levels, prep.resolution, config.seed, dtype,
+        )
+
     extract = dict(batch_size=config.batch_size, accelerator=accelerator, on_batch=on_batch, progress=progress)
-    eval_features = cache.extract(prep.eval, config.eval_split, prep.image_column, EVAL_VIEW, **extract)
     recipe = config.probe_recipe()
+    search = {"method": config.search}
+    if config.search == "halving":
+        levels, search = successive_halving(prep, cache_for, extract, recipe, accelerator)
+        prep = replace(prep, timesteps=levels)
+        clock.lap("halving")
+    cache = cache_for(prep.timesteps)
+    eval_features = cache.extract(prep.eval, config.eval_split, prep.image_column, EVAL_VIEW, **extract)
     clock.lap("extract_eval")
     if config.protocol == "online":
         fits, knn_bank, knn_labels = train_online(
@@ -419,6 +439,7 @@ def run_probe(
         noise_levels=[backbone.noise_axis.describe(t) for t in prep.timesteps],
         views=describe_views(config),
         fused=fused,
+        search=search,
         random_init=config.random_init,
         cells=cells,
         best=best,

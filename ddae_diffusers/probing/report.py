@@ -139,7 +139,30 @@ def markdown_table(results: dict) -> str:
         lines += [_row(f"baseline: {name}", "-", c) for name, c in results.get("baselines", {}).items()]
         lines += ["", "## All cells", ""]
     lines += header + [_row(c["layer"], c["timestep"], c) for c in cells]
-    return "\n".join(lines + fused_lines(results)) + "\n"
+    return "\n".join(lines + fused_lines(results) + search_lines(results)) + "\n"
+
+
+def search_lines(results: dict) -> list[str]:
+    """The rungs of ``--search halving``: per rung, each noise level's best cell on validation and what was kept."""
+    search = results.get("search") or {}
+    if search.get("method") != "halving":
+        return []
+    unit = level_unit(results)
+    lines = [
+        "", "## Search: successive halving", "",
+        f"Each rung scored every cell on a random share of the train split and kept the best 1/{search['eta']} of "
+        f"the {unit} levels (by their best cell on validation); the grid above finished "
+        f"{', '.join(map(str, search['finished']))} on the full splits. Forwards (image x {unit}, on an empty "
+        f"cache): {search['forwards']:,} against {search['exhaustive_forwards']:,} for the exhaustive grid "
+        f"({search['exhaustive_forwards'] / search['forwards']:.1f}x fewer).", "",
+        f"| rung | fit rows | val rows | {unit}: best layer, val acc (%) | kept |",
+        "|---|---|---|---|---|",
+    ]  # fmt: skip
+    for index, rung in enumerate(search["rungs"]):
+        scores = "; ".join(f"{lv['level']}: {lv['best_layer']} {100 * lv['val_acc']:.2f}" for lv in rung["levels"])
+        lines.append(f"| {index} | {rung['fit_rows']} | {rung['val_rows']} | {scores} | "
+                     f"{', '.join(map(str, rung['kept']))} |")  # fmt: skip
+    return lines
 
 
 def fused_lines(results: dict) -> list[str]:

@@ -112,6 +112,8 @@ class ProbeResult:
     views: list[dict] = field(default_factory=list)
     # fused probes (--fused_probes), best on validation first: {"name", "cells", "feature_dim", "linear_acc", ...}
     fused: list[dict] = field(default_factory=list)
+    # how the grid was searched: {"method": "exhaustive"}, or halving's rungs and forwards (halving.py)
+    search: dict = field(default_factory=dict)
 
     # ------------------------------------------------------------------ files
     @staticmethod
