@@ -15,6 +15,7 @@ of the wrong size, is recomputed -- never used.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -257,6 +258,13 @@ class FeatureCache:
         self.seed = seed
         self.dtype = dtype
         self._model_fingerprint: str | None = None
+
+    def with_timesteps(self, timesteps: Sequence[int]) -> FeatureCache:
+        """The same cache over other timesteps, sharing the model's fingerprint (hashed once)."""
+        other = copy.copy(self)
+        other.timesteps = list(timesteps)
+        other._model_fingerprint = self._base_key()["model"]
+        return other
 
     def _base_key(self) -> dict:
         if self._model_fingerprint is None:

@@ -357,11 +357,10 @@ def run_probe(
     is_main = accelerator is None or accelerator.is_main_process
     dtype = DTYPES[config.dtype]
 
-    def cache_for(levels: list) -> FeatureCache:
-        return FeatureCache(
-            config.cache_dir or os.path.join(config.output_dir, "feature_cache"),
-            backbone, prep.layers, levels, prep.resolution, config.seed, dtype,
-        )
+    cache_for = FeatureCache(
+        config.cache_dir or os.path.join(config.output_dir, "feature_cache"),
+        backbone, prep.layers, prep.timesteps, prep.resolution, config.seed, dtype,
+    ).with_timesteps
 
     extract = dict(batch_size=config.batch_size, accelerator=accelerator, on_batch=on_batch, progress=progress)
     recipe = config.probe_recipe()
