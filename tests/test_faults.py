@@ -69,7 +69,7 @@ def extract(backbone, dataset, cache_dir, image_column="img", **changes):
     settings.update(changes)
     view = settings.pop("view", View(0, 0, True))
     cache = FeatureCache(str(cache_dir), backbone, **settings)
-    return cache.extract(dataset, "train", image_column, view, batch_size=8, progress=False)
+    return dict(cache.extract(dataset, "train", image_column, view, batch_size=8, progress=False))
 
 
 @pytest.mark.parametrize(("fault", "target", "logged"), CACHE_FAULTS,

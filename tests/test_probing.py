@@ -106,7 +106,7 @@ def cifar24(cifar_small):
 def _extract(backbone, dataset, cache_dir, view=None, on_batch=None):
     view = view or View(0, 0, True)
     cache = FeatureCache(str(cache_dir), backbone, LAYERS, [10, 100], resolution=16, seed=3)
-    return cache.extract(dataset, "train", "img", view, batch_size=8, on_batch=on_batch, progress=False)
+    return dict(cache.extract(dataset, "train", "img", view, batch_size=8, on_batch=on_batch, progress=False))
 
 
 def test_cache_resume_after_interruption_is_identical(backbone, cifar24, tmp_path):

@@ -1,14 +1,16 @@
 """A resumable, self-checking fp16 feature cache for the probe grid.
 
 One *unit* holds the pooled features of every requested layer at one timestep, for one view
-of one split: an ``(N, sum of layer widths)`` float16 ``.npy`` file (memory-mapped) plus
-``progress.jsonl``, one line per written row range with its SHA-256. Units live in folders
+of one split: an ``(N, sum of layer widths)`` float16 ``.npy`` file plus ``progress.jsonl``, one
+line per written row range with its SHA-256. Units live in folders
 named by a fingerprint of everything that determines the numbers: model weights and
 scheduler, data set, preprocessing, seed, view, layers and timestep.
 
 Extraction streams batches: one forward per (batch, timestep) captures all layers, the pooled
-rows are written into the memory map, flushed, then recorded. An interrupted extraction
-resumes from the recorded ranges; a range whose bytes no longer match its checksum, or a file
+rows are written to the file, synced, then recorded. Rows are written and read with positional
+file I/O (never a memory map), so a process holds only the rows it asked for: the probe reads
+the cache as a :class:`~ddae_diffusers.probing.table.FeatureTable`, a block of rows at a time.
+An interrupted extraction resumes from the recorded ranges; a range whose bytes no longer match its checksum, or a file
 of the wrong size, is recomputed -- never used.
 """
 
@@ -21,7 +23,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +31,7 @@ import torch
 
 from ..capture import DDAEBackbone, derive_seed
 from ..data import images_to_tensor, random_crop_flip
+from .table import FeatureTable, as_rows
 
 logger = logging.getLogger(__name__)
 CACHE_FORMAT = 2  # 2: example noise seeded by capture.derive_seed (format 1 features used other noise)
@@ -104,7 +107,8 @@ class CacheUnit:
         self.array_path = os.path.join(folder, "features.npy")
         self.progress_path = os.path.join(folder, "progress.jsonl")
         self.meta_path = os.path.join(folder, "meta.json")
-        self._array: np.ndarray | None = None
+        self._file = None  # the open features.npy; rows start at byte self._data_offset
+        self._data_offset = 0
         self.done = np.zeros(num_rows, dtype=bool)
 
     @property
@@ -114,8 +118,12 @@ class CacheUnit:
     def _expected_meta(self) -> dict:
         return {"format": CACHE_FORMAT, "key": self.key, "shape": list(self.shape), "layers": self.layers}
 
+    @property
+    def row_bytes(self) -> int:
+        return self.offsets[-1] * 2
+
     def open(self) -> None:
-        """Opens or creates the memory map, and marks the rows whose recorded checksums still hold."""
+        """Opens or creates the features file, and marks the rows whose recorded checksums still hold."""
         meta_ok, problem = False, None
         if os.path.isfile(self.meta_path):
             try:
@@ -127,11 +135,9 @@ class CacheUnit:
         array = None
         if meta_ok and os.path.isfile(self.array_path):
             try:
-                # read-only first: "r+" would silently extend a truncated file with zeros
+                # mapped read-only to check header and size ("r+" would silently extend a truncated file)
                 array = np.load(self.array_path, mmap_mode="r")
-                if array.shape == self.shape and array.dtype == np.float16:
-                    array = np.load(self.array_path, mmap_mode="r+")
-                else:
+                if array.shape != self.shape or array.dtype != np.float16:
                     array, problem = None, f"features.npy has shape {array.shape}, not {self.shape}"
             except (OSError, ValueError, EOFError) as error:  # empty, truncated header or data
                 array, problem = None, f"features.npy is unreadable ({type(error).__name__}: {error})"
@@ -146,7 +152,9 @@ class CacheUnit:
                 json.dump(self._expected_meta(), f, indent=1)
             array = np.lib.format.open_memmap(self.array_path, mode="w+", dtype=np.float16, shape=self.shape)
             array.flush()
-        self._array = array
+        self._data_offset = int(array.offset)
+        del array  # unmapped: rows are read and written with pread / pwrite
+        self._file = open(self.array_path, "r+b")
         self.done[:] = False
         for start, stop in self._verified_ranges():
             self.done[start:stop] = True
@@ -167,8 +175,39 @@ class CacheUnit:
                     ranges.append((start, stop))
         return ranges
 
+    def _read_bytes(self, start: int, stop: int) -> Iterator[bytes]:
+        """The bytes of rows ``start:stop``, in pieces of at most 64 MiB."""
+        position, end = self._data_offset + start * self.row_bytes, self._data_offset + stop * self.row_bytes
+        while position < end:
+            piece = os.pread(self._file.fileno(), min(end - position, 1 << 26), position)
+            if not piece:
+                raise OSError(f"{self.array_path} ends before row {stop}.")
+            position += len(piece)
+            yield piece
+
     def _digest(self, start: int, stop: int) -> str:
-        return hashlib.sha256(np.ascontiguousarray(self._array[start:stop]).tobytes()).hexdigest()
+        digest = hashlib.sha256()
+        for piece in self._read_bytes(start, stop):
+            digest.update(piece)
+        return digest.hexdigest()
+
+    def _rows(self, index: np.ndarray) -> np.ndarray:
+        """(len(index), width) float16 rows ``index`` (any order), one read per run of consecutive ids."""
+        order = np.argsort(index, kind="stable")
+        ids = index[order]
+        starts = np.flatnonzero(np.diff(ids, prepend=-2) != 1)  # where each run of consecutive ids begins
+        stops = np.append(starts[1:], len(ids))
+        ordered = np.empty((len(ids), self.offsets[-1]), dtype=np.float16)
+        fd, row_bytes, offset = self._file.fileno(), self.row_bytes, self._data_offset
+        for first, stop, row in zip(starts.tolist(), stops.tolist(), ids[starts].tolist(), strict=True):
+            size = (stop - first) * row_bytes
+            data = os.pread(fd, size, offset + row * row_bytes) if size <= 1 << 26 else b""
+            if len(data) != size:  # a run over 64 MiB, or a short read
+                data = b"".join(self._read_bytes(row, row + stop - first))
+            ordered[first:stop] = np.frombuffer(data, dtype=np.float16).reshape(stop - first, -1)
+        out = np.empty_like(ordered)
+        out[order] = ordered
+        return out
 
     @property
     def complete(self) -> bool:
@@ -181,8 +220,13 @@ class CacheUnit:
         ids = np.asarray(ids)
         breaks = np.flatnonzero(np.diff(ids) != 1) + 1
         runs = [(int(run[0]), int(run[-1]) + 1) for run in np.split(ids, breaks)]
-        self._array[ids] = block
-        self._array.flush()
+        first = 0
+        for start, stop in runs:
+            data = block[first : first + stop - start].tobytes()
+            if os.pwrite(self._file.fileno(), data, self._data_offset + start * self.row_bytes) != len(data):
+                raise OSError(f"Short write to {self.array_path} (is the disk full?).")
+            first += stop - start
+        os.fsync(self._file.fileno())
         with open(self.progress_path, "a") as f:
             for start, stop in runs:
                 f.write(json.dumps({"start": start, "stop": stop, "sha256": self._digest(start, stop)}) + "\n")
@@ -192,10 +236,10 @@ class CacheUnit:
 
     def read(self, rows: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
         """``{layer: (N, D) float16}`` copies of all rows (or of ``rows``, in that order), which must be written."""
-        index = slice(None) if rows is None else np.asarray(rows, dtype=np.int64)
+        index = np.arange(self.num_rows) if rows is None else as_rows(rows)
         if not self.done[index].all():
             raise RuntimeError(f"Cache unit {self.folder} lacks some of the requested rows.")
-        block = np.asarray(self._array[index])
+        block = self._rows(index)
         return {
             layer: torch.from_numpy(np.array(block[:, self.offsets[i] : self.offsets[i + 1]]))
             for i, layer in enumerate(self.layers)
@@ -227,6 +271,26 @@ def extraction_plan(
         if not unit.done[wanted].all():
             groups.setdefault(np.packbits(unit.done).tobytes(), []).append(i)
     return [(todo, missing_batches([units[i] for i in todo], batch_size, rows)) for todo in groups.values()]
+
+
+def units_table(units: Sequence[CacheUnit]) -> FeatureTable:
+    """The (open, filled) units of one view as one table ``{(layer, t): (N, D) float16}``, read on demand."""
+    dims = {
+        (layer, unit.key["timestep"]): width
+        for unit in units
+        for layer, width in zip(unit.layers, unit.dims, strict=True)
+    }
+
+    def reader(rows: np.ndarray, keys: list) -> dict:
+        wanted = set(keys)
+        out = {}
+        for unit in units:
+            t = unit.key["timestep"]
+            if any((layer, t) in wanted for layer in unit.layers):
+                out.update({(layer, t): value for layer, value in unit.read(rows).items() if (layer, t) in wanted})
+        return out
+
+    return FeatureTable(dims, units[0].num_rows, reader)
 
 
 class FeatureCache:
@@ -312,9 +376,10 @@ class FeatureCache:
         on_batch: Callable[[int, int], None] | None = None,
         progress: bool = True,
         rows: Sequence[int] | None = None,
-    ) -> dict[Key, torch.Tensor] | None:
-        """Fills the units of ``view`` and returns ``{(layer, t): (N, D) float16}`` (None off the main process);
-        with ``rows``, only those rows are computed and returned (``(len(rows), D)``, in that order).
+    ) -> FeatureTable | None:
+        """Fills the units of ``view`` and returns them as a table ``{(layer, t): (N, D) float16}`` read from disk
+        on demand (None off the main process); with ``rows``, only those rows are computed and the table holds
+        them (``(len(rows), D)``, in that order).
 
         Batches still missing are split round-robin across the processes of ``accelerator``;
         the main process gathers and writes them. ``on_batch(first, stop)`` (the span of its rows) is called after a
@@ -363,11 +428,8 @@ class FeatureCache:
             bar.close()
             if not is_main:
                 return None
-            features = {}
-            for unit in units:
-                for layer, values in unit.read(rows).items():
-                    features[layer, unit.key["timestep"]] = values
-            return features
+            table = units_table(units)
+            return table if rows is None else table.subset(rows)
 
     def _locked(self, units: list[CacheUnit], is_main: bool) -> contextlib.ExitStack:
         """Holds a file lock on each unit (in name order, so two runs never deadlock) on the main process.

@@ -26,11 +26,12 @@ from ..io_utils import check_writable_dir
 from ..noise import DEFAULT_DDPM_LEVELS, EDMNoise, NoiseLevel
 from .baselines import pixel_features, random_init
 from .cache import EVAL_VIEW, FeatureCache, View
-from .fused import HEAD_KINDS, concatenate, fused_candidates, fused_entry, train_mlp_heads
+from .fused import HEAD_KINDS, fused_candidates, fused_entry, train_mlp_heads
 from .halving import successive_halving
-from .heads import PAPER_RECIPE, ProbeRecipe, choose_lr, train_heads
-from .knn import knn_accuracy
+from .heads import PAPER_RECIPE, ProbeRecipe, choose_lr, head_accuracies, train_heads
+from .knn import knn_accuracies
 from .result import ProbeCell, ProbeResult
+from .table import FeatureTable
 
 logger = logging.getLogger(__name__)
 DEFAULT_TIMESTEPS = DEFAULT_DDPM_LEVELS  # the DDPM grid; EDM models default to EDMNoise.default_levels()
@@ -272,50 +273,47 @@ class Stopwatch:
         self._wall, self._cpu = wall, cpu
 
 
-def _rows(features: dict, rows: list[int]) -> dict:
-    index = torch.as_tensor(rows)
-    return {key: value[index] for key, value in features.items()}
-
-
-def _score(fit, knn_bank: torch.Tensor, knn_labels: torch.Tensor, eval_x: torch.Tensor, eval_y: torch.Tensor) -> dict:
-    """One cell's entry of ``results.json``: test linear and kNN accuracy, dim, chosen lr, validation accuracy."""
+def _scores(fits: dict, knn_bank: FeatureTable, knn_labels: torch.Tensor, eval_x: FeatureTable,
+            eval_y: torch.Tensor) -> dict:
+    """``{key: entry of results.json}``: test linear and kNN accuracy, dim, chosen lr, validation accuracy; the test
+    features are read in blocks, once for all heads and once per block of the kNN bank."""
+    linear = head_accuracies({key: [fit.head] for key, fit in fits.items()}, eval_x, eval_y)
+    knn = knn_accuracies(knn_bank, knn_labels, eval_x, eval_y)
     return {
-        "feature_dim": eval_x.shape[1],
-        "linear_acc": fit.head.accuracy(eval_x, eval_y),
-        "knn_acc": knn_accuracy(knn_bank, knn_labels, eval_x, eval_y),
-        "lr": fit.lr,
-        "val_acc": fit.val_acc,
-        "val_accs": fit.val_accs,
+        key: {
+            "feature_dim": eval_x.dims[key],
+            "linear_acc": linear[key][0],
+            "knn_acc": knn[key],
+            "lr": fit.lr,
+            "val_acc": fit.val_acc,
+            "val_accs": fit.val_accs,
+        }
+        for key, fit in fits.items()
     }
 
 
 def _fit_heads(
-    prep: Prepared, views: list[dict], recipe: ProbeRecipe, trainer: Callable | None = None
-) -> tuple[dict, dict, torch.Tensor]:
+    prep: Prepared, views: list[FeatureTable], recipe: ProbeRecipe, trainer: Callable | None = None
+) -> tuple[dict, FeatureTable, torch.Tensor]:
     """Heads of every cell on the fit rows of all train views (lr chosen on their validation rows);
     also the kNN bank (fit rows of the first view) and its labels. ``trainer``: ``train_heads`` (linear) or
-    ``fused.train_mlp_heads``."""
-    keys = list(views[0])
-    fit_x = {key: torch.cat([_rows(v, prep.fit_rows)[key] for v in views]) for key in keys}
-    val_x = {key: torch.cat([_rows(v, prep.val_rows)[key] for v in views]) for key in keys}
+    ``fused.train_mlp_heads``. The views are tables: nothing is copied, rows are read per mini-batch."""
+    fit_x = FeatureTable.concat_rows([view.subset(prep.fit_rows) for view in views])
+    val_x = FeatureTable.concat_rows([view.subset(prep.val_rows) for view in views])
     fit_y = prep.train_labels[prep.fit_rows].repeat(len(views))
     val_y = prep.train_labels[prep.val_rows].repeat(len(views))
     fits = (trainer or train_heads)(fit_x, fit_y, prep.num_labels, recipe, val_x, val_y, seed=prep.config.seed)
-    return fits, _rows(views[0], prep.fit_rows), prep.train_labels[prep.fit_rows]
+    return fits, views[0].subset(prep.fit_rows), prep.train_labels[prep.fit_rows]
 
 
-def _fused_probes(prep: Prepared, views: list[dict], eval_features: dict, cells: list[ProbeCell],
+def _fused_probes(prep: Prepared, views: list[FeatureTable], eval_features: FeatureTable, cells: list[ProbeCell],
                   recipe: ProbeRecipe) -> list[dict]:
     """Heads and kNN on concatenations of cells (see ``fused.py``), one entry each, best on validation first."""
     candidates = fused_candidates(cells)
-    fused_views = [concatenate(view, candidates) for view in views]
     trainer = train_mlp_heads if prep.config.fused_head == "mlp" else train_heads
-    fits, knn_bank, knn_labels = _fit_heads(prep, fused_views, recipe, trainer)
-    eval_x = concatenate(eval_features, candidates)
-    entries = [
-        fused_entry(name, keys, _score(fits[name], knn_bank[name], knn_labels, eval_x[name], prep.eval_labels))
-        for name, keys in candidates.items()
-    ]
+    fits, knn_bank, knn_labels = _fit_heads(prep, [view.fuse(candidates) for view in views], recipe, trainer)
+    scores = _scores(fits, knn_bank, knn_labels, eval_features.fuse(candidates), prep.eval_labels)
+    entries = [fused_entry(name, keys, scores[name]) for name, keys in candidates.items()]
     return sorted(entries, key=lambda e: (-e["val_acc"], -e["linear_acc"]))
 
 
@@ -323,14 +321,13 @@ def _pixel_baseline(prep: Prepared, recipe: ProbeRecipe, progress: bool) -> dict
     """The grid's heads and kNN on flattened raw pixels of the same views and rows."""
     config = prep.config
 
-    def pixels(dataset, view: View) -> dict:
-        return {"pixels": pixel_features(dataset, prep.image_column, view, prep.resolution, config.seed,
-                                         progress=progress)}
+    def pixels(dataset, view: View) -> FeatureTable:
+        return FeatureTable.from_tensors({"pixels": pixel_features(dataset, prep.image_column, view, prep.resolution,
+                                                                   config.seed, progress=progress)})
 
     views = [pixels(prep.train, view) for view in train_views(config)]
-    eval_x = pixels(prep.eval, EVAL_VIEW)["pixels"]
     fits, knn_bank, knn_labels = _fit_heads(prep, views, recipe)
-    return _score(fits["pixels"], knn_bank["pixels"], knn_labels, eval_x, prep.eval_labels)
+    return _scores(fits, knn_bank, knn_labels, pixels(prep.eval, EVAL_VIEW), prep.eval_labels)["pixels"]
 
 
 def run_probe(
@@ -392,12 +389,8 @@ def run_probe(
         accelerator.wait_for_everyone()
         return None
 
-    cells = [
-        ProbeCell(layer, t, **_score(fits[layer, t], knn_bank[layer, t], knn_labels, eval_features[layer, t],
-                                     prep.eval_labels))
-        for layer in prep.layers
-        for t in prep.timesteps
-    ]
+    scores = _scores(fits, FeatureTable.from_tensors(knn_bank), knn_labels, eval_features, prep.eval_labels)
+    cells = [ProbeCell(layer, t, **scores[layer, t]) for layer in prep.layers for t in prep.timesteps]
     best = cells[choose_lr([cell.val_acc for cell in cells])]
     clock.lap("score")
     fused = []

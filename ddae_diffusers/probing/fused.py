@@ -15,8 +15,19 @@ import torch
 import torch.nn.functional as F
 
 from ..noise import NoiseLevel
-from .heads import CellFit, ProbeRecipe, accuracy, choose_lr, feature_stats, minibatches, single_thread, standardize
+from .heads import (
+    CellFit,
+    ProbeRecipe,
+    accuracy,
+    checked_table,
+    choose_lr,
+    head_accuracies,
+    minibatches,
+    single_thread,
+    standardize,
+)
 from .result import ProbeCell, cell_key
+from .table import FeatureTable, column_stats
 
 Key = tuple[str, NoiseLevel]
 TOP_KS = (2, 3, 5)
@@ -32,13 +43,6 @@ def fused_candidates(cells: Sequence[ProbeCell], top_ks: Sequence[int] = TOP_KS)
     candidates[f"{best.layer}@all"] = [(c.layer, c.timestep) for c in cells if c.layer == best.layer]
     candidates[f"all@{best.timestep}"] = [(c.layer, c.timestep) for c in cells if c.timestep == best.timestep]
     return {name: keys for name, keys in candidates.items() if len(keys) > 1}
-
-
-def concatenate(
-    features: Mapping[Key, torch.Tensor], candidates: Mapping[str, Sequence[Key]]
-) -> dict[str, torch.Tensor]:
-    """``{name: (N, sum of D)}``: each candidate's cells side by side, float32."""
-    return {name: torch.cat([features[key].float() for key in keys], dim=1) for name, keys in candidates.items()}
 
 
 def fused_entry(name: str, keys: Sequence[Key], score: dict) -> dict:
@@ -64,26 +68,29 @@ class MLPHead:
 
 
 def train_mlp_heads(
-    train_features: Mapping[str, torch.Tensor],
+    train_features: FeatureTable | Mapping[str, torch.Tensor],
     train_labels: torch.Tensor,
     num_classes: int,
     recipe: ProbeRecipe,
-    val_features: Mapping[str, torch.Tensor],
+    val_features: FeatureTable | Mapping[str, torch.Tensor],
     val_labels: torch.Tensor,
     seed: int = 0,
     hidden: int = MLP_HIDDEN,
 ) -> dict[str, CellFit]:
     """One MLP head per input and learning rate (Adam, cosine, ``recipe``'s epochs and batch size, standardised
-    inputs); each input's head with the best validation accuracy, as ``train_heads`` does for linear heads."""
+    inputs, read one mini-batch at a time); each input's head with the best validation accuracy, as
+    ``train_heads`` does for linear heads."""
     labels = train_labels.long()
+    train = checked_table(train_features, labels)
+    val = checked_table(val_features, val_labels)
     fits = {}
-    for key, x in train_features.items():
-        mean, var = feature_stats(x)
-        inputs = standardize(x, mean, var)
-        candidates, val_accs = [], []
+    for key in train:
+        column = train.select([key])
+        mean, var = column_stats(column)[key]
+        candidates = []
         for lr in recipe.lrs:
             torch.manual_seed(seed)
-            net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], hidden), torch.nn.ReLU(),
+            net = torch.nn.Sequential(torch.nn.Linear(train.dims[key], hidden), torch.nn.ReLU(),
                                       torch.nn.Linear(hidden, num_classes))
             optimizer = torch.optim.Adam(net.parameters(), lr=lr)
             steps = recipe.epochs * -(-labels.shape[0] // recipe.batch_size)
@@ -92,17 +99,17 @@ def train_mlp_heads(
             with single_thread():
                 for _ in range(recipe.epochs):
                     for index in minibatches(labels.shape[0], recipe.batch_size, generator):
-                        loss = F.cross_entropy(net(inputs[index]), labels[index])
+                        inputs = standardize(column.read(index)[key], mean, var)
+                        loss = F.cross_entropy(net(inputs), labels[index])
                         optimizer.zero_grad(set_to_none=True)
                         loss.backward()
                         optimizer.step()
                         schedule.step()
-            head = MLPHead(net.eval(), mean, var)
-            candidates.append(head)
-            val_accs.append(head.accuracy(val_features[key], val_labels))
+            candidates.append(MLPHead(net.eval(), mean, var))
+        val_accs = head_accuracies({key: candidates}, val, val_labels)[key]
         chosen = choose_lr(val_accs)
         fits[key] = CellFit(candidates[chosen], recipe.lrs[chosen], val_accs[chosen], val_accs)
     return fits
 
 
-__all__ = ["HEAD_KINDS", "MLPHead", "TOP_KS", "concatenate", "fused_candidates", "fused_entry", "train_mlp_heads"]
+__all__ = ["HEAD_KINDS", "MLPHead", "TOP_KS", "fused_candidates", "fused_entry", "train_mlp_heads"]

@@ -65,9 +65,8 @@ def successive_halving(
             fit_index = torch.tensor([position[row] for row in fit])
             val_index = torch.tensor([position[row] for row in val])
             fits = train_heads(
-                {key: value[fit_index] for key, value in features.items()}, prep.train_labels[fit],
-                prep.num_labels, recipe, {key: value[val_index] for key, value in features.items()},
-                prep.train_labels[val], seed=config.seed,
+                features.subset(fit_index), prep.train_labels[fit], prep.num_labels, recipe,
+                features.subset(val_index), prep.train_labels[val], seed=config.seed,
             )
             best = {t: max(((fits[layer, t].val_acc, layer) for layer in prep.layers), key=lambda v: v[0])
                     for t in levels}

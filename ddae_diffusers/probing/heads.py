@@ -5,6 +5,9 @@ one pass over the same mini-batches (as DINOv2's linear evaluation), with Adam a
 schedule. Features are standardised with training statistics before the head by default: a
 ``BatchNorm1d(D, affine=False, eps=1e-5)`` in eval mode with running stats ``mean``/``var``.
 Each cell's learning rate is chosen on held-out validation data, never on test data.
+
+Features come as a :class:`~ddae_diffusers.probing.table.FeatureTable` (or a mapping of tensors) and are read one
+mini-batch at a time: memory holds the heads and one (batch, sum of widths) block, whatever the number of rows.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UsageError
+from .table import FeatureTable, column_stats
 
 EPS = 1e-5
 NORMALIZATIONS = ("standardize", "none")
@@ -47,12 +51,6 @@ class ProbeRecipe:
 
 
 PAPER_RECIPE = ProbeRecipe(lrs=(1e-3,), epochs=15, batch_size=128, normalization="none")
-
-
-def feature_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-dimension mean and (biased) variance of (N, D) features, each (D,) float32."""
-    x = x.double()
-    return x.mean(0).float(), x.var(0, unbiased=False).float()
 
 
 def standardize(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
@@ -164,11 +162,6 @@ class HeadBank(torch.nn.Module):
         mean, var = stats if stats is not None else (None, None)
         return LinearHead(weight.detach().clone(), bias.detach().clone(), mean, var)
 
-    @torch.no_grad()
-    def predict(self, key: Hashable, x: torch.Tensor) -> torch.Tensor:
-        """(N, D) head input of one cell -> (L, N) predicted classes, one row per lr."""
-        return torch.stack([self.head(key, i, None).logits(x).argmax(1) for i in range(len(self.lrs))])
-
 
 @contextlib.contextmanager
 def single_thread() -> Iterator[None]:
@@ -196,69 +189,86 @@ def choose_lr(val_accs: Sequence[float]) -> int:
     return max(range(len(val_accs)), key=lambda i: (val_accs[i], -i))
 
 
+def checked_table(features: FeatureTable | Mapping[Hashable, torch.Tensor], labels: torch.Tensor) -> FeatureTable:
+    """``features`` as a table whose rows match ``labels`` (N,); a one-line error otherwise."""
+    table = FeatureTable.from_tensors(features)
+    if table.num_rows != labels.shape[0]:
+        raise UsageError(f"{table.num_rows} feature rows do not match {labels.shape[0]} labels.")
+    return table
+
+
+def head_accuracies(
+    heads: Mapping[Hashable, Sequence], features: FeatureTable, labels: torch.Tensor
+) -> dict[Hashable, list[float]]:
+    """``{key: [accuracy in [0, 1] of each head]}`` on ``features[key]``, read in blocks; a head is anything with
+    ``logits((B, D) raw features) -> (B, C)``."""
+    correct = {key: [0] * len(models) for key, models in heads.items()}
+    for rows, block in features.select(heads).chunks():
+        labels_block = labels[torch.from_numpy(rows)].long()
+        with torch.no_grad():
+            for key, models in heads.items():
+                for i, head in enumerate(models):
+                    correct[key][i] += int((head.logits(block[key]).argmax(1) == labels_block).sum())
+    return {key: [c / max(features.num_rows, 1) for c in counts] for key, counts in correct.items()}
+
+
 def train_heads(
-    train_features: Mapping[Hashable, torch.Tensor],
+    train_features: FeatureTable | Mapping[Hashable, torch.Tensor],
     train_labels: torch.Tensor,
     num_classes: int,
     recipe: ProbeRecipe = ProbeRecipe(),
-    val_features: Mapping[Hashable, torch.Tensor] | None = None,
+    val_features: FeatureTable | Mapping[Hashable, torch.Tensor] | None = None,
     val_labels: torch.Tensor | None = None,
     seed: int = 0,
 ) -> dict[Hashable, CellFit]:
     """Trains one head per cell and learning rate on (N, D_cell) features; returns each cell's chosen head.
 
     With several learning rates, the choice is made on ``val_features``/``val_labels`` (held-out
-    training data); with one, validation is optional and only reported.
+    training data); with one, validation is optional and only reported. Features are read one mini-batch at a
+    time (and once more, in blocks, for the standardisation statistics).
     """
-    keys = list(train_features)
     if len(recipe.lrs) > 1 and val_features is None:
         raise UsageError("Choosing among several learning rates needs validation features (val_features).")
     labels = train_labels.long()
-    stats = {}
-    inputs = {}
-    for key in keys:
-        x = train_features[key]
-        if x.ndim != 2 or x.shape[0] != labels.shape[0]:
-            raise UsageError(f"Cell {key!r}: features {tuple(x.shape)} do not match {labels.shape[0]} labels.")
-        if recipe.normalization == "standardize":
-            stats[key] = feature_stats(x)
-            inputs[key] = standardize(x, *stats[key])
-        else:
-            inputs[key] = x.float()
+    train = checked_table(train_features, labels)
+    stats = column_stats(train) if recipe.normalization == "standardize" else {}
 
-    bank = HeadBank({key: inputs[key].shape[1] for key in keys}, num_classes, recipe.lrs)
-    stacked = bank.stack(inputs)
-    del inputs
+    def inputs(rows: torch.Tensor) -> dict[Hashable, torch.Tensor]:
+        block = train.read(rows)
+        return {key: standardize(x, *stats[key]) if stats else x.float() for key, x in block.items()}
+
+    bank = HeadBank(train.dims, num_classes, recipe.lrs)
     optimizer, schedule = bank.optimizer(recipe.epochs * steps_per_epoch(labels.shape[0], recipe.batch_size))
     generator = torch.Generator().manual_seed(seed)
     with single_thread():
         for _ in range(recipe.epochs):
             for index in minibatches(labels.shape[0], recipe.batch_size, generator):
-                loss = bank.loss([x[:, index] for x in stacked], labels[index])
+                loss = bank.loss(bank.stack(inputs(index)), labels[index])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 schedule.step()
-    return select_heads(bank, stats, val_features, val_labels)
+    val = None if val_features is None else checked_table(val_features, val_labels)
+    return select_heads(bank, stats, val, val_labels)
 
 
 def select_heads(
     bank: HeadBank,
     stats: Mapping[Hashable, tuple[torch.Tensor, torch.Tensor]],
-    val_features: Mapping[Hashable, torch.Tensor] | None,
+    val_features: FeatureTable | Mapping[Hashable, torch.Tensor] | None,
     val_labels: torch.Tensor | None,
 ) -> dict[Hashable, CellFit]:
     """Each cell's head with the best validation accuracy (the only head when there is one lr)."""
+    candidates = {key: [bank.head(key, i, stats.get(key)) for i in range(len(bank.lrs))] for key in bank.keys}
+    all_val_accs = {}
+    if val_features is not None:
+        all_val_accs = head_accuracies(candidates, FeatureTable.from_tensors(val_features), val_labels)
     fits = {}
     for key in bank.keys:
-        val_accs: list[float] = []
-        if val_features is not None:
-            x = val_features[key]
-            x = standardize(x, *stats[key]) if key in stats else x.float()
-            val_accs = [accuracy(p, val_labels) for p in bank.predict(key, x)]
+        val_accs = all_val_accs.get(key, [])
         chosen = choose_lr(val_accs) if val_accs else 0
         fits[key] = CellFit(
-            bank.head(key, chosen, stats.get(key)),
+            candidates[key][chosen],
             bank.lrs[chosen],
             val_accs[chosen] if val_accs else None,
             val_accs,

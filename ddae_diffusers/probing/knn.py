@@ -1,9 +1,75 @@
-"""Weighted k-nearest-neighbour classification on frozen features (as in DINO)."""
+"""Weighted k-nearest-neighbour classification on frozen features (as in DINO).
+
+Bank and queries are :class:`~ddae_diffusers.probing.table.FeatureTable` s read in blocks: each block of queries
+keeps its running top-k over the bank's blocks, so memory holds two blocks and a (block, block) similarity matrix,
+never the whole bank.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Iterator, Mapping
+
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .table import CHUNK_ROWS, FeatureTable
+
+
+def knn_predictions(
+    bank: FeatureTable,
+    bank_labels: torch.Tensor,
+    queries: FeatureTable,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk_size: int = CHUNK_ROWS,
+) -> Iterator[tuple[np.ndarray, dict[Hashable, torch.Tensor]]]:
+    """Per block of query rows: ``(rows, {key: predicted classes (len(rows),)})`` for every key of ``queries``.
+
+    Cosine similarity; each of the ``k`` nearest bank rows (labels ``bank_labels`` (N,)) votes for its class with
+    weight ``exp(similarity / temperature)``.
+    """
+    labels = bank_labels.long()
+    keys = list(queries)
+    bank = bank.select(keys)
+    for rows, block in queries.chunks(chunk_size):
+        query = {key: F.normalize(block[key].float(), dim=1) for key in keys}
+        top_sim = {key: torch.empty(len(rows), 0) for key in keys}
+        top_label = {key: torch.empty(len(rows), 0, dtype=torch.long) for key in keys}
+        for bank_rows, bank_block in bank.chunks(chunk_size):
+            for key in keys:
+                similarity = query[key] @ F.normalize(bank_block[key].float(), dim=1).T
+                similarity, index = similarity.topk(min(k, similarity.shape[1]), dim=1)
+                merged = torch.cat([top_sim[key], similarity], dim=1)
+                merged_labels = torch.cat([top_label[key], labels[torch.from_numpy(bank_rows)][index]], dim=1)
+                top_sim[key], best = merged.topk(min(k, merged.shape[1]), dim=1)
+                top_label[key] = merged_labels.gather(1, best)
+        predictions = {}
+        for key in keys:
+            votes = torch.zeros(len(rows), num_classes)
+            votes.scatter_add_(1, top_label[key], (top_sim[key] / temperature).exp())
+            predictions[key] = votes.argmax(dim=1)
+        yield rows, predictions
+
+
+def knn_accuracies(
+    bank: FeatureTable | Mapping[Hashable, torch.Tensor],
+    bank_labels: torch.Tensor,
+    queries: FeatureTable | Mapping[Hashable, torch.Tensor],
+    query_labels: torch.Tensor,
+    k: int = 20,
+    temperature: float = 0.07,
+) -> dict[Hashable, float]:
+    """``{key: top-1 accuracy in [0, 1]}`` of :func:`knn_predictions` for every key of ``queries``."""
+    bank, queries = FeatureTable.from_tensors(bank), FeatureTable.from_tensors(queries)
+    num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
+    correct = dict.fromkeys(queries, 0)
+    for rows, predicted in knn_predictions(bank, bank_labels, queries, num_classes, k, temperature):
+        expected = query_labels[torch.from_numpy(rows)].long()
+        for key, values in predicted.items():
+            correct[key] += int((values == expected).sum())
+    return {key: count / max(queries.num_rows, 1) for key, count in correct.items()}
 
 
 def knn_predict(
@@ -13,24 +79,13 @@ def knn_predict(
     num_classes: int,
     k: int = 20,
     temperature: float = 0.07,
-    chunk_size: int = 1024,
+    chunk_size: int = CHUNK_ROWS,
 ) -> torch.Tensor:
-    """Predicted classes (Q,) for ``query_features`` (Q, D) from a bank (N, D) with labels (N,).
-
-    Cosine similarity; each of the ``k`` nearest neighbours votes for its class with
-    weight ``exp(similarity / temperature)``.
-    """
-    bank = F.normalize(train_features.float(), dim=1)
-    labels = train_labels.long()
-    k = min(k, bank.shape[0])
-    predictions = []
-    for start in range(0, query_features.shape[0], chunk_size):
-        query = F.normalize(query_features[start : start + chunk_size].float(), dim=1)
-        similarity, index = (query @ bank.T).topk(k, dim=1)
-        votes = torch.zeros(query.shape[0], num_classes)
-        votes.scatter_add_(1, labels[index], (similarity / temperature).exp())
-        predictions.append(votes.argmax(dim=1))
-    return torch.cat(predictions)
+    """Predicted classes (Q,) for ``query_features`` (Q, D) from a bank (N, D) with labels (N,)."""
+    bank = FeatureTable.from_tensors({"x": train_features})
+    queries = FeatureTable.from_tensors({"x": query_features})
+    blocks = knn_predictions(bank, train_labels, queries, num_classes, k, temperature, chunk_size)
+    return torch.cat([predicted["x"] for _, predicted in blocks])
 
 
 def knn_accuracy(
@@ -41,7 +96,5 @@ def knn_accuracy(
     k: int = 20,
     temperature: float = 0.07,
 ) -> float:
-    """Top-1 accuracy in [0, 1] of :func:`knn_predict` on ``eval_features``."""
-    num_classes = int(max(train_labels.max(), eval_labels.max())) + 1
-    predicted = knn_predict(train_features, train_labels, eval_features, num_classes, k, temperature)
-    return (predicted == eval_labels.long()).float().mean().item()
+    """Top-1 accuracy in [0, 1] of :func:`knn_predict` on ``eval_features`` (Q, D)."""
+    return knn_accuracies({"x": train_features}, train_labels, {"x": eval_features}, eval_labels, k, temperature)["x"]
