@@ -33,8 +33,8 @@ from ddae_diffusers.io_utils import atomic_path
 from ddae_diffusers.training_step import train_step
 
 
-def plain_step(model, optimizer, scheduler, images, generator) -> None:
-    """One fp32 step as diffusers' unconditional example does it without mixed precision or EMA."""
+def plain_step(model, optimizer, scheduler, images, generator) -> torch.Tensor:
+    """One fp32 step as diffusers' unconditional example does it without mixed precision or EMA; returns the loss."""
     noise = torch.randn(images.shape, generator=generator)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (images.shape[0],), generator=generator)
     loss = F.mse_loss(model(scheduler.add_noise(images, noise, t), t).sample, noise)
@@ -42,6 +42,7 @@ def plain_step(model, optimizer, scheduler, images, generator) -> None:
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
     optimizer.zero_grad()
+    return loss.detach()
 
 
 def bench_preset(name: str, batch_size: int, steps: int, accelerator: Accelerator) -> dict:

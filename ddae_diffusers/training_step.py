@@ -130,7 +130,7 @@ def train_step(
     """
     noise = torch.randn(clean_images.shape, generator=generator).to(clean_images.device)
     timesteps = noise_axis(noise_scheduler).draw_training_levels(clean_images.shape[0], clean_images.device, generator)
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     forward_kwargs = denoiser_kwargs(unwrapped, clean_images.shape[0], clean_images.device)
     with accelerator.accumulate(model):
         with accelerator.autocast():
