@@ -38,13 +38,14 @@ def pixel_features(
     batch_size: int = 256,
     progress: bool = True,
 ) -> torch.Tensor:
-    """Flattened pixels of one view of a split: (N, 3 * R * R) in [-1, 1], crops/flips as in the grid."""
-    rows = []
+    """Flattened pixels of one view of a split: (N, 3 * R * R) in [-1, 1], crops/flips as in the grid (filled in
+    place: memory holds one copy)."""
+    pixels = torch.empty(len(dataset), 3 * resolution * resolution)
     for start in tqdm(range(0, len(dataset), batch_size), desc="raw pixels", disable=not progress):
         stop = min(start + batch_size, len(dataset))
         images = dataset[start:stop][image_column]
-        rows.append(view.pixels(images, range(start, stop), resolution, seed).flatten(1))
-    return torch.cat(rows)
+        pixels[start:stop] = view.pixels(images, range(start, stop), resolution, seed).flatten(1)
+    return pixels
 
 
 __all__ = ["random_init", "pixel_features"]
