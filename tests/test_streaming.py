@@ -113,3 +113,18 @@ def test_peak_memory_of_heads_does_not_grow_with_the_cache(tmp_path):
     growth_mib, knn = output.split()
     assert int(growth_mib) < 150, f"peak RSS grew by {growth_mib} MiB"
     assert float(knn) > 0.5  # the run did real work on the features
+
+
+def test_cache_files_work_where_there_is_no_pread(tmp_path, monkeypatch):
+    """Windows has no os.pread / os.pwrite: the unit seeks and reads instead, with the same bytes and checksums."""
+    unit, _ = synthetic_unit(str(tmp_path / "posix"), 5000)
+    rows = [4999, 3, 4, 5, 17]
+    expected = unit.read(rows)
+    monkeypatch.delattr(os, "pread")
+    monkeypatch.delattr(os, "pwrite")
+    other, _ = synthetic_unit(str(tmp_path / "portable"), 5000)
+    reopened = CacheUnit(other.folder, other.key, other.num_rows, other.layers, other.dims)
+    reopened.open()  # every recorded checksum verified by seek-and-read
+    assert reopened.complete
+    for layer, values in reopened.read(rows).items():
+        assert torch.equal(values, expected[layer])

@@ -153,7 +153,7 @@ class CacheUnit:
             array = np.lib.format.open_memmap(self.array_path, mode="w+", dtype=np.float16, shape=self.shape)
             array.flush()
         self._data_offset = int(array.offset)
-        del array  # unmapped: rows are read and written with pread / pwrite
+        del array  # unmapped: rows are read and written at their byte offsets
         self._file = open(self.array_path, "r+b")
         self.done[:] = False
         for start, stop in self._verified_ranges():
@@ -175,11 +175,28 @@ class CacheUnit:
                     ranges.append((start, stop))
         return ranges
 
+    def _pread(self, size: int, position: int) -> bytes:
+        """Up to ``size`` bytes at byte ``position`` of the features file (seek and read where there is no pread)."""
+        if hasattr(os, "pread"):
+            return os.pread(self._file.fileno(), size, position)
+        self._file.seek(position)
+        return self._file.read(size)
+
+    def _pwrite(self, data: bytes, position: int) -> None:
+        if hasattr(os, "pwrite"):
+            written = os.pwrite(self._file.fileno(), data, position)
+        else:
+            self._file.seek(position)
+            written = self._file.write(data)
+            self._file.flush()
+        if written != len(data):
+            raise OSError(f"Short write to {self.array_path} (is the disk full?).")
+
     def _read_bytes(self, start: int, stop: int) -> Iterator[bytes]:
         """The bytes of rows ``start:stop``, in pieces of at most 64 MiB."""
         position, end = self._data_offset + start * self.row_bytes, self._data_offset + stop * self.row_bytes
         while position < end:
-            piece = os.pread(self._file.fileno(), min(end - position, 1 << 26), position)
+            piece = self._pread(min(end - position, 1 << 26), position)
             if not piece:
                 raise OSError(f"{self.array_path} ends before row {stop}.")
             position += len(piece)
@@ -198,10 +215,10 @@ class CacheUnit:
         starts = np.flatnonzero(np.diff(ids, prepend=-2) != 1)  # where each run of consecutive ids begins
         stops = np.append(starts[1:], len(ids))
         ordered = np.empty((len(ids), self.offsets[-1]), dtype=np.float16)
-        fd, row_bytes, offset = self._file.fileno(), self.row_bytes, self._data_offset
+        row_bytes, offset = self.row_bytes, self._data_offset
         for first, stop, row in zip(starts.tolist(), stops.tolist(), ids[starts].tolist(), strict=True):
             size = (stop - first) * row_bytes
-            data = os.pread(fd, size, offset + row * row_bytes) if size <= 1 << 26 else b""
+            data = self._pread(size, offset + row * row_bytes) if size <= 1 << 26 else b""
             if len(data) != size:  # a run over 64 MiB, or a short read
                 data = b"".join(self._read_bytes(row, row + stop - first))
             ordered[first:stop] = np.frombuffer(data, dtype=np.float16).reshape(stop - first, -1)
@@ -222,9 +239,7 @@ class CacheUnit:
         runs = [(int(run[0]), int(run[-1]) + 1) for run in np.split(ids, breaks)]
         first = 0
         for start, stop in runs:
-            data = block[first : first + stop - start].tobytes()
-            if os.pwrite(self._file.fileno(), data, self._data_offset + start * self.row_bytes) != len(data):
-                raise OSError(f"Short write to {self.array_path} (is the disk full?).")
+            self._pwrite(block[first : first + stop - start].tobytes(), self._data_offset + start * self.row_bytes)
             first += stop - start
         os.fsync(self._file.fileno())
         with open(self.progress_path, "a") as f:
