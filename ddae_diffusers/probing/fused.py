@@ -18,7 +18,6 @@ from ..noise import NoiseLevel
 from .heads import (
     CellFit,
     ProbeRecipe,
-    accuracy,
     checked_table,
     choose_lr,
     head_accuracies,
@@ -62,9 +61,6 @@ class MLPHead:
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """(N, D) raw features -> (N, C) logits."""
         return self.net(standardize(x, self.mean, self.var))
-
-    def accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        return accuracy(self.logits(x).argmax(1), y)
 
 
 def train_mlp_heads(

@@ -38,11 +38,12 @@ def knn_predictions(
         top_sim = {key: torch.empty(len(rows), 0) for key in keys}
         top_label = {key: torch.empty(len(rows), 0, dtype=torch.long) for key in keys}
         for bank_rows, bank_block in bank.chunks(chunk_size):
+            block_labels = labels[torch.from_numpy(bank_rows)]
             for key in keys:
                 similarity = query[key] @ F.normalize(bank_block[key].float(), dim=1).T
                 similarity, index = similarity.topk(min(k, similarity.shape[1]), dim=1)
                 merged = torch.cat([top_sim[key], similarity], dim=1)
-                merged_labels = torch.cat([top_label[key], labels[torch.from_numpy(bank_rows)][index]], dim=1)
+                merged_labels = torch.cat([top_label[key], block_labels[index]], dim=1)
                 top_sim[key], best = merged.topk(min(k, merged.shape[1]), dim=1)
                 top_label[key] = merged_labels.gather(1, best)
         predictions = {}
