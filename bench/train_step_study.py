@@ -10,7 +10,7 @@ hits all alike, and the median step time after the warm-up is reported.
     with the script's EMA, fp32;
   * ``+foreach_adamw`` / ``+fused_adamw``: the AdamW implementation; ``+ema_foreach``: ``EMAModel(foreach=True)``;
   * ``+channels_last``: model and batch in channels-last memory format; ``+compile``: ``torch.compile`` (inductor),
-    its compile time reported apart;
+    its compile time reported apart; ``+bf16``: the step under bf16 autocast (what ``--mixed_precision bf16`` does);
   * options joined by ``+`` (``channels_last+foreach_adamw``) make one variant with all of them.
 
     python bench/train_step_study.py --preset ddpm-cifar10-32 --batch_size 32 --steps 3 [--variants ...]
@@ -35,7 +35,7 @@ from ddae_diffusers import build_denoiser
 from ddae_diffusers.io_utils import atomic_path
 from ddae_diffusers.training_step import train_step
 
-OPTIONS = ("foreach_adamw", "fused_adamw", "ema_foreach", "channels_last", "compile")
+OPTIONS = ("bf16", "foreach_adamw", "fused_adamw", "ema_foreach", "channels_last", "compile")
 
 
 def make_variant(base: torch.nn.Module, options: set[str], images: torch.Tensor, accelerator: Accelerator):
@@ -54,7 +54,14 @@ def make_variant(base: torch.nn.Module, options: set[str], images: torch.Tensor,
     model, optimizer, lr_schedule = accelerator.prepare(model, optimizer, lr_schedule)
     generator = torch.Generator().manual_seed(0)
     scheduler = DDPMScheduler()
-    return lambda: train_step(accelerator, model, optimizer, lr_schedule, scheduler, batch, generator, ema=ema)
+    device, bf16 = accelerator.device.type, "bf16" in options
+
+    def step() -> torch.Tensor:
+        # the accelerator runs fp32, so its own autocast inside this one is a no-op
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            return train_step(accelerator, model, optimizer, lr_schedule, scheduler, batch, generator, ema=ema)
+
+    return step
 
 
 def plain_variant(base: torch.nn.Module, images: torch.Tensor):

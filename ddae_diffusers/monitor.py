@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from diffusers import SchedulerMixin
 
-from .capture import DDAEBackbone, Denoiser
+from .capture import EXTRACTION_BATCH_SIZE, DDAEBackbone, Denoiser
 from .data import detect_image_column, detect_label_column, images_to_tensor
 from .errors import UsageError
 from .families import family_of
@@ -119,7 +119,7 @@ class ProbeMonitor:
         data: ProbeData,
         layer: str,
         timestep: int,
-        batch_size: int = 256,
+        batch_size: int = EXTRACTION_BATCH_SIZE,
         dtype: torch.dtype | None = None,
         linear_epochs: int = 30,
         linear_lr: float = 3e-3,

@@ -246,3 +246,30 @@ def test_readme_snippet_runs_on_every_family(name, layouts):
     assert namespace["dense"].shape == (2, dim, side, side)
     empty = backbone.encode_prompt("")["encoder_hidden_states"]
     assert not torch.equal(backbone.conditioning["encoder_hidden_states"], empty)  # the dog prompt is in use
+
+
+@pytest.mark.parametrize("name", ["sd15", "flux"])
+def test_several_levels_in_one_forward_give_the_same_features(name, layouts):
+    backbone = DDAEBackbone.from_pretrained(layouts[name])
+    _, objective, layers = CASES[name]
+    levels = [10, 100, 400] if objective == "ddpm" else [0.05, 0.3, 0.7]
+    x = pixels(3, RESOLUTIONS[name])
+    backbone.layers  # the catalogue's trace, before counting
+    calls = [0]  # forwards started (a pre-hook: the early exit skips the denoiser's forward hooks)
+    backbone.denoiser.register_forward_pre_hook(lambda *args: calls.__setitem__(0, calls[0] + 1))
+    one_by_one = backbone.features(x, layers, levels, seed=2)
+    assert calls[0] == 3
+    for per_forward, forwards in ((3, 1), (2, 2)):
+        stacked = backbone.features(x, layers, levels, seed=2, levels_per_forward=per_forward)
+        assert calls[0] == 3 + forwards
+        calls[0] = 3
+        for key, value in one_by_one.items():
+            torch.testing.assert_close(stacked[key], value, rtol=1e-4, atol=1e-5)
+    # per-example conditioning (batch B) is repeated for each stacked level
+    per_example = {key: torch.cat([value] * 3) for key, value in backbone.encode_prompt("a cat").items()
+                   if key != "txt_ids"} | {k: v for k, v in backbone.conditioning.items() if k == "txt_ids"}
+    backbone.set_conditioning(per_example)
+    torch.testing.assert_close(backbone.features(x, layers, levels, levels_per_forward=3)[layers[0], levels[1]],
+                               backbone.features(x, layers, levels)[layers[0], levels[1]], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="levels_per_forward must be an integer >= 1"):
+        backbone.features(x, layers, levels, levels_per_forward=0)

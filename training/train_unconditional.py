@@ -48,7 +48,7 @@ from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from ddae_diffusers import DDAEBackbone
-from ddae_diffusers.capture import derive_seed
+from ddae_diffusers.capture import EXTRACTION_BATCH_SIZE, derive_seed
 from ddae_diffusers.checkpoints import checkpoint_step, list_checkpoints, resolve_checkpoint, save_checkpoint
 from ddae_diffusers.data import conversion_note, detect_image_column, detect_label_column, to_rgb_array
 from ddae_diffusers.errors import ArgumentParser, UsageError, fail, run_command
@@ -156,7 +156,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     probe.add_argument("--probe_dataset_name", type=str, default=None,
                        help="Labelled data set for probing (default: the training data set's labelled splits).")
     probe.add_argument("--probe_dataset_config_name", type=str, default=None)
-    probe.add_argument("--probe_batch_size", type=int, default=256)
+    probe.add_argument("--probe_batch_size", type=int, default=EXTRACTION_BATCH_SIZE)
     probe.add_argument("--probe_linear_epochs", type=int, default=30,
                        help="Epochs of the quick linear probe (0: kNN only).")
     probe.add_argument("--probe_linear_lr", type=float, default=3e-3)
@@ -598,7 +598,7 @@ def main(args: argparse.Namespace) -> str:
     )
 
     # ---- training loop
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     first_epoch = state.global_step // steps_per_epoch
     skip_batches = (state.global_step % steps_per_epoch) * args.gradient_accumulation_steps
     progress = tqdm(total=max_train_steps, initial=state.global_step, disable=not accelerator.is_local_main_process,

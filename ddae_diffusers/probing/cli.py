@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 from accelerate.logging import get_logger
 
+from ..capture import EXTRACTION_BATCH_SIZE
 from ..errors import ArgumentParser, UsageError, run_command
 from ..families import UNCONDITIONAL
 from ..hub import create_hub_repo
@@ -70,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--prompt", default=None,
         help="Text-conditioned models (Stable Diffusion, PixArt, SD3, Flux): condition on this prompt (default: the "
              "empty prompt, encoded once with the pipeline's own text encoders).")
-    add("--batch_size", type=int, default=64, help="Extraction batch size.")
+    add("--batch_size", type=int, default=EXTRACTION_BATCH_SIZE,
+        help="Extraction batch size (small batches run fastest on CPU; use more on a GPU).")
     add("--output_dir", required=True)
     add("--cache_dir", default=None, help="Feature cache (default: <output_dir>/feature_cache).")
     add("--train_views", type=int, default=1,

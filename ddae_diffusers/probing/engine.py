@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from ..capture import DDAEBackbone
+from ..capture import EXTRACTION_BATCH_SIZE, DDAEBackbone
 from ..data import conversion_note, detect_image_column, detect_label_column, label_names, load_split
 from ..errors import UsageError
 from ..io_utils import check_writable_dir
@@ -60,7 +60,7 @@ class ProbeConfig:
     timesteps: list[NoiseLevel] | None = None  # default: the model's (DDPM: DEFAULT_TIMESTEPS; EDM: indices 2..8)
     sigma_index: list[int] | None = None  # EDM: levels as indices of the 18-step schedule (DDAE paper: 3, 4, 5)
     resolution: int | None = None  # default: the model's sample size
-    batch_size: int = 64
+    batch_size: int = EXTRACTION_BATCH_SIZE
     train_views: int = 1  # view 0: the clean images; views 1..: augmented with train_augment, fresh noise
     train_augment: str = "crop_flip"
     lrs: list[float] = field(default_factory=lambda: list(ProbeRecipe().lrs))

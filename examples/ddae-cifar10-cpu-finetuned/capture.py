@@ -32,6 +32,9 @@ from .noise import NoiseAxis, NoiseLevel, noise_axis
 Denoiser = nn.Module  # a diffusers denoiser of a supported family (see families.FAMILIES)
 Pooling = str | None  # "avg", "spatial" or None
 POOLINGS = ("avg", "spatial", None)
+# images per forward when extracting features: on CPU, batches of 16 ran 1.6x faster than 64 and 2.3x faster than
+# 256 (bench/extract_study.py, BENCHMARKS.md); pass a larger batch size on a GPU
+EXTRACTION_BATCH_SIZE = 16
 _ENSEMBLE_STREAM = 7  # derive_seed(seed, _ENSEMBLE_STREAM, k): the noise of ensemble draw k >= 1
 
 _RANGE_TOLERANCE = 1e-3
@@ -301,6 +304,17 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def _tiled(conditioning: Conditioning | None, batch_size: int, copies: int) -> Conditioning | None:
+    """Conditioning for ``copies`` stacked copies of a batch: per-example tensors (leading dim ``batch_size`` > 1;
+    Flux's ``txt_ids`` have none) are repeated; batch-1 ones are left to :func:`batched`."""
+    if conditioning is None or copies == 1 or batch_size == 1:
+        return conditioning
+    return {
+        key: torch.cat([value] * copies) if key != "txt_ids" and value.shape[:1] == (batch_size,) else value
+        for key, value in conditioning.items()
+    }
+
+
 class DDAEBackbone:
     """A diffusers denoiser with its noise scheduler (and VAE for latent models), ready to capture.
 
@@ -546,6 +560,7 @@ class DDAEBackbone:
         dtype: torch.dtype | None = None,
         upsample: bool = False,
         ensemble: int = 1,
+        levels_per_forward: int = 1,
     ) -> dict[tuple[str, NoiseLevel], torch.Tensor]:
         """Pooled, dense or raw activations of ``layers`` at each noise level of ``timesteps``.
 
@@ -564,6 +579,8 @@ class DDAEBackbone:
             ensemble: average the features of this many noise draws per image (DIFT's ensemble); draw 0 is the
                 usual noise, draw k >= 1 comes from ``(derive_seed(seed, 7, k), id)``: deterministic per seed and
                 independent of the batch size.
+            levels_per_forward: run this many noise levels of the batch as one forward of ``B x k`` inputs (the
+                same features; whether it is faster depends on the model and hardware, see BENCHMARKS.md).
 
         Returns ``{(layer, t): float32 tensor}``.
         """
@@ -575,6 +592,8 @@ class DDAEBackbone:
             raise UsageError("upsample=True resizes dense maps: pass pooling='spatial' with it.")
         if not isinstance(ensemble, int) or ensemble < 1:
             raise UsageError(f"ensemble must be an integer >= 1 (noise draws per image), got {ensemble!r}.")
+        if not isinstance(levels_per_forward, int) or levels_per_forward < 1:
+            raise UsageError(f"levels_per_forward must be an integer >= 1, got {levels_per_forward!r}.")
         images = self.check_images(images)
         if example_ids is None:
             example_ids = range(images.shape[0])
@@ -589,14 +608,17 @@ class DDAEBackbone:
             for draw in range(ensemble):
                 draw_seed = seed if draw == 0 else derive_seed(seed, _ENSEMBLE_STREAM, draw)
                 noise = example_noise(clean.shape[1:], example_ids, draw_seed)
-                for t in timesteps:
-                    noisy, network_t = self.noise_axis.network_inputs(clean, noise, t)
+                for start in range(0, len(timesteps), levels_per_forward):
+                    group = timesteps[start : start + levels_per_forward]
+                    inputs = [self.noise_axis.network_inputs(clean, noise, t) for t in group]
                     captured = capture_activations(
-                        self.denoiser, noisy, network_t, layers, stop_after=layers[-1], conditioning=conditioning
+                        self.denoiser, torch.cat([x for x, _ in inputs]), torch.cat([s for _, s in inputs]), layers,
+                        stop_after=layers[-1], conditioning=_tiled(conditioning, len(clean), len(group)),
                     )
                     for layer in layers:
-                        value = self._shape(captured[layer], pooling, clean.shape[-2:], images.shape[-2:], upsample)
-                        results[layer, t] = value if draw == 0 else results[layer, t] + value
+                        for t, activation in zip(group, captured[layer].split(len(clean)), strict=True):
+                            value = self._shape(activation, pooling, clean.shape[-2:], images.shape[-2:], upsample)
+                            results[layer, t] = value if draw == 0 else results[layer, t] + value
         if ensemble > 1:
             results = {key: value / ensemble for key, value in results.items()}
         _check_finite_features(results, example_ids)
