@@ -254,7 +254,7 @@ def test_several_levels_in_one_forward_give_the_same_features(name, layouts):
     _, objective, layers = CASES[name]
     levels = [10, 100, 400] if objective == "ddpm" else [0.05, 0.3, 0.7]
     x = pixels(3, RESOLUTIONS[name])
-    backbone.layers  # the catalogue's trace, before counting
+    assert backbone.layers  # the catalogue's trace, before counting
     calls = [0]  # forwards started (a pre-hook: the early exit skips the denoiser's forward hooks)
     backbone.denoiser.register_forward_pre_hook(lambda *args: calls.__setitem__(0, calls[0] + 1))
     one_by_one = backbone.features(x, layers, levels, seed=2)
