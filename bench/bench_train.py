@@ -99,6 +99,21 @@ def cpu_description() -> dict:
     return info
 
 
+def write_report(path: str, report: dict, load_before: list[float]) -> None:
+    """Writes ``report`` as JSON (to a temporary name, then renamed) with the run's setting: torch, threads,
+    device, and the load averages before the run started and after it ended."""
+    report = {
+        **report,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_description(),
+        "load_average_before": load_before,
+        "load_average_after": list(os.getloadavg()),
+    }
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(report, f, indent=2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["ddpm-small", "ddpm-cifar10-32"])
@@ -106,6 +121,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", default="bench/results/train.json")
     args = parser.parse_args()
+    load_before = list(os.getloadavg())
 
     accelerator = Accelerator(mixed_precision="bf16", cpu=True)
     results = {}
@@ -117,14 +133,9 @@ def main() -> None:
         "command": "python bench/bench_train.py " + " ".join(
             ["--presets", *args.presets, "--batch_size", str(args.batch_size), "--steps", str(args.steps)]
         ),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu": cpu_description(),
-        "load_average_before": list(os.getloadavg()),
         "results": results,
     }
-    with atomic_path(args.out) as tmp, open(tmp, "w") as f:
-        json.dump(report, f, indent=2)
+    write_report(args.out, report, load_before)
     print(json.dumps(report, indent=2))
 
 

@@ -27,10 +27,9 @@ import statistics
 import time
 
 import torch
-from bench_train import cpu_description
+from bench_train import write_report
 
 from ddae_diffusers import DDAEBackbone, build_denoiser
-from ddae_diffusers.io_utils import atomic_path
 from ddae_diffusers.probing import default_layers
 from ddae_diffusers.probing.engine import DEFAULT_TIMESTEPS
 
@@ -88,6 +87,7 @@ def main() -> None:
                                                          "bf16+stack", "bf16+b128"], help="Besides fp32.")
     parser.add_argument("--out", default="bench/results/extract_study.json")
     args = parser.parse_args()
+    load_before = list(os.getloadavg())
 
     torch.manual_seed(0)
     base = DDAEBackbone.from_pretrained(args.model) if args.model else DDAEBackbone(build_denoiser(args.preset))
@@ -126,14 +126,9 @@ def main() -> None:
         "command": f"python bench/extract_study.py {source} --images {args.images} --batch_size {args.batch_size} "
         f"--rounds {args.rounds} --variants {' '.join(args.variants)}",
         "params_M": round(sum(p.numel() for p in base.denoiser.parameters()) / 1e6, 2),
-        "torch": torch.__version__,
-        "device": cpu_description(),
-        "threads": torch.get_num_threads(),
-        "load_average_before": list(os.getloadavg()),
         "results": results,
     }
-    with atomic_path(args.out) as tmp, open(tmp, "w") as f:
-        json.dump(report, f, indent=2)
+    write_report(args.out, report, load_before)
 
 
 if __name__ == "__main__":

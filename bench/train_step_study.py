@@ -27,12 +27,11 @@ import time
 
 import torch
 from accelerate import Accelerator
-from bench_train import cpu_description, plain_step
+from bench_train import plain_step, write_report
 from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
 
 from ddae_diffusers import build_denoiser
-from ddae_diffusers.io_utils import atomic_path
 from ddae_diffusers.training_step import train_step
 
 OPTIONS = ("bf16", "foreach_adamw", "fused_adamw", "ema_foreach", "channels_last", "compile")
@@ -80,6 +79,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["script_fp32", *OPTIONS], help="Besides plain_fp32.")
     parser.add_argument("--out", default="bench/results/train_step_study.json")
     args = parser.parse_args()
+    load_before = list(os.getloadavg())
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     torch.manual_seed(0)
@@ -128,14 +128,9 @@ def main() -> None:
         "command": f"python bench/train_step_study.py --preset {args.preset} --batch_size {args.batch_size} "
         f"--steps {args.steps} --variants {' '.join(args.variants)}",
         "params_M": round(sum(p.numel() for p in base.parameters()) / 1e6, 2),
-        "torch": torch.__version__,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_description(),
-        "threads": torch.get_num_threads(),
-        "load_average_before": list(os.getloadavg()),
         "results": results,
     }
-    with atomic_path(args.out) as tmp, open(tmp, "w") as f:
-        json.dump(report, f, indent=2)
+    write_report(args.out, report, load_before)
 
 
 if __name__ == "__main__":
