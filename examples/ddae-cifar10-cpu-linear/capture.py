@@ -32,8 +32,8 @@ from .noise import NoiseAxis, NoiseLevel, noise_axis
 Denoiser = nn.Module  # a diffusers denoiser of a supported family (see families.FAMILIES)
 Pooling = str | None  # "avg", "spatial" or None
 POOLINGS = ("avg", "spatial", None)
-# images per forward when extracting features: on CPU, batches of 16 ran 1.6x faster than 64 and 2.3x faster than
-# 256 (bench/extract_study.py, BENCHMARKS.md); pass a larger batch size on a GPU
+# images per forward when extracting features: on this project's CPU a full grid ran 1.6x faster in batches of 16
+# than of 64 (35.7M UNet) and 2.1x faster than of 256 (2.6M UNet); see bench/extract_study.py. GPUs want more.
 EXTRACTION_BATCH_SIZE = 16
 _ENSEMBLE_STREAM = 7  # derive_seed(seed, _ENSEMBLE_STREAM, k): the noise of ensemble draw k >= 1
 
