@@ -49,7 +49,7 @@ def main() -> None:
                 break
         results[f"workers={workers}"] = {"ms_per_batch": round(1000 * statistics.median(times), 2)}
         print(workers, results[f"workers={workers}"], flush=True)
-    print(json.dumps({"dataset": args.dataset, "batch_size": args.batch_size, "load_average": os.getloadavg(),
+    print(json.dumps({"dataset": args.dataset, "batch_size": args.batch_size, "load_average_after": os.getloadavg(),
                       "results": results}, indent=2))
 
 

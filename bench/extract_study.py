@@ -7,8 +7,7 @@ through ``DDAEBackbone.features``. Options, joined by ``+`` into one variant:
   * ``bf16``: bf16 autocast (``dtype=torch.bfloat16``; the default is fp32, the probe's default);
   * ``channels_last``: denoiser weights and images in channels-last memory format;
   * ``stack``: all levels of a batch as one forward of ``B x 7`` inputs (``levels_per_forward=7``);
-  * ``bN`` (``b128``): extraction batch N instead of ``--batch_size``;
-  * ``compile``: ``denoiser.compile()`` (inductor), compile time reported apart.
+  * ``bN`` (``b128``): extraction batch N instead of ``--batch_size``.
 
 Variants are interleaved (one pass of each per round) after one warm-up batch each, and the median round is
 reported. Every variant's features are compared with the fp32 baseline's (``fp32``): the largest relative L2 error
@@ -33,7 +32,7 @@ from ddae_diffusers import DDAEBackbone, build_denoiser
 from ddae_diffusers.probing import default_layers
 from ddae_diffusers.probing.engine import DEFAULT_TIMESTEPS
 
-OPTIONS = ("bf16", "channels_last", "stack", "compile")
+OPTIONS = ("bf16", "channels_last", "stack")
 
 
 def parse_variant(name: str, batch_size: int) -> tuple[set[str], int]:
@@ -52,8 +51,6 @@ def make_variant(base: DDAEBackbone, options: set[str], batch_size: int, images:
     if "channels_last" in options:
         denoiser = denoiser.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
-    if "compile" in options:
-        denoiser.compile()
     backbone = DDAEBackbone(denoiser, base.scheduler)
     layers, levels = default_layers(backbone), list(DEFAULT_TIMESTEPS)
     dtype = torch.bfloat16 if "bf16" in options else None
@@ -98,7 +95,7 @@ def main() -> None:
     variants = {name: make_variant(base, *parse_variant(name, args.batch_size), images) for name in names}
 
     first_batch_s = {}
-    for name, run in variants.items():  # warm-up: oneDNN kernels, the layer catalogue, compilation
+    for name, run in variants.items():  # warm-up: oneDNN kernels, the layer catalogue
         start = time.perf_counter()
         run(min(args.batch_size, args.images))
         first_batch_s[name] = round(time.perf_counter() - start, 2)
