@@ -103,7 +103,8 @@ def _check_size(split, needed: int, name: str, flag: str) -> None:
 
 
 class ProbeMonitor:
-    """Computes kNN and linear-probe accuracy of a denoiser's pooled features on :class:`ProbeData`.
+    """Computes kNN and linear-probe accuracy of a denoiser's pooled features on :class:`ProbeData`, on the
+    denoiser's device.
 
     Args:
         data: the fixed subsets.
@@ -142,7 +143,8 @@ class ProbeMonitor:
         backbone.check_images(self.data.train_images[:1])
 
     def features(self, backbone: DDAEBackbone, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """(N, 3, R, R) images -> (N, D) float32 pooled features, ``batch_size`` at a time."""
+        """(N, 3, R, R) images -> (N, D) float32 pooled features on the backbone's device, ``batch_size`` at a
+        time."""
         chunks = []
         for start in range(0, images.shape[0], self.batch_size):
             batch = images[start : start + self.batch_size].to(backbone.device)
@@ -150,7 +152,7 @@ class ProbeMonitor:
                 batch, [self.layer], [self.timestep], seed=self.seed,
                 example_ids=ids[start : start + self.batch_size], dtype=self.dtype,
             )
-            chunks.append(out[self.layer, self.timestep].cpu())
+            chunks.append(out[self.layer, self.timestep])
         return torch.cat(chunks)
 
     def evaluate(self, denoiser: Denoiser, scheduler: SchedulerMixin) -> dict[str, float]:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import SchedulerMixin
+from diffusers.training_utils import EMAModel
 
 from .capture import Denoiser, denoiser_kwargs
 from .errors import UsageError
@@ -145,5 +146,17 @@ def train_step(
         lr_scheduler.step()
         optimizer.zero_grad()
     if ema is not None and accelerator.sync_gradients:
-        ema.step(unwrapped.parameters())
+        ema_step(ema, unwrapped)
     return losses.mean()
+
+
+def ema_step(ema: EMAModel, model: torch.nn.Module) -> None:
+    """Updates ``ema`` with the parameters of ``model``, on the parameters' device.
+
+    The shadow weights follow the model: an EMA built before ``accelerator.prepare`` moved the model, or reloaded by
+    ``accelerator.load_state`` (which reads custom state onto the CPU), is moved to the model's device first, once.
+    """
+    device = next(model.parameters()).device
+    if ema.shadow_params and ema.shadow_params[0].device != device:
+        ema.to(device=device)
+    ema.step(model.parameters())

@@ -51,6 +51,7 @@ from ddae_diffusers import DDAEBackbone
 from ddae_diffusers.capture import EXTRACTION_BATCH_SIZE, derive_seed
 from ddae_diffusers.checkpoints import checkpoint_step, list_checkpoints, resolve_checkpoint, save_checkpoint
 from ddae_diffusers.data import conversion_note, detect_image_column, detect_label_column, to_rgb_array
+from ddae_diffusers.distributed import host_group, wait_for_main
 from ddae_diffusers.errors import ArgumentParser, UsageError, fail, run_command
 from ddae_diffusers.families import family_named, family_of, sample_size
 from ddae_diffusers.hub import create_hub_repo, push_folder
@@ -422,6 +423,14 @@ def save_pipeline(denoiser, noise_scheduler, folder: str, card=None) -> None:
                 os.replace(os.path.join(staging, name), target)
 
 
+def build_ema(args: argparse.Namespace, model: torch.nn.Module) -> EMAModel:
+    """The EMA of ``model``'s parameters, on their device (build it after ``accelerator.prepare`` moved them)."""
+    return EMAModel(
+        model.parameters(), decay=args.ema_max_decay, use_ema_warmup=True, inv_gamma=args.ema_inv_gamma,
+        power=args.ema_power, model_cls=type(model), model_config=model.config,
+    )
+
+
 class EMAWeights:
     """``with EMAWeights(ema, model):`` swaps the EMA weights into ``model`` and restores them after."""
 
@@ -470,6 +479,7 @@ def main(args: argparse.Namespace) -> str:
         log_with=log_with,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
     )
+    host_group()  # every rank, now: the long waits for the main process (probing, sampling, saving) use it
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1 and accelerator.num_processes == 1:
         raise UsageError(
@@ -525,12 +535,6 @@ def main(args: argparse.Namespace) -> str:
 
     # ---- model, EMA, optimiser, data
     denoiser.train()
-    ema = None
-    if args.use_ema:
-        ema = EMAModel(
-            denoiser.parameters(), decay=args.ema_max_decay, use_ema_warmup=True, inv_gamma=args.ema_inv_gamma,
-            power=args.ema_power, model_cls=type(denoiser), model_config=denoiser.config,
-        )
     optimizer = torch.optim.AdamW(
         denoiser.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
@@ -559,6 +563,8 @@ def main(args: argparse.Namespace) -> str:
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         denoiser, optimizer, train_dataloader, lr_scheduler
     )
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+    ema = build_ema(args, unwrapped) if args.use_ema else None  # after prepare: on the model's device
     state, history = TrainState(), ProbeHistory()
     for obj in (state, history) if ema is None else (state, history, ema):
         accelerator.register_for_checkpointing(obj)
@@ -574,6 +580,8 @@ def main(args: argparse.Namespace) -> str:
                 f"{resume_path} is damaged ({type(error).__name__}: {reason}): resume from an earlier checkpoint-N "
                 "with --resume_from_checkpoint, or start over with --overwrite_output_dir."
             ) from None
+        if ema is not None:
+            ema.to(device=accelerator.device)  # load_state reads the EMA's state onto the CPU
         if state.global_step != checkpoint_step(resume_path):
             raise UsageError(f"{resume_path} holds the state of step {state.global_step}, not its name's step.")
         resumed_lr = getattr(lr_scheduler, "scheduler", lr_scheduler).base_lrs[0]
@@ -598,7 +606,6 @@ def main(args: argparse.Namespace) -> str:
     )
 
     # ---- training loop
-    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     first_epoch = state.global_step // steps_per_epoch
     skip_batches = (state.global_step % steps_per_epoch) * args.gradient_accumulation_steps
     progress = tqdm(total=max_train_steps, initial=state.global_step, disable=not accelerator.is_local_main_process,
@@ -648,7 +655,7 @@ def main(args: argparse.Namespace) -> str:
                     metrics = run_probe(monitor, unwrapped, ema, noise_scheduler, history, state, args.output_dir)
                     logs.update({f"probe/{k}": v for k, v in metrics.items()})
                     postfix.update({k.replace("_acc", ""): f"{v:.3f}" for k, v in metrics.items()})
-                accelerator.wait_for_everyone()
+                wait_for_main(accelerator)
             progress.set_postfix(postfix)
             accelerator.log(logs, step=state.global_step)
             if state.global_step % args.checkpointing_steps == 0:
@@ -671,7 +678,7 @@ def main(args: argparse.Namespace) -> str:
                 check_weights(unwrapped, ema, state.global_step, args.output_dir)
                 with EMAWeights(ema, unwrapped):
                     save_pipeline(unwrapped, noise_scheduler, args.output_dir)
-        accelerator.wait_for_everyone()
+        wait_for_main(accelerator)
     progress.close()
     state.wall_time += time.time() - segment_start
 
@@ -707,7 +714,7 @@ def main(args: argparse.Namespace) -> str:
         if repo_id is not None:
             push_folder(args.output_dir, repo_id, token=args.hub_token, commit_message="End of training",
                         ignore_patterns=UPLOAD_IGNORE_PATTERNS)
-    accelerator.wait_for_everyone()
+    wait_for_main(accelerator)
     accelerator.end_training()
     return args.output_dir
 

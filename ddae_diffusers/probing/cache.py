@@ -4,7 +4,8 @@ One *unit* holds the pooled features of every requested layer at one timestep, f
 of one split: an ``(N, sum of layer widths)`` float16 ``.npy`` file plus ``progress.jsonl``, one
 line per written row range with its SHA-256. Units live in folders
 named by a fingerprint of everything that determines the numbers: model weights and
-scheduler, data set, preprocessing, seed, view, layers and timestep.
+scheduler, data set, preprocessing, seed, view, layers, timestep, and the device type and float32 precision
+settings that select the kernels.
 
 Extraction streams batches: one forward per (batch, timestep) captures all layers, the pooled
 rows are written to the file, synced, then recorded. Rows are written and read with positional
@@ -38,25 +39,52 @@ CACHE_FORMAT = 2  # 2: example noise seeded by capture.derive_seed (format 1 fea
 Key = tuple[str, int]
 
 
-def model_fingerprint(backbone: DDAEBackbone) -> str:
-    """SHA-256 of the denoiser's (and VAE's) weights, classes, the scheduler config and, for text-conditioned
-    models, the conditioning (the prompt's embeddings)."""
+def _hash_tensor(digest, name: str, tensor: torch.Tensor) -> None:
+    digest.update(name.encode())
+    digest.update(str(tuple(tensor.shape)).encode())
+    digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+
+
+def weights_fingerprint(backbone: DDAEBackbone) -> str:
+    """SHA-256 of the denoiser's (and VAE's) classes and weights, and the scheduler config.
+
+    It reads every weight once; hash before the model moves to an accelerator, where reading means copying back."""
     digest = hashlib.sha256()
-
-    def update(name: str, tensor: torch.Tensor) -> None:
-        digest.update(name.encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-
     modules = [backbone.denoiser] + ([backbone.vae] if backbone.vae is not None else [])
     for module in modules:
         digest.update(type(module).__name__.encode())
         for name, tensor in sorted(module.state_dict().items()):
-            update(name, tensor)
+            _hash_tensor(digest, name, tensor)
     digest.update(json.dumps(dict(backbone.scheduler.config), sort_keys=True, default=str).encode())
-    for name, tensor in sorted((backbone.conditioning or {}).items()):
-        update(f"conditioning.{name}", tensor)
     return digest.hexdigest()
+
+
+def model_fingerprint(backbone: DDAEBackbone, weights: str | None = None) -> str:
+    """SHA-256 of :func:`weights_fingerprint` (``weights`` when already computed) and, for text-conditioned models,
+    the conditioning (the prompt's embeddings)."""
+    digest = hashlib.sha256((weights or weights_fingerprint(backbone)).encode())
+    for name, tensor in sorted((backbone.conditioning or {}).items()):
+        _hash_tensor(digest, f"conditioning.{name}", tensor)
+    return digest.hexdigest()
+
+
+def kernel_settings(device: torch.device) -> dict:
+    """What selects the kernels that compute a feature: the device type and the float32 precision settings (on
+    CUDA, TF32 for matmuls and cuDNN convolutions; on CPU, oneDNN's). Rows computed under other settings differ
+    in the last bits, so they never share a cache unit."""
+    device = torch.device(device)
+    settings = {"device": device.type, "fp32_precision_default": torch.backends.fp32_precision}
+    if device.type == "cuda":
+        settings["fp32_precision"] = {
+            "matmul": torch.backends.cuda.matmul.fp32_precision,
+            "conv": torch.backends.cudnn.conv.fp32_precision,
+        }
+    elif device.type == "cpu":
+        settings["fp32_precision"] = {
+            "matmul": torch.backends.mkldnn.matmul.fp32_precision,
+            "conv": torch.backends.mkldnn.conv.fp32_precision,
+        }
+    return settings
 
 
 def dataset_fingerprint(dataset, split: str) -> str:
@@ -316,6 +344,10 @@ class FeatureCache:
         backbone: the model (its weights are fingerprinted).
         layers: layer names in execution order; timesteps: diffusers indices.
         resolution: image side; seed: base seed of noise and augmentation; dtype: autocast dtype.
+        weights: the backbone's :func:`weights_fingerprint` when already computed (hashed on first use otherwise).
+
+    The units' key also records :func:`kernel_settings` of the backbone's device: a cache filled on one device
+    type (or TF32 setting) is not resumed on another.
     """
 
     def __init__(
@@ -327,6 +359,7 @@ class FeatureCache:
         resolution: int,
         seed: int,
         dtype: torch.dtype | None = None,
+        weights: str | None = None,
     ):
         self.cache_dir = cache_dir
         self.backbone = backbone
@@ -336,6 +369,7 @@ class FeatureCache:
         self.resolution = resolution
         self.seed = seed
         self.dtype = dtype
+        self.weights = weights
         self._model_fingerprint: str | None = None
 
     def with_timesteps(self, timesteps: Sequence[int]) -> FeatureCache:
@@ -347,9 +381,10 @@ class FeatureCache:
 
     def _base_key(self) -> dict:
         if self._model_fingerprint is None:
-            self._model_fingerprint = model_fingerprint(self.backbone)
+            self._model_fingerprint = model_fingerprint(self.backbone, self.weights)
         return {
             "model": self._model_fingerprint,
+            "kernels": kernel_settings(self.backbone.device),
             "resolution": self.resolution,
             "center_crop": True,
             "pooling": "avg",
@@ -363,7 +398,8 @@ class FeatureCache:
 
         The key holds everything that changes a feature: weights and scheduler, data set content (its
         fingerprint covers files, revision and selected rows), split, image column, resolution and crop,
-        pooling, dtype, seed, view and its augmentation, timestep, layers and the cache format.
+        pooling, dtype, the device's kernel settings, seed, view and its augmentation, timestep, layers and the
+        cache format.
         """
         units = []
         for t in self.timesteps:

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from accelerate.logging import get_logger
 
 from ..capture import EXTRACTION_BATCH_SIZE
+from ..distributed import host_group
 from ..errors import ArgumentParser, UsageError, run_command
 from ..families import UNCONDITIONAL
 from ..hub import create_hub_repo
@@ -147,6 +148,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     from accelerate import Accelerator
 
     accelerator = Accelerator()
+    host_group()  # every rank, now: the other ranks wait on it while the main process trains the heads
     if dataset_defaulted:
         logger.warning(f"No --dataset given: probing on {DEFAULT_DATASET} (CIFAR-10 from the Hub).")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and accelerator.num_processes == 1:
@@ -165,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
             hub["hub_model_id"] or os.path.basename(os.path.abspath(args.output_dir)),
             token=hub["hub_token"], private=hub["hub_private_repo"] or None,
         )
-    prepared = prepare(config)
+    prepared = prepare(config, accelerator=accelerator)
     check_cell_in_grid(hub["push_cell"], prepared.layers, prepared.timesteps)
     if repo_id is not None:
         check_publishable(prepared.backbone.family.name, prepared.backbone.objective)

@@ -11,6 +11,7 @@ kNN and writes the report.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -21,11 +22,12 @@ import torch
 
 from ..capture import EXTRACTION_BATCH_SIZE, DDAEBackbone
 from ..data import conversion_note, detect_image_column, detect_label_column, label_names, load_split
+from ..distributed import broadcast_from_main, host_group, wait_for_main
 from ..errors import UsageError
 from ..io_utils import check_writable_dir
 from ..noise import DEFAULT_DDPM_LEVELS, EDMNoise, NoiseLevel
 from .baselines import pixel_features, random_init
-from .cache import EVAL_VIEW, FeatureCache, View
+from .cache import EVAL_VIEW, FeatureCache, View, weights_fingerprint
 from .fused import HEAD_KINDS, fused_candidates, fused_entry, train_mlp_heads
 from .halving import successive_halving
 from .heads import PAPER_RECIPE, ProbeRecipe, choose_lr, head_accuracies, train_heads
@@ -136,6 +138,7 @@ class Prepared:
     resolution: int
     fit_rows: list[int]
     val_rows: list[int]
+    weights: str | None = None  # the model's weights fingerprint (main process), for the feature cache
 
 
 def _labels(dataset, column: str, split: str) -> torch.Tensor:
@@ -164,8 +167,12 @@ def noise_levels(config: ProbeConfig, backbone: DDAEBackbone) -> list[NoiseLevel
     return list(config.timesteps) if config.timesteps is not None else axis.default_levels()
 
 
-def prepare(config: ProbeConfig, backbone: DDAEBackbone | None = None) -> Prepared:
-    """Validates every input and loads model and data; raises ``ValueError`` before any extraction."""
+def prepare(config: ProbeConfig, backbone: DDAEBackbone | None = None, accelerator=None) -> Prepared:
+    """Validates every input and loads model and data; raises ``ValueError`` before any extraction.
+
+    The model's weights are fingerprinted for the feature cache where they were loaded (on the main process only),
+    then the model moves to ``accelerator.device``; the layer catalogue, the prompt's conditioning and a test
+    forward run there, under the run's dtype."""
     if config.protocol not in PROTOCOLS:
         raise UsageError(f"--protocol must be one of {PROTOCOLS}, got {config.protocol!r}.")
     if config.recipe not in RECIPES:
@@ -201,9 +208,15 @@ def prepare(config: ProbeConfig, backbone: DDAEBackbone | None = None) -> Prepar
         backbone = DDAEBackbone.from_pretrained(config.model)
     if config.random_init:
         backbone = random_init(backbone, config.seed)
-    if config.prompt is not None:
-        backbone.set_prompt(config.prompt)
-    layers = backbone.check_layers(config.layers if config.layers else default_layers(backbone))
+    weights = weights_fingerprint(backbone) if accelerator is None or accelerator.is_main_process else None
+    if accelerator is not None:
+        backbone.to(accelerator.device)
+    dtype = DTYPES[config.dtype]
+    autocast = contextlib.nullcontext() if dtype is None else torch.autocast(backbone.device.type, dtype=dtype)
+    with autocast:
+        if config.prompt is not None:
+            backbone.set_prompt(config.prompt)
+        layers = backbone.check_layers(config.layers if config.layers else default_layers(backbone))
     timesteps = backbone.check_timesteps(noise_levels(config, backbone))
     resolution = config.resolution or backbone.image_size or 32
     if backbone.image_size is not None and resolution != backbone.image_size:
@@ -213,7 +226,7 @@ def prepare(config: ProbeConfig, backbone: DDAEBackbone | None = None) -> Prepar
         )
     probe_image = torch.zeros(1, backbone.image_channels, resolution, resolution, device=backbone.device)
     try:
-        backbone.features(probe_image, layers[-1:], timesteps[:1])
+        backbone.features(probe_image, layers[-1:], timesteps[:1], dtype=dtype)
     except UsageError:
         raise  # already says what is wrong (non-finite weights, say)
     except (RuntimeError, ValueError) as error:
@@ -256,7 +269,7 @@ def prepare(config: ProbeConfig, backbone: DDAEBackbone | None = None) -> Prepar
     val_rows, fit_rows = sorted(order[:num_val]), sorted(order[num_val:])
     return Prepared(
         config, backbone, train, evaluation, image_column, label_column, train_labels, eval_labels,
-        num_labels, id2label, layers, timesteps, resolution, fit_rows, val_rows,
+        num_labels, id2label, layers, timesteps, resolution, fit_rows, val_rows, weights,
     )
 
 
@@ -273,12 +286,19 @@ class Stopwatch:
         self._wall, self._cpu = wall, cpu
 
 
-def _scores(fits: dict, knn_bank: FeatureTable, knn_labels: torch.Tensor, eval_x: FeatureTable,
-            eval_y: torch.Tensor) -> dict:
+def _scores(
+    fits: dict,
+    knn_bank: FeatureTable,
+    knn_labels: torch.Tensor,
+    eval_x: FeatureTable,
+    eval_y: torch.Tensor,
+    device: torch.device | str | None = None,
+) -> dict:
     """``{key: entry of results.json}``: test linear and kNN accuracy, dim, chosen lr, validation accuracy; the test
-    features are read in blocks, once for all heads and once per block of the kNN bank."""
-    linear = head_accuracies({key: [fit.head] for key, fit in fits.items()}, eval_x, eval_y)
-    knn = knn_accuracies(knn_bank, knn_labels, eval_x, eval_y)
+    features are read in blocks, once for all heads and once per block of the kNN bank, and scored on ``device``
+    (the extraction device; default: the tables')."""
+    linear = head_accuracies({key: [fit.head] for key, fit in fits.items()}, eval_x, eval_y, device=device)
+    knn = knn_accuracies(knn_bank, knn_labels, eval_x, eval_y, device=device)
     return {
         key: {
             "feature_dim": eval_x.dims[key],
@@ -297,37 +317,45 @@ def _fit_heads(
 ) -> tuple[dict, FeatureTable, torch.Tensor]:
     """Heads of every cell on the fit rows of all train views (lr chosen on their validation rows);
     also the kNN bank (fit rows of the first view) and its labels. ``trainer``: ``train_heads`` (linear) or
-    ``fused.train_mlp_heads``. The views are tables: nothing is copied, rows are read per mini-batch."""
+    ``fused.train_mlp_heads``. The views are tables: nothing is copied, rows are read per mini-batch and moved to
+    the extraction device (``prep.backbone.device``), where the heads train."""
     fit_x = FeatureTable.concat_rows([view.subset(prep.fit_rows) for view in views])
     val_x = FeatureTable.concat_rows([view.subset(prep.val_rows) for view in views])
     fit_y = prep.train_labels[prep.fit_rows].repeat(len(views))
     val_y = prep.train_labels[prep.val_rows].repeat(len(views))
-    fits = (trainer or train_heads)(fit_x, fit_y, prep.num_labels, recipe, val_x, val_y, seed=prep.config.seed)
+    train = trainer or train_heads
+    device = prep.backbone.device
+    fits = train(fit_x, fit_y, prep.num_labels, recipe, val_x, val_y, seed=prep.config.seed, device=device)
     return fits, views[0].subset(prep.fit_rows), prep.train_labels[prep.fit_rows]
 
 
-def _fused_probes(prep: Prepared, views: list[FeatureTable], eval_features: FeatureTable, cells: list[ProbeCell],
-                  recipe: ProbeRecipe) -> list[dict]:
-    """Heads and kNN on concatenations of cells (see ``fused.py``), one entry each, best on validation first."""
+def _fused_probes(
+    prep: Prepared, views: list[FeatureTable], eval_features: FeatureTable, cells: list[ProbeCell], recipe: ProbeRecipe
+) -> list[dict]:
+    """Heads and kNN on concatenations of cells (see ``fused.py``), one entry each, best on validation first;
+    trained and scored on the extraction device."""
     candidates = fused_candidates(cells)
     trainer = train_mlp_heads if prep.config.fused_head == "mlp" else train_heads
     fits, knn_bank, knn_labels = _fit_heads(prep, [view.fuse(candidates) for view in views], recipe, trainer)
-    scores = _scores(fits, knn_bank, knn_labels, eval_features.fuse(candidates), prep.eval_labels)
+    eval_fused = eval_features.fuse(candidates)
+    scores = _scores(fits, knn_bank, knn_labels, eval_fused, prep.eval_labels, device=prep.backbone.device)
     entries = [fused_entry(name, keys, scores[name]) for name, keys in candidates.items()]
     return sorted(entries, key=lambda e: (-e["val_acc"], -e["linear_acc"]))
 
 
 def _pixel_baseline(prep: Prepared, recipe: ProbeRecipe, progress: bool) -> dict:
-    """The grid's heads and kNN on flattened raw pixels of the same views and rows."""
+    """The grid's heads and kNN on flattened raw pixels of the same views and rows (held on the CPU, trained and
+    scored on the extraction device a block at a time)."""
     config = prep.config
 
     def pixels(dataset, view: View) -> FeatureTable:
-        return FeatureTable.from_tensors({"pixels": pixel_features(dataset, prep.image_column, view, prep.resolution,
-                                                                   config.seed, progress=progress)})
+        features = pixel_features(dataset, prep.image_column, view, prep.resolution, config.seed, progress=progress)
+        return FeatureTable.from_tensors({"pixels": features})
 
     views = [pixels(prep.train, view) for view in train_views(config)]
     fits, knn_bank, knn_labels = _fit_heads(prep, views, recipe)
-    return _scores(fits, knn_bank, knn_labels, pixels(prep.eval, EVAL_VIEW), prep.eval_labels)["pixels"]
+    eval_pixels = pixels(prep.eval, EVAL_VIEW)
+    return _scores(fits, knn_bank, knn_labels, eval_pixels, prep.eval_labels, device=prep.backbone.device)["pixels"]
 
 
 def run_probe(
@@ -345,11 +373,12 @@ def run_probe(
     from .report import write_report
 
     clock = Stopwatch()
-    prep = prepared or prepare(config, backbone)
+    host_group()  # every rank, now: the others wait on it while the main process trains the heads
+    prep = prepared or prepare(config, backbone, accelerator)
     clock.lap("prepare")
     backbone = prep.backbone
     if accelerator is not None:
-        backbone.to(accelerator.device)
+        backbone.to(accelerator.device)  # a no-op when prepare moved it
     backbone.denoiser.eval()
     is_main = accelerator is None or accelerator.is_main_process
     dtype = DTYPES[config.dtype]
@@ -357,6 +386,7 @@ def run_probe(
     cache_for = FeatureCache(
         config.cache_dir or os.path.join(config.output_dir, "feature_cache"),
         backbone, prep.layers, prep.timesteps, prep.resolution, config.seed, dtype,
+        weights=broadcast_from_main(prep.weights, accelerator),
     ).with_timesteps
 
     extract = dict(batch_size=config.batch_size, accelerator=accelerator, on_batch=on_batch, progress=progress)
@@ -373,7 +403,7 @@ def run_probe(
         fits, knn_bank, knn_labels = train_online(
             backbone, prep.train, prep.image_column, prep.train_labels, prep.fit_rows, prep.val_rows,
             prep.layers, prep.timesteps, prep.resolution, prep.num_labels, config.seed, dtype, recipe,
-            accelerator, progress,
+            accelerator, progress, device=backbone.device,
         )
         clock.lap("online_train")
     else:
@@ -386,10 +416,11 @@ def run_probe(
             fits, knn_bank, knn_labels = _fit_heads(prep, views, recipe)
             clock.lap("heads")
     if not is_main:
-        accelerator.wait_for_everyone()
+        wait_for_main(accelerator)
         return None
 
-    scores = _scores(fits, FeatureTable.from_tensors(knn_bank), knn_labels, eval_features, prep.eval_labels)
+    knn_bank = FeatureTable.from_tensors(knn_bank)
+    scores = _scores(fits, knn_bank, knn_labels, eval_features, prep.eval_labels, device=backbone.device)
     cells = [ProbeCell(layer, t, **scores[layer, t]) for layer in prep.layers for t in prep.timesteps]
     best = cells[choose_lr([cell.val_acc for cell in cells])]
     clock.lap("score")
@@ -441,7 +472,7 @@ def run_probe(
     )
     write_report(config.output_dir, results, {(c.layer, c.timestep): fits[c.layer, c.timestep].head for c in cells})
     if accelerator is not None:
-        accelerator.wait_for_everyone()
+        wait_for_main(accelerator)
     return results
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..distributed import broadcast_from_main
 from ..noise import NoiseLevel
 from .cache import FeatureCache, View
 from .heads import ProbeRecipe, train_heads
@@ -66,7 +67,7 @@ def successive_halving(
             val_index = torch.tensor([position[row] for row in val])
             fits = train_heads(
                 features.subset(fit_index), prep.train_labels[fit], prep.num_labels, recipe,
-                features.subset(val_index), prep.train_labels[val], seed=config.seed,
+                features.subset(val_index), prep.train_labels[val], seed=config.seed, device=prep.backbone.device,
             )
             best = {t: max(((fits[layer, t].val_acc, layer) for layer in prep.layers), key=lambda v: v[0])
                     for t in levels}
@@ -77,10 +78,7 @@ def successive_halving(
                 "levels": [{"level": t, "best_layer": best[t][1], "val_acc": best[t][0]} for t in levels],
                 "kept": [t for t in levels if t in kept],
             })  # fmt: skip
-        if accelerator is not None and accelerator.num_processes > 1:
-            from accelerate.utils import broadcast_object_list
-
-            kept = broadcast_object_list([kept])[0]
+        kept = broadcast_from_main(kept, accelerator)  # the other ranks wait on the host while the heads train
         levels = [t for t in levels if t in kept]
     num_train, num_eval, views = len(prep.train), len(prep.eval), config.train_views
     forwards += (num_train - computed_rows + (views - 1) * num_train + num_eval) * len(levels)

@@ -8,6 +8,9 @@ Each cell's learning rate is chosen on held-out validation data, never on test d
 
 Features come as a :class:`~ddae_diffusers.probing.table.FeatureTable` (or a mapping of tensors) and are read one
 mini-batch at a time: memory holds the heads and one (batch, sum of widths) block, whatever the number of rows.
+Heads train on one device (``device``; default: the features' device, the CPU for tables read from the cache):
+blocks of any device and float dtype are moved there one mini-batch at a time. Mini-batches are drawn on the CPU,
+so every device sees the same ones.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UsageError
-from .table import FeatureTable, column_stats
+from .table import Device, FeatureTable, block_to, column_stats, compute_device, to_device
 
 EPS = 1e-5
 NORMALIZATIONS = ("standardize", "none")
@@ -70,8 +73,16 @@ class LinearHead:
     mean: torch.Tensor | None = None
     var: torch.Tensor | None = None
 
+    def to(self, device: Device) -> LinearHead:
+        """This head with its tensors on ``device`` (itself when they are there already)."""
+        device = torch.device(device)
+        if self.weight.device == device:
+            return self
+        mean, var = (None, None) if self.mean is None else (self.mean.to(device), self.var.to(device))
+        return LinearHead(self.weight.to(device), self.bias.to(device), mean, var)
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, D) raw features -> (N, C) logits."""
+        """(N, D) raw features (any float dtype, on the head's device) -> (N, C) float32 logits."""
         if self.mean is not None:
             x = standardize(x, self.mean, self.var)
         return F.linear(x.float(), self.weight, self.bias)
@@ -101,11 +112,15 @@ class HeadBank(torch.nn.Module):
 
     ``dims`` maps a cell key to its feature width D. Cells of equal width are stacked and
     computed with one batched matmul; each learning rate is a parameter group, so every head
-    follows its own schedule while all heads see the same mini-batches.
+    follows its own schedule while all heads see the same mini-batches. The parameters live on ``device``
+    (default: the CPU), and so must the inputs of :meth:`loss`.
     """
 
-    def __init__(self, dims: Mapping[Hashable, int], num_classes: int, lrs: Sequence[float]):
+    def __init__(
+        self, dims: Mapping[Hashable, int], num_classes: int, lrs: Sequence[float], device: Device | None = None
+    ):
         super().__init__()
+        device = torch.device("cpu" if device is None else device)
         self.lrs = [float(lr) for lr in lrs]
         self.keys = list(dims)
         widths = sorted(set(dims.values()))
@@ -114,11 +129,16 @@ class HeadBank(torch.nn.Module):
         self.biases = torch.nn.ParameterList()  # [group * L + l]: (n_g, 1, C)
         for keys, width in zip(self.groups, widths, strict=True):
             for _ in self.lrs:
-                self.weights.append(torch.nn.Parameter(torch.zeros(len(keys), width, num_classes)))
-                self.biases.append(torch.nn.Parameter(torch.zeros(len(keys), 1, num_classes)))
+                self.weights.append(torch.nn.Parameter(torch.zeros(len(keys), width, num_classes, device=device)))
+                self.biases.append(torch.nn.Parameter(torch.zeros(len(keys), 1, num_classes, device=device)))
+
+    @property
+    def device(self) -> torch.device:
+        """Where the heads' parameters are."""
+        return self.weights[0].device if len(self.weights) else torch.device("cpu")
 
     def stack(self, features: Mapping[Hashable, torch.Tensor]) -> list[torch.Tensor]:
-        """``{key: (B, D)}`` -> one (n_g, B, D_g) tensor per group of equal-width cells."""
+        """``{key: (B, D)}`` -> one (n_g, B, D_g) float32 tensor per group of equal-width cells."""
         return [torch.stack([features[key].float() for key in keys]) for keys in self.groups]
 
     def logits(self, group: int, x: torch.Tensor) -> torch.Tensor:
@@ -130,14 +150,17 @@ class HeadBank(torch.nn.Module):
         return torch.stack(per_lr)
 
     def loss(self, inputs: Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-        """Sum over cells and learning rates of the mean cross-entropy; ``inputs`` from :meth:`stack`."""
+        """Sum over cells and learning rates of the mean cross-entropy; ``inputs`` from :meth:`stack`, ``labels``
+        (B,), both on the heads' device."""
         total = 0.0
         for group, x in enumerate(inputs):
             logits = self.logits(group, x)
             repeats = logits.shape[0] * logits.shape[1]
-            total = total + F.cross_entropy(
-                logits.flatten(0, 2), labels.long().repeat(repeats), reduction="sum"
-            ) / labels.shape[0]
+            total = (
+                total
+                + F.cross_entropy(logits.flatten(0, 2), labels.long().repeat(repeats), reduction="sum")
+                / labels.shape[0]
+            )
         return total
 
     def optimizer(self, total_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
@@ -155,7 +178,7 @@ class HeadBank(torch.nn.Module):
         return group, self.groups[group].index(key)
 
     def head(self, key: Hashable, lr_index: int, stats: tuple[torch.Tensor, torch.Tensor] | None) -> LinearHead:
-        """The trained head of ``key`` at learning rate ``lrs[lr_index]`` (a detached copy)."""
+        """The trained head of ``key`` at learning rate ``lrs[lr_index]`` (a detached copy, on the bank's device)."""
         group, row = self._locate(key)
         weight = self.weights[group * len(self.lrs) + lr_index][row].T
         bias = self.biases[group * len(self.lrs) + lr_index][row, 0]
@@ -164,8 +187,12 @@ class HeadBank(torch.nn.Module):
 
 
 @contextlib.contextmanager
-def single_thread() -> Iterator[None]:
-    """Runs the block on one CPU thread: head matmuls are tiny, and extra threads only wait on each other."""
+def single_thread(device: Device | None = None) -> Iterator[None]:
+    """Runs the block on one CPU thread when it computes on the CPU (``device`` None or a CPU): head matmuls are
+    tiny, and extra threads only wait on each other. On another device it changes nothing."""
+    if device is not None and torch.device(device).type != "cpu":
+        yield
+        return
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -198,18 +225,31 @@ def checked_table(features: FeatureTable | Mapping[Hashable, torch.Tensor], labe
 
 
 def head_accuracies(
-    heads: Mapping[Hashable, Sequence], features: FeatureTable, labels: torch.Tensor
+    heads: Mapping[Hashable, Sequence],
+    features: FeatureTable | Mapping[Hashable, torch.Tensor],
+    labels: torch.Tensor,
+    device: Device | None = None,
 ) -> dict[Hashable, list[float]]:
-    """``{key: [accuracy in [0, 1] of each head]}`` on ``features[key]``, read in blocks; a head is anything with
-    ``logits((B, D) raw features) -> (B, C)``."""
-    correct = {key: [0] * len(models) for key, models in heads.items()}
+    """``{key: [accuracy in [0, 1] of each head]}`` on ``features[key]`` (N, D) with ``labels`` (N,), read in blocks
+    and computed on ``device`` (default: the features' device).
+
+    A head is anything with ``logits((B, D) raw features) -> (B, C)``; one with ``to(device)`` (``LinearHead``,
+    ``MLPHead``) is moved to ``device`` first, any other must be there already."""
+    features = checked_table(features, labels)
+    device = compute_device(device, features)
+    labels = to_device(labels, device).long()
+    heads = {
+        key: [head.to(device) if hasattr(head, "to") else head for head in models] for key, models in heads.items()
+    }
+    correct = {key: torch.zeros(len(models), dtype=torch.long, device=device) for key, models in heads.items()}
     for rows, block in features.select(heads).chunks():
-        labels_block = labels[torch.from_numpy(rows)].long()
+        labels_block = labels[to_device(torch.from_numpy(rows), device)]
+        block = block_to(block, device)
         with torch.no_grad():
             for key, models in heads.items():
                 for i, head in enumerate(models):
-                    correct[key][i] += int((head.logits(block[key]).argmax(1) == labels_block).sum())
-    return {key: [c / max(features.num_rows, 1) for c in counts] for key, counts in correct.items()}
+                    correct[key][i] += (head.logits(block[key]).argmax(1) == labels_block).sum()
+    return {key: [c / max(features.num_rows, 1) for c in counts.tolist()] for key, counts in correct.items()}
 
 
 def train_heads(
@@ -220,36 +260,40 @@ def train_heads(
     val_features: FeatureTable | Mapping[Hashable, torch.Tensor] | None = None,
     val_labels: torch.Tensor | None = None,
     seed: int = 0,
+    device: Device | None = None,
 ) -> dict[Hashable, CellFit]:
-    """Trains one head per cell and learning rate on (N, D_cell) features; returns each cell's chosen head.
+    """Trains one head per cell and learning rate on (N, D_cell) features with labels (N,); returns each cell's
+    chosen head.
 
     With several learning rates, the choice is made on ``val_features``/``val_labels`` (held-out
     training data); with one, validation is optional and only reported. Features are read one mini-batch at a
-    time (and once more, in blocks, for the standardisation statistics).
+    time (and once more, in blocks, for the standardisation statistics) and moved to ``device`` (default: the
+    training features' device), where the heads train and stay.
     """
     if len(recipe.lrs) > 1 and val_features is None:
         raise UsageError("Choosing among several learning rates needs validation features (val_features).")
-    labels = train_labels.long()
-    train = checked_table(train_features, labels)
-    stats = column_stats(train) if recipe.normalization == "standardize" else {}
+    train = checked_table(train_features, train_labels)
+    device = compute_device(device, train)
+    labels = to_device(train_labels, device).long()
+    stats = column_stats(train, device=device) if recipe.normalization == "standardize" else {}
 
     def inputs(rows: torch.Tensor) -> dict[Hashable, torch.Tensor]:
-        block = train.read(rows)
+        block = block_to(train.read(rows), device)
         return {key: standardize(x, *stats[key]) if stats else x.float() for key, x in block.items()}
 
-    bank = HeadBank(train.dims, num_classes, recipe.lrs)
+    bank = HeadBank(train.dims, num_classes, recipe.lrs, device=device)
     optimizer, schedule = bank.optimizer(recipe.epochs * steps_per_epoch(labels.shape[0], recipe.batch_size))
     generator = torch.Generator().manual_seed(seed)
-    with single_thread():
+    with single_thread(device):
         for _ in range(recipe.epochs):
             for index in minibatches(labels.shape[0], recipe.batch_size, generator):
-                loss = bank.loss(bank.stack(inputs(index)), labels[index])
+                loss = bank.loss(bank.stack(inputs(index)), labels[to_device(index, device)])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 schedule.step()
     val = None if val_features is None else checked_table(val_features, val_labels)
-    return select_heads(bank, stats, val, val_labels)
+    return select_heads(bank, stats, val, val_labels, device=device)
 
 
 def select_heads(
@@ -257,12 +301,17 @@ def select_heads(
     stats: Mapping[Hashable, tuple[torch.Tensor, torch.Tensor]],
     val_features: FeatureTable | Mapping[Hashable, torch.Tensor] | None,
     val_labels: torch.Tensor | None,
+    device: Device | None = None,
 ) -> dict[Hashable, CellFit]:
-    """Each cell's head with the best validation accuracy (the only head when there is one lr)."""
+    """Each cell's head with the best validation accuracy (the only head when there is one lr), on the bank's device.
+
+    ``stats``: ``{key: (mean, var)}`` (D,) of standardised cells; validation is read in blocks and scored on
+    ``device`` (default: the bank's)."""
     candidates = {key: [bank.head(key, i, stats.get(key)) for i in range(len(bank.lrs))] for key in bank.keys}
     all_val_accs = {}
     if val_features is not None:
-        all_val_accs = head_accuracies(candidates, FeatureTable.from_tensors(val_features), val_labels)
+        device = bank.device if device is None else device
+        all_val_accs = head_accuracies(candidates, val_features, val_labels, device=device)
     fits = {}
     for key in bank.keys:
         val_accs = all_val_accs.get(key, [])
@@ -285,13 +334,16 @@ def linear_probe_accuracy(
     epochs: int = 30,
     lr: float = 3e-3,
     seed: int = 0,
+    device: Device | None = None,
 ) -> float:
-    """Test accuracy in [0, 1] of one standardised linear probe (Adam, cosine) on (N, D) features.
+    """Test accuracy in [0, 1] of one standardised linear probe (Adam, cosine) on (N, D) features with (N,) labels.
 
-    A quick, converging probe for monitoring; the grid search uses :func:`train_heads` directly.
+    A quick, converging probe for monitoring; the grid search uses :func:`train_heads` directly. It trains and
+    scores on ``device`` (default: the training features' device).
     """
     if num_classes is None:
-        num_classes = int(max(train_y.max(), eval_y.max())) + 1
+        num_classes = max(int(train_y.max()), int(eval_y.max())) + 1
+    device = train_x.device if device is None else torch.device(device)
     recipe = ProbeRecipe(lrs=(lr,), epochs=epochs, batch_size=256, normalization="standardize")
-    fit = train_heads({"x": train_x}, train_y, num_classes, recipe, seed=seed)["x"]
-    return fit.head.accuracy(eval_x, eval_y)
+    fit = train_heads({"x": train_x}, train_y, num_classes, recipe, seed=seed, device=device)["x"]
+    return fit.head.to(device).accuracy(to_device(eval_x, device), to_device(eval_y, device))
