@@ -5,7 +5,8 @@ with ``.``, ``/`` or ``~``, or its parent folder exists) but does not exist is r
 being tried as a Hub id. ``inspect_source`` reads only the configs (``model_index.json`` or ``config.json``)
 and checks the denoiser's family before any weight is read; ``load_components`` then loads the denoiser,
 scheduler and VAE with diffusers' own ``from_pretrained`` and, for text-conditioned models, the text encoders
-and tokenizers with transformers' (safety checkers, feature extractors and image encoders are never loaded).
+and tokenizers with transformers' (safety checkers, feature extractors and image encoders are never loaded), in
+the requested ``dtype`` (diffusers' and transformers' name; the older ``torch_dtype`` is accepted too).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import os
 from dataclasses import dataclass
 
+import torch
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
@@ -134,7 +136,8 @@ def inspect_source(
             found = " and ".join(present) if present else None
             raise UsageError(
                 f"{path}/model_index.json names {found}: {who} needs exactly one 'unet' or 'transformer'."
-                if found else f"{path}/model_index.json has no 'unet' or 'transformer' component: {who} needs one."
+                if found
+                else f"{path}/model_index.json has no 'unet' or 'transformer' component: {who} needs one."
             )
         key = present[0]
         library, class_name = model_index[key]
@@ -156,11 +159,24 @@ def inspect_source(
         hint = (
             " It is a DDAEForImageClassification export: load the pipeline it came from and pass it as "
             f"DDAEPipeline.from_pretrained(pipeline_dir, classifier={path!r})."
-            if config.get("model_type") == "ddae" else ""
+            if config.get("model_type") == "ddae"
+            else ""
         )
         found = class_name or config.get("model_type") or "non-diffusers"
         raise UsageTypeError(f"{path!r} holds a {found} model; {who} supports {SUPPORTED}.{hint}") from None
     return DiffusersSource(path, family)
+
+
+def resolve_dtype(dtype: torch.dtype | None, torch_dtype: torch.dtype | None = None) -> torch.dtype | None:
+    """The weights' dtype asked for by ``dtype`` or by its older name ``torch_dtype`` (None: float32 as saved)."""
+    if torch_dtype is not None and dtype is not None and torch_dtype != dtype:
+        raise UsageError(
+            f"Got dtype={dtype} and torch_dtype={torch_dtype}: pass only dtype (torch_dtype is its old name)."
+        )
+    dtype = dtype if dtype is not None else torch_dtype
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise UsageTypeError(f"dtype must be a floating torch.dtype such as torch.bfloat16, got {dtype!r}.")
+    return dtype
 
 
 def _from_pretrained(model_class, path: str, what: str, **kwargs):
@@ -179,22 +195,31 @@ def _from_pretrained(model_class, path: str, what: str, **kwargs):
         ) from None
 
 
-def load_components(source: DiffusersSource, **hub_kwargs) -> dict[str, object]:
+def load_components(source: DiffusersSource, dtype: torch.dtype | None = None, **hub_kwargs) -> dict[str, object]:
     """The components of ``source``: ``{"denoiser", "scheduler", "vae", "text"}`` (None / {} when absent);
     ``"text"`` maps the text encoders and tokenizers of a text-conditioned model by component name.
 
-    A bare model folder has no scheduler, VAE or text encoders.
+    ``dtype`` (or the older ``torch_dtype``) loads the denoiser, VAE and text encoders in that dtype (None:
+    float32). A bare model folder has no scheduler, VAE or text encoders.
     """
     import diffusers
     import transformers
 
+    dtype = resolve_dtype(dtype, hub_kwargs.pop("torch_dtype", None))
+    weights = {"dtype": dtype} if dtype is not None else {}
+
     def text_component(key: str):
         library, class_name = source.model_index[key]
         if library != "transformers" or not hasattr(transformers, class_name):
-            raise UsageTypeError(f"Component {key!r} of {source.path} is {library}.{class_name}: not a transformers "
-                                 "text encoder or tokenizer.")
-        return _from_pretrained(getattr(transformers, class_name), source.path, f"{key} of", subfolder=key,
-                                **hub_kwargs)
+            raise UsageTypeError(
+                f"Component {key!r} of {source.path} is {library}.{class_name}: not a transformers "
+                "text encoder or tokenizer."
+            )
+        model_class = getattr(transformers, class_name)
+        extra = (
+            weights if isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel) else {}
+        )
+        return _from_pretrained(model_class, source.path, f"{key} of", subfolder=key, **extra, **hub_kwargs)
 
     def component(key: str):
         library, class_name = source.model_index[key]
@@ -203,10 +228,12 @@ def load_components(source: DiffusersSource, **hub_kwargs) -> dict[str, object]:
                 f"Component {key!r} of {source.path} is {library}.{class_name}; ddae_diffusers loads diffusers "
                 f"components only ({SUPPORTED} with a diffusers scheduler and VAE)."
             )
-        return _from_pretrained(getattr(diffusers, class_name), source.path, f"{key} of", subfolder=key, **hub_kwargs)
+        model_class = getattr(diffusers, class_name)
+        extra = weights if isinstance(model_class, type) and issubclass(model_class, diffusers.ModelMixin) else {}
+        return _from_pretrained(model_class, source.path, f"{key} of", subfolder=key, **extra, **hub_kwargs)
 
     if source.model_index is None:
-        denoiser = _from_pretrained(source.family.model_class, source.path, "model in", **hub_kwargs)
+        denoiser = _from_pretrained(source.family.model_class, source.path, "model in", **weights, **hub_kwargs)
         return {"denoiser": denoiser, "scheduler": None, "vae": None, "text": {}}
     present = source.component_names()
     text_keys = source.family.text.components if source.family.conditional else ()

@@ -267,8 +267,11 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
 
     @classmethod
     def from_probe(
-        cls, probe_folder: str | os.PathLike, layer: str | None = None, timestep: NoiseLevel | None = None,
-        **config_kwargs
+        cls,
+        probe_folder: str | os.PathLike,
+        layer: str | None = None,
+        timestep: NoiseLevel | None = None,
+        **config_kwargs,
     ) -> DDAEForImageClassification:
         """A classifier with a trained probe head from a probe-engine output folder.
 
@@ -374,12 +377,12 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
         return check_image_batch(pixel_values, 3, self.config.image_size, check_range=not self.training)
 
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) pixels -> the denoiser's clean input: the pixels themselves, or for a latent model the
-        VAE latents (B, c, H/f, W/f) (no gradient through a frozen VAE)."""
+        """(B, 3, H, W) pixels -> the denoiser's clean input in float32: the pixels themselves, or for a latent
+        model the VAE latents (B, c, H/f, W/f) (the VAE runs in its own dtype; no gradient through a frozen VAE)."""
         if self.vae is None:
-            return pixel_values
+            return pixel_values.float()
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_vae):
-            return encode_latents(self.vae, pixel_values)
+            return encode_latents(self.vae, pixel_values).float()
 
     def noisy_input(self, clean: torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The denoiser's input under the configured noise policy, as in pretraining, from its clean input
@@ -387,7 +390,10 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
         t)`` and t; EDM: ``c_in (x_0 + sigma eps)`` and ``c_noise``).
 
         The ``"fixed"`` policy's eval noise of the example at batch position i is ``example_noise`` of
-        ``(noise_seed, i)``: a probe's test split in its order, in one batch, gets the probe's own noise."""
+        ``(noise_seed, i)``: a probe's test split in its order, in one batch, gets the probe's own noise. Noise is
+        drawn and added in float32 (half precision would round it away at low levels); the forward casts the
+        result to the denoiser's dtype."""
+        clean = clean.float()
         policy = self.config.noise_policy
         if policy == "none":
             noise = None
@@ -409,9 +415,9 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
     ) -> ImageClassifierOutput | tuple:
         """pixel_values (B, 3, H, W) in [-1, 1]; labels (B,) class ids (or floats for regression /
         multi-label); noise: optional eps overriding the noise policy, shaped like the denoiser's input
-        ((B, 3, H, W), or the latents (B, c, H/f, W/f) of a latent model)."""
-        dtype = next(self.denoiser.parameters()).dtype
-        pixel_values = self.check_pixel_values(pixel_values).to(dtype)
+        ((B, 3, H, W), or the latents (B, c, H/f, W/f) of a latent model). Pixels, latents and noise stay float32
+        until the noisy input enters the denoiser in its weights' dtype."""
+        pixel_values = self.check_pixel_values(pixel_values).float()
         noisy, timestep = self.noisy_input(self.encode(pixel_values), noise)
         layer = self.config.feature_layer
         activation = capture_activations(self.denoiser, noisy, timestep, [layer], stop_after=layer)[layer]
@@ -444,7 +450,10 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
                 DDAEImageProcessor(size=self.config.image_size).save_pretrained(save_directory)
             if classifier_model_card is not None:
                 card = classifier_model_card(
-                    self.config, save_directory, tags=tags, parameters=self.parameter_counts(),
+                    self.config,
+                    save_directory,
+                    tags=tags,
+                    parameters=self.parameter_counts(),
                     bytes_per_value=self.classifier.weight.element_size(),
                 )
                 card.save(os.path.join(save_directory, "README.md"))
@@ -476,9 +485,13 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
             for path in extra_files or []:
                 shutil.copy(path, os.path.join(folder, os.path.basename(path)))
             return push_folder(
-                folder, repo_id, token=token,
+                folder,
+                repo_id,
+                token=token,
                 commit_message=commit_message or "Upload DDAEForImageClassification",
-                commit_description=commit_description, revision=revision, create_pr=create_pr,
+                commit_description=commit_description,
+                revision=revision,
+                create_pr=create_pr,
             )
 
 
@@ -556,7 +569,6 @@ def _check_truncation(full: nn.Module, truncated: nn.Module, layer: str) -> None
         full.train(was_training)
     if not torch.allclose(expected, got, atol=1e-5, rtol=1e-4):
         raise RuntimeError(f"Truncating the backbone after {layer!r} changed its output: please report this bug.")
-
 
 
 DDAEForImageClassification.register_for_auto_class("AutoModelForImageClassification")

@@ -30,12 +30,18 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import ModelCard
 
-from ddae_diffusers.capture import DDAEBackbone, check_denoiser, denoiser_kwargs, non_finite_rows
+from ddae_diffusers.capture import (
+    DDAEBackbone,
+    check_denoiser,
+    check_image_batch,
+    denoiser_kwargs,
+    non_finite_rows,
+)
 from ddae_diffusers.errors import UsageError, UsageTypeError
 from ddae_diffusers.families import family_of
 from ddae_diffusers.hub import create_hub_repo, push_folder
 from ddae_diffusers.image_processing_ddae import DDAEImageProcessor
-from ddae_diffusers.loading import check_source, inspect_source, load_components
+from ddae_diffusers.loading import check_source, inspect_source, load_components, resolve_dtype
 from ddae_diffusers.modelcard import pipeline_model_card
 from ddae_diffusers.modeling_ddae import DDAEForImageClassification
 from ddae_diffusers.noise import DDPMNoise, NoiseLevel, is_edm_scheduler, noise_axis
@@ -159,8 +165,14 @@ class DDAEPipeline(DiffusionPipeline):
                 "with DDAEForImageClassification.from_diffusers / from_probe (diffusers cannot save plain modules)."
             )
         scheduler = scheduler if scheduler is not None else DDPMScheduler()
-        text = dict(text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
-                    tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
+        text = dict(
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
+            text_encoder_3=text_encoder_3,
+            tokenizer_3=tokenizer_3,
+        )
         self.register_modules(
             unet=unet, scheduler=scheduler, transformer=transformer, vae=vae, classifier=classifier, **text
         )
@@ -188,8 +200,9 @@ class DDAEPipeline(DiffusionPipeline):
             noise_scheduler = self.scheduler
             if isinstance(noise_axis(self.scheduler), DDPMNoise):
                 noise_scheduler = DDPMScheduler.from_config(self.scheduler.config)
-            self._backbone = DDAEBackbone(self.denoiser, noise_scheduler, self.vae, text_components=text,
-                                          prompt_pipeline=self.prompt_pipeline)
+            self._backbone = DDAEBackbone(
+                self.denoiser, noise_scheduler, self.vae, text_components=text, prompt_pipeline=self.prompt_pipeline
+            )
             self._backbone_key = key
         return self._backbone
 
@@ -203,9 +216,14 @@ class DDAEPipeline(DiffusionPipeline):
         ``DDPMPipeline``/``DDAEPipeline.save_pretrained`` folders and ``train_unconditional.py`` outputs. A
         bare model folder (``config.json`` of a ``UNet2DModel`` or ``DiTTransformer2DModel``) gets a default
         ``DDPMScheduler()``. ``classifier=`` may be a ``DDAEForImageClassification`` or the folder/Hub id of
-        one (a probe or fine-tuning export). Other keyword arguments go to ``DiffusionPipeline.from_pretrained``.
+        one (a probe or fine-tuning export). ``dtype=`` (e.g. ``torch.bfloat16``; the older ``torch_dtype`` is
+        accepted as well) loads the weights in that dtype, pipeline or bare model. Other keyword arguments go to
+        ``DiffusionPipeline.from_pretrained``.
         """
         path = os.fspath(pretrained_model_name_or_path)
+        dtype = resolve_dtype(kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None))
+        if dtype is not None:
+            kwargs["dtype"] = dtype
         classifier = kwargs.get("classifier")
         if isinstance(classifier, (str, os.PathLike)):
             classifier = check_source(os.fspath(classifier), "classifier")
@@ -223,7 +241,7 @@ class DDAEPipeline(DiffusionPipeline):
             pipe = super().from_pretrained(path, **kwargs)
             pipe.prompt_pipeline = source.pipeline_class
             return pipe
-        model_kwargs = {k: kwargs.pop(k) for k in ("torch_dtype", *hub_kwargs) if k in kwargs}
+        model_kwargs = {k: kwargs.pop(k) for k in ("dtype", *hub_kwargs) if k in kwargs}
         denoiser = load_components(source, **model_kwargs)["denoiser"]
         return cls(**{source.family.component: denoiser}, **kwargs)
 
@@ -232,8 +250,9 @@ class DDAEPipeline(DiffusionPipeline):
         """Writes ``model_index.json`` and one folder per component (safetensors), plus a model card
         ``README.md`` unless the folder already has one. ``push_to_hub=True`` then uploads the folder
         (``repo_id``, ``token``, ``private``, ``commit_message``, ``create_pr`` are read from ``kwargs``)."""
-        hub_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "token", "private", "commit_message", "create_pr")
-                      if k in kwargs}
+        hub_kwargs = {
+            k: kwargs.pop(k) for k in ("repo_id", "token", "private", "commit_message", "create_pr") if k in kwargs
+        }
         super().save_pretrained(save_directory, push_to_hub=False, **kwargs)
         readme = os.path.join(save_directory, "README.md")
         if not os.path.exists(readme):
@@ -259,12 +278,14 @@ class DDAEPipeline(DiffusionPipeline):
                 tmp, repo_id, token=token, private=private, commit_message=commit_message, create_pr=create_pr
             )
 
-    def _push_folder(self, folder: str, repo_id: str, token=None, private=None, commit_message=None,
-                     create_pr: bool = False) -> str:
+    def _push_folder(
+        self, folder: str, repo_id: str, token=None, private=None, commit_message=None, create_pr: bool = False
+    ) -> str:
         """Uploads ``folder`` as it is (its DDAE card included: diffusers' own push would write a generic one)."""
         repo_id = create_hub_repo(repo_id, token=token, private=private)
-        commit = push_folder(folder, repo_id, token=token, create_pr=create_pr,
-                             commit_message=commit_message or "Upload DDAEPipeline")
+        commit = push_folder(
+            folder, repo_id, token=token, create_pr=create_pr, commit_message=commit_message or "Upload DDAEPipeline"
+        )
         return commit.commit_url
 
     def model_card(self, repo_id: str | None = None) -> ModelCard:
@@ -318,8 +339,10 @@ class DDAEPipeline(DiffusionPipeline):
         num_train = self.scheduler.config.num_train_timesteps
         if num_inference_steps is None:
             num_inference_steps = EDM_SAMPLING_STEPS if is_edm_scheduler(self.scheduler) else num_train
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or not (
-            1 <= num_inference_steps <= num_train
+        if (
+            isinstance(num_inference_steps, bool)
+            or not isinstance(num_inference_steps, int)
+            or not (1 <= num_inference_steps <= num_train)
         ):
             raise UsageError(f"num_inference_steps must be an integer in 1..{num_train}, got {num_inference_steps!r}.")
         if output_type not in _OUTPUT_TYPES:
@@ -433,7 +456,8 @@ class DDAEPipeline(DiffusionPipeline):
         timesteps = backbone.check_timesteps(timesteps)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise UsageError(f"batch_size must be a positive integer, got {batch_size!r}.")
-        pixel_values = backbone.check_images(self.preprocess(images)).cpu()
+        # validated where preprocess left them (the CPU); each batch goes to the device on its own
+        pixel_values = check_image_batch(self.preprocess(images), backbone.image_channels, backbone.image_size)
         if prompt is not None:
             backbone.set_prompt(prompt)
 
@@ -442,8 +466,17 @@ class DDAEPipeline(DiffusionPipeline):
         for start in self.progress_bar(starts) if len(starts) > 1 else starts:
             batch = pixel_values[start : start + batch_size].to(backbone.device)
             ids = range(start, start + batch.shape[0])
-            out = backbone.features(batch, layers, timesteps, pooling=pooling, seed=seed, example_ids=ids,
-                                    dtype=dtype, upsample=upsample, ensemble=ensemble)
+            out = backbone.features(
+                batch,
+                layers,
+                timesteps,
+                pooling=pooling,
+                seed=seed,
+                example_ids=ids,
+                dtype=dtype,
+                upsample=upsample,
+                ensemble=ensemble,
+            )
             for key, value in out.items():
                 chunks.setdefault(key, []).append(value.cpu())
         return {key: torch.cat(values) for key, values in chunks.items()}
@@ -462,10 +495,12 @@ class DDAEPipeline(DiffusionPipeline):
         pixel_values = self.preprocess(images, image_size=getattr(config, "image_size", None))
         self.classifier.eval()
         device = self.classifier.device
-        logits = torch.cat([
-            self.classifier(pixel_values=pixel_values[i : i + batch_size].to(device)).logits.float().cpu()
-            for i in range(0, pixel_values.shape[0], batch_size)
-        ])
+        logits = torch.cat(
+            [
+                self.classifier(pixel_values=pixel_values[i : i + batch_size].to(device)).logits.float().cpu()
+                for i in range(0, pixel_values.shape[0], batch_size)
+            ]
+        )
         bad = non_finite_rows(logits)
         if bad is not None:
             raise UsageError(
@@ -480,6 +515,7 @@ class DDAEPipeline(DiffusionPipeline):
 
 DDAEPipeline.__call__.__doc__ = DDAEPipeline.__call__.__doc__.replace("        Examples:\n", EXAMPLE_DOC_STRING)
 
+
 def _accepts(function, name: str) -> bool:
     return name in inspect.signature(function).parameters
 
@@ -489,5 +525,3 @@ def _load_classifier(path: str) -> DDAEForImageClassification:
     if ProbeResult.is_probe_folder(path):
         return DDAEForImageClassification.from_probe(path)
     return DDAEForImageClassification.from_pretrained(path)
-
-

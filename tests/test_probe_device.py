@@ -1,9 +1,8 @@
 """The probe computes on the device of the extraction: heads, kNN, statistics, fused and online probes.
 
-There is no GPU here. The ``meta`` device stands in for one where values are not needed. Most ops that mix CPU and
-meta tensors raise as they would with CUDA tensors, but matmuls do not: :class:`SameDevice` makes every op as strict
-as CUDA is, so a head trained on ``meta`` from CPU-read blocks and CPU labels under it proves that both were moved.
-Values are checked on the CPU, with fp16/bf16 features.
+There is no GPU here. The ``meta`` device stands in for one where values are not needed, under
+``device_harness.SameDevice`` (as strict as CUDA about mixing devices), so a head trained on ``meta`` from CPU-read
+blocks and CPU labels proves that both were moved. Values are checked on the CPU, with fp16/bf16 features.
 """
 
 from __future__ import annotations
@@ -12,8 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_tiny_unet
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+from device_harness import META, DtypeRecorder, SameDevice
 
 from ddae_diffusers import DDAEBackbone
 from ddae_diffusers.probing.cache import View
@@ -33,7 +31,6 @@ from ddae_diffusers.probing.knn import knn_accuracies, knn_accuracy, knn_predict
 from ddae_diffusers.probing.online import sharded_features, train_online
 from ddae_diffusers.probing.table import FeatureTable, column_stats, compute_device, stats_dtype
 
-META = torch.device("meta")
 CLASSES = 4
 
 
@@ -57,41 +54,6 @@ def disk_table(features: dict[str, torch.Tensor]) -> FeatureTable:
 
     num_rows = len(next(iter(arrays.values())))
     return FeatureTable({key: value.shape[1] for key, value in arrays.items()}, num_rows, reader)
-
-
-class SameDevice(TorchDispatchMode):
-    """Raises on any op whose tensor inputs are on different devices (CPU 0-dim scalars aside, as CUDA allows);
-    copies between devices are the only ops allowed to cross. ``ops`` counts the ops seen per device type."""
-
-    CROSSING = {torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default}
-
-    def __init__(self):
-        super().__init__()
-        self.ops: dict[str, int] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        tensors = [t for t in tree_leaves((args, kwargs or {})) if isinstance(t, torch.Tensor)]
-        devices = {t.device for t in tensors if not (t.device.type == "cpu" and t.dim() == 0)}
-        if len(devices) > 1 and func not in self.CROSSING:
-            raise RuntimeError(f"{func} mixes devices {sorted(map(str, devices))}")
-        for device in devices:
-            self.ops[device.type] = self.ops.get(device.type, 0) + 1
-        return func(*args, **(kwargs or {}))
-
-
-class DtypeRecorder(TorchDispatchMode):
-    """Records the dtype of every tensor an op returns."""
-
-    def __init__(self):
-        super().__init__()
-        self.dtypes: set[torch.dtype] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for value in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(value, torch.Tensor):
-                self.dtypes.add(value.dtype)
-        return out
 
 
 # ------------------------------------------------------------------ tables

@@ -171,8 +171,8 @@ def prepare(config: ProbeConfig, backbone: DDAEBackbone | None = None, accelerat
     """Validates every input and loads model and data; raises ``ValueError`` before any extraction.
 
     The model's weights are fingerprinted for the feature cache where they were loaded (on the main process only),
-    then the model moves to ``accelerator.device``; the layer catalogue, the prompt's conditioning and a test
-    forward run there, under the run's dtype."""
+    then the model moves to ``accelerator.device``; the prompt's conditioning, the layer catalogue and a test
+    forward run there (the last two under the run's dtype)."""
     if config.protocol not in PROTOCOLS:
         raise UsageError(f"--protocol must be one of {PROTOCOLS}, got {config.protocol!r}.")
     if config.recipe not in RECIPES:
@@ -213,9 +213,10 @@ def prepare(config: ProbeConfig, backbone: DDAEBackbone | None = None, accelerat
         backbone.to(accelerator.device)
     dtype = DTYPES[config.dtype]
     autocast = contextlib.nullcontext() if dtype is None else torch.autocast(backbone.device.type, dtype=dtype)
-    with autocast:
-        if config.prompt is not None:
-            backbone.set_prompt(config.prompt)
+    if config.prompt is not None:
+        backbone.set_prompt(config.prompt)
+    backbone.conditioning  # noqa: B018  (encoded now, on the device, by the text encoders in their own dtype)
+    with autocast:  # the layer catalogue's forward
         layers = backbone.check_layers(config.layers if config.layers else default_layers(backbone))
     timesteps = backbone.check_timesteps(noise_levels(config, backbone))
     resolution = config.resolution or backbone.image_size or 32

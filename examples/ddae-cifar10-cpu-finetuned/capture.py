@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +31,8 @@ from .noise import NoiseAxis, NoiseLevel, noise_axis
 
 Denoiser = nn.Module  # a diffusers denoiser of a supported family (see families.FAMILIES)
 Pooling = str | None  # "avg", "spatial" or None
+# What a forward hook does with each captured block output: "avg" pools it, a callable maps it, None keeps it.
+HookPooling = str | Callable[[torch.Tensor], torch.Tensor] | None
 POOLINGS = ("avg", "spatial", None)
 # images per forward when extracting features: on this project's CPU a full grid ran 1.6x faster in batches of 16
 # than of 64 (35.7M UNet) and 2.1x faster than of 256 (2.6M UNet); see bench/extract_study.py. GPUs want more.
@@ -91,6 +93,35 @@ def denoiser_kwargs(denoiser: Denoiser, batch_size: int, device: torch.device) -
     return family_of(denoiser).forward_kwargs(denoiser, batch_size, device)
 
 
+def execution_device(module: nn.Module) -> torch.device:
+    """The device ``module``'s forward runs on.
+
+    Under accelerate's hooks (``enable_model_cpu_offload``, ``cpu_offload``, ``dispatch_model``) the weights wait
+    on the CPU or the meta device and the hook moves them, and the inputs, to its ``execution_device`` for each
+    forward: that device (of the first hooked module that names one, as diffusers pipelines read it). Otherwise
+    the device of the module's first parameter or buffer (the CPU if it has none).
+    """
+    for submodule in module.modules():
+        hook = getattr(submodule, "_hf_hook", None)  # accelerate's attribute for the hook of a module
+        for single in getattr(hook, "hooks", None) or (hook,):  # a SequentialHook holds several
+            device = getattr(single, "execution_device", None)
+            if device is not None:
+                return torch.device(device)
+    tensor = next(module.parameters(), None)
+    if tensor is None:
+        tensor = next(module.buffers(), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def weights_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype ``module`` computes in: a diffusers model's ``dtype`` (its first floating weight outside the
+    modules kept in float32, or the compute dtype of layerwise casting), else its first floating parameter's."""
+    dtype = getattr(module, "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+
+
 def has_forward_wrappers(denoiser: nn.Module) -> bool:
     """True if a module of ``denoiser`` had its ``forward`` replaced on the instance.
 
@@ -109,14 +140,18 @@ def trace_forward(
     stop_after: str | None = None,
     record_reached: bool = False,
     conditioning: Conditioning | None = None,
+    pooling: HookPooling = None,
 ) -> Trace:
     """Runs the denoiser once on ``sample`` at ``timestep`` with hooks and returns what it saw (a :class:`Trace`).
 
-    ``sample``: (B, C, H, W) noisy input (latents unpacked: Flux's 2x2 packing is the family's business).
-    ``conditioning``: a text-conditioned family's prompt conditioning (batch 1 or B). The forward stops right after
-    ``stop_after`` (a name in ``capture``) unless a module carries a forward wrapper (see
-    :func:`has_forward_wrappers`); then it runs to the end, which gives the same activations. Autograd is left
-    intact (fine-tuning uses this).
+    ``sample``: (B, C, H, W) noisy input (latents unpacked: Flux's 2x2 packing is the family's business), of any
+    float dtype: it enters the forward on the denoiser's execution device and in its weights' dtype.
+    ``conditioning``: a text-conditioned family's prompt conditioning (batch 1 or B), cast the same way.
+    ``pooling``: ``"avg"`` pools each captured output inside its hook ((B, C, h, w) -> (B, C), (B, N, D) -> (B, D)),
+    a callable is applied to it there, None keeps the raw output; pooling in the hook frees each block's maps
+    before the next block runs. The forward stops right after ``stop_after`` (a name in ``capture``) unless a
+    module carries a forward wrapper (see :func:`has_forward_wrappers`); then it runs to the end, which gives the
+    same activations. Autograd is left intact (fine-tuning uses this).
     """
     family = family_of(denoiser)
     if family.conditional and conditioning is None:
@@ -124,6 +159,7 @@ def trace_forward(
             f"{family.name} is text-conditioned: pass its conditioning (DDAEBackbone computes the empty prompt's "
             "with the pipeline's text encoders, or takes set_prompt(...) / set_conditioning(...))."
         )
+    reduce = _hook_pooling(pooling)
     outputs: dict[str, torch.Tensor] = {}
     order: list[str] = []
     reached: set[str] = set()
@@ -131,7 +167,8 @@ def trace_forward(
 
     def capture_hook(name: str):
         def hook(module, inputs, output):
-            outputs[name] = family.block_output(output)
+            value = family.block_output(output)
+            outputs[name] = value if reduce is None else reduce(value)
             order.append(name)
             if early_exit and name == stop_after:
                 raise _StopForward
@@ -145,12 +182,14 @@ def trace_forward(
             for name, module in denoiser.named_modules()
             if name
         ]
+    dtype = weights_dtype(denoiser)
+    sample = sample.to(execution_device(denoiser), dtype)
     timestep = torch.as_tensor(timestep, device=sample.device)
     if timestep.ndim == 0:
         timestep = timestep.expand(sample.shape[0])
     stopped = False
     if conditioning is not None:
-        conditioning = batched(conditioning, sample.shape[0], sample.device)
+        conditioning = batched(conditioning, sample.shape[0], sample.device, dtype)
     try:
         family.call(denoiser, sample, timestep, conditioning)
     except _StopForward:
@@ -168,9 +207,22 @@ def capture_activations(
     layers: Sequence[str],
     stop_after: str | None = None,
     conditioning: Conditioning | None = None,
+    pooling: HookPooling = None,
 ) -> dict[str, torch.Tensor]:
-    """The outputs of ``layers`` in one forward (see :func:`trace_forward`): ``{layer: activation}``."""
-    return trace_forward(denoiser, sample, timestep, layers, stop_after, conditioning=conditioning).outputs
+    """The outputs of ``layers`` in one forward (see :func:`trace_forward`): ``{layer: activation}``, raw or as
+    ``pooling`` made them in the hook."""
+    return trace_forward(
+        denoiser, sample, timestep, layers, stop_after, conditioning=conditioning, pooling=pooling
+    ).outputs
+
+
+def _hook_pooling(pooling: HookPooling) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The function a capture hook applies to each block output (None: keep it raw)."""
+    if pooling is None or callable(pooling):
+        return pooling
+    if pooling != "avg":
+        raise UsageError(f"Unknown hook pooling {pooling!r}: use 'avg', a callable or None.")
+    return lambda activation: pool_activation(activation, "avg")
 
 
 def check_image_batch(images: torch.Tensor, channels: int, size: int | None, check_range: bool = True) -> torch.Tensor:
@@ -239,11 +291,11 @@ def _check_finite_features(features: dict[tuple[str, int], torch.Tensor], exampl
 
 
 def dummy_input(denoiser: nn.Module, channels: int | None = None, size: int | None = None) -> torch.Tensor:
-    """A (1, C, S, S) zero batch at the denoiser's sample size (32 if it has none), device and dtype."""
+    """A (1, C, S, S) zero batch at the denoiser's sample size (32 if it has none), on its execution device and
+    in its weights' dtype."""
     side = size or sample_size(denoiser.config) or 32
-    param = next(denoiser.parameters())
     channels = channels or denoiser.config.in_channels
-    return torch.zeros(1, channels, side, side, device=param.device, dtype=param.dtype)
+    return torch.zeros(1, channels, side, side, device=execution_device(denoiser), dtype=weights_dtype(denoiser))
 
 
 def pool_activation(activation: torch.Tensor, pooling: Pooling = "avg") -> torch.Tensor:
@@ -288,14 +340,56 @@ def vae_scale_factor(vae: AutoencoderKL | None) -> int:
     return 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
 
 
+class _LatentMean(nn.Module):
+    """``vae.encode(images).latent_dist.mean`` as a forward, so the encoder can run on other weights."""
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return _latent_mean(self.vae, images)
+
+
+_DECODER_PREFIXES = ("decoder.", "post_quant_conv.")
+
+
+def _encode_in_float32(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
+    """The latent mean of a half-precision VAE computed with float32 copies of its encoder weights (the VAE
+    itself is not changed; gradients still reach its weights)."""
+    weights = {  # weights an offload hook keeps on the meta device stay there: the hook loads them in float32
+        f"vae.{name}": tensor.to(None if tensor.is_meta else images.device, torch.float32)
+        for name, tensor in [*vae.named_parameters(), *vae.named_buffers()]
+        if tensor.is_floating_point() and not name.startswith(_DECODER_PREFIXES)
+    }
+    return torch.func.functional_call(_LatentMean(vae), weights, (images,))
+
+
 def encode_latents(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) pixels in [-1, 1] -> (B, c, H/f, W/f) latents as the denoiser was trained on them:
-    ``(latent_dist.mean - shift_factor) * scaling_factor`` (no shift when the VAE config has none)."""
-    latents = vae.encode(images).latent_dist.mean
+    ``(latent_dist.mean - shift_factor) * scaling_factor`` (no shift when the VAE config has none).
+
+    ``images`` may be of any float dtype: they enter the VAE on its execution device and in its weights' dtype. A
+    VAE whose config sets ``force_upcast`` (SDXL's, SD3's, Flux's) overflows in float16: it encodes with autocast
+    disabled, from float32 pixels, and with float16 weights computes in float32 as diffusers pipelines do (on
+    float32 copies of its encoder weights). The latents come back in the dtype the VAE computed in.
+    """
+    device = execution_device(vae)
+    dtype = weights_dtype(vae)
+    if vae.config.get("force_upcast", False):
+        with torch.autocast(device.type, enabled=False):
+            images = images.to(device, torch.float32 if dtype == torch.float16 else dtype)
+            latents = _encode_in_float32(vae, images) if dtype == torch.float16 else _latent_mean(vae, images)
+    else:
+        latents = _latent_mean(vae, images.to(device, dtype))
     shift = vae.config.get("shift_factor")
     if shift is not None:
         latents = latents - shift
     return latents * vae.config.scaling_factor
+
+
+def _latent_mean(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
+    return vae.encode(images).latent_dist.mean
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -366,25 +460,38 @@ class DDAEBackbone:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, path_or_hub_id: str, **hub_kwargs) -> DDAEBackbone:
+    def from_pretrained(cls, path_or_hub_id: str, dtype: torch.dtype | None = None, **hub_kwargs) -> DDAEBackbone:
         """Loads a diffusers pipeline folder or repo (``model_index.json`` with ``unet`` or
         ``transformer``, ``scheduler``, optional ``vae``) or a bare model folder (``config.json``
-        of a supported class; the scheduler is then ``DDPMScheduler()``)."""
+        of a supported class; the scheduler is then ``DDPMScheduler()``).
+
+        ``dtype`` (e.g. ``torch.bfloat16``; the older name ``torch_dtype`` also works) loads the denoiser, VAE and
+        text encoders in that dtype instead of float32; other keyword arguments go to the Hub download."""
         try:  # absolute and guarded: a classifier's Hub copy of this file carries no loader (see modeling_ddae)
-            from ddae_diffusers.loading import inspect_source, load_components
+            from ddae_diffusers.loading import inspect_source, load_components, resolve_dtype
         except ImportError as error:
             raise ImportError("DDAEBackbone.from_pretrained needs the package: pip install ddae-diffusers") from error
+        dtype = resolve_dtype(dtype, hub_kwargs.pop("torch_dtype", None))
         source = inspect_source(path_or_hub_id, **hub_kwargs)
-        components = load_components(source, **hub_kwargs)
+        components = load_components(source, dtype=dtype, **hub_kwargs)
         return cls(
-            components["denoiser"], components["scheduler"], components["vae"],
-            text_components=components["text"], prompt_pipeline=source.pipeline_class,
+            components["denoiser"],
+            components["scheduler"],
+            components["vae"],
+            text_components=components["text"],
+            prompt_pipeline=source.pipeline_class,
         )
 
     def to(self, device: torch.device | str) -> DDAEBackbone:
-        """Moves the denoiser (and VAE, text encoders, conditioning) to ``device``; returns self."""
-        self.denoiser.to(device)
-        for module in [self.vae, *self.text_components.values()]:
+        """Moves the denoiser, VAE and conditioning to ``device``; returns self.
+
+        The text encoders move too while no conditioning exists (the first forward encodes the empty prompt with
+        them). Once it does, they stay where they are: the cached conditioning tensors move instead (T5-XXL in
+        float32 is about 19 GB), and a later :meth:`set_prompt` encodes on the encoders' device."""
+        modules = [self.denoiser, self.vae]
+        if self._conditioning is None:
+            modules += list(self.text_components.values())
+        for module in modules:
             if isinstance(module, nn.Module):
                 module.to(device)
         if self._conditioning is not None:
@@ -402,15 +509,21 @@ class DDAEBackbone:
 
     def encode_prompt(self, prompt: str) -> Conditioning:
         """The conditioning of ``prompt`` from the diffusers pipeline's own ``encode_prompt``, run on the text
-        encoders this backbone holds (no classifier-free guidance: one conditional embedding)."""
+        encoders this backbone holds (no classifier-free guidance: one conditional embedding).
+
+        The encoders run on their execution device, in their own dtype (that of ``from_pretrained(dtype=...)``);
+        the conditioning comes back on the backbone's :attr:`device`, and each forward casts it to the denoiser's
+        dtype."""
         if not self.family.conditional:
             raise UsageError(f"{self.family.name} is not text-conditioned: it takes no prompt.")
         if not isinstance(prompt, str):
             raise UsageTypeError(f"prompt must be a string, got {type(prompt).__name__}.")
         pipe = self._prompt_encoder()
+        encoders = [module for module in self.text_components.values() if isinstance(module, nn.Module)]
+        device = execution_device(encoders[0]) if encoders else self.device
         with torch.inference_mode():
-            encoded = self.family.text.encode(pipe, prompt, self.device, self.image_size or 0, self.denoiser)
-        return {key: value.detach() for key, value in encoded.items()}
+            encoded = self.family.text.encode(pipe, prompt, device, self.image_size or 0, self.denoiser)
+        return {key: value.detach().to(self.device) for key, value in encoded.items()}
 
     def set_prompt(self, prompt: str) -> DDAEBackbone:
         """Conditions every following forward on ``prompt`` (instead of the empty prompt); returns self."""
@@ -448,14 +561,17 @@ class DDAEBackbone:
             name = self.prompt_pipeline or self.family.text.pipeline_class(self.denoiser)
             pipeline_class = getattr(diffusers, name)
             given = {
-                **self.text_components, self.family.component: self.denoiser, "vae": self.vae,
+                **self.text_components,
+                self.family.component: self.denoiser,
+                "vae": self.vae,
                 # a copy: some pipelines fix up deprecated scheduler settings of what they are given
                 "scheduler": type(self.scheduler).from_config(self.scheduler.config),
                 "requires_safety_checker": False,
             }
             parameters = inspect.signature(pipeline_class.__init__).parameters
             kwargs = {
-                key: given.get(key) for key, parameter in parameters.items()
+                key: given.get(key)
+                for key, parameter in parameters.items()
                 if key != "self" and (key in given or parameter.default is inspect.Parameter.empty)
             }
             self._prompt_pipe = pipeline_class(**kwargs)
@@ -464,7 +580,9 @@ class DDAEBackbone:
     # ------------------------------------------------------------------ geometry
     @property
     def device(self) -> torch.device:
-        return self.denoiser.device
+        """The device the denoiser's forward runs on: under CPU offload (accelerate's hooks) the hooks'
+        execution device, not the CPU the weights wait on. Inputs, noise and autocast go there."""
+        return execution_device(self.denoiser)
 
     @property
     def num_train_timesteps(self) -> int:
@@ -496,12 +614,19 @@ class DDAEBackbone:
     @property
     def layers(self) -> list[LayerInfo]:
         """Every capturable block in execution order with its output shape (traced once)."""
+        return self._layer_catalogue()
+
+    def _layer_catalogue(self, dtype: torch.dtype | None = None) -> list[LayerInfo]:
+        """The catalogue, traced on first use with one zero image on the backbone's current :attr:`device`, under
+        autocast to ``dtype`` when given (the dtype :meth:`features` was asked for)."""
         if self._catalogue is None:
             size = self.image_size or 32
-            dummy = dummy_input(self.denoiser, self.image_channels, size)
-            with torch.inference_mode():
-                trace = trace_forward(self.denoiser, self._encode(dummy), 0,
-                                      candidate_layers(self.denoiser), conditioning=self.conditioning)
+            pixels = torch.zeros(1, self.image_channels, size, size, device=self.device)
+            conditioning = self.conditioning
+            with torch.inference_mode(), _autocast(self.device, dtype):
+                trace = trace_forward(
+                    self.denoiser, self._encode(pixels), 0, candidate_layers(self.denoiser), conditioning=conditioning
+                )
             self._catalogue = [
                 LayerInfo(name, index, tuple(trace.outputs[name].shape[1:])) for index, name in enumerate(trace.order)
             ]
@@ -546,8 +671,11 @@ class DDAEBackbone:
 
     # ------------------------------------------------------------------ capture
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) pixels -> the denoiser's clean input (latents times scaling factor for a VAE)."""
-        return images if self.vae is None else encode_latents(self.vae, images)
+        """(B, 3, H, W) float32 pixels -> the denoiser's clean input (latents times scaling factor for a VAE), float32
+        on the backbone's device."""
+        if self.vae is None:
+            return images
+        return encode_latents(self.vae, images).to(self.device, torch.float32)
 
     def features(
         self,
@@ -574,7 +702,9 @@ class DDAEBackbone:
                 (B, C, h, w) or (B, N, D).
             seed, example_ids: the noise of example ``example_ids[i]`` (default ``i``) is drawn
                 from (seed, id), so results do not depend on batching or sharding.
-            dtype: autocast dtype, e.g. ``torch.bfloat16`` (faster on CPUs with bf16 instructions and on GPUs).
+            dtype: autocast dtype, e.g. ``torch.bfloat16`` (faster on CPUs with bf16 instructions and on GPUs); on
+                the backbone's execution device. Noise is added in float32 whatever the weights' dtype; the noisy
+                input is cast to the denoiser's dtype for its forward.
             upsample: with ``pooling="spatial"``, resize the maps bilinearly to the image size (H, W).
             ensemble: average the features of this many noise draws per image (DIFT's ensemble); draw 0 is the
                 usual noise, draw k >= 1 comes from ``(derive_seed(seed, 7, k), id)``: deterministic per seed and
@@ -584,6 +714,7 @@ class DDAEBackbone:
 
         Returns ``{(layer, t): float32 tensor}``.
         """
+        self._layer_catalogue(dtype)
         layers = self.check_layers(layers)
         timesteps = self.check_timesteps(timesteps)
         if pooling not in POOLINGS:
@@ -602,9 +733,10 @@ class DDAEBackbone:
             raise UsageError(f"{len(example_ids)} example_ids for a batch of {images.shape[0]} images.")
 
         conditioning = self.conditioning
+        hook_pooling = "avg" if pooling == "avg" else None  # pooled in the hook: no layer's raw maps are kept
         results: dict[tuple[str, NoiseLevel], torch.Tensor] = {}
         with torch.inference_mode(), _autocast(self.device, dtype):
-            clean = self._encode(images).float()
+            clean = self._encode(images)
             for draw in range(ensemble):
                 draw_seed = seed if draw == 0 else derive_seed(seed, _ENSEMBLE_STREAM, draw)
                 noise = example_noise(clean.shape[1:], example_ids, draw_seed)
@@ -612,8 +744,13 @@ class DDAEBackbone:
                     group = timesteps[start : start + levels_per_forward]
                     inputs = [self.noise_axis.network_inputs(clean, noise, t) for t in group]
                     captured = capture_activations(
-                        self.denoiser, torch.cat([x for x, _ in inputs]), torch.cat([s for _, s in inputs]), layers,
-                        stop_after=layers[-1], conditioning=_tiled(conditioning, len(clean), len(group)),
+                        self.denoiser,
+                        torch.cat([x for x, _ in inputs]),
+                        torch.cat([s for _, s in inputs]),
+                        layers,
+                        stop_after=layers[-1],
+                        conditioning=_tiled(conditioning, len(clean), len(group)),
+                        pooling=hook_pooling,
                     )
                     for layer in layers:
                         for t, activation in zip(group, captured[layer].split(len(clean)), strict=True):
@@ -625,12 +762,17 @@ class DDAEBackbone:
         return results
 
     def _shape(
-        self, activation: torch.Tensor, pooling: Pooling, latent_hw: Sequence[int], image_hw: Sequence[int],
+        self,
+        activation: torch.Tensor,
+        pooling: Pooling,
+        latent_hw: Sequence[int],
+        image_hw: Sequence[int],
         upsample: bool,
     ) -> torch.Tensor:
-        """One block's output in the requested form, float32 (see :meth:`features`)."""
+        """One block's output in the requested form, float32 (see :meth:`features`): ``"avg"`` outputs come
+        already pooled from the capture hook."""
         if pooling != "spatial":
-            return pool_activation(activation, pooling).float()
+            return activation.float()
         if activation.ndim == 3:
             activation = tokens_to_map(activation, *self.family.token_grid(self.denoiser, *latent_hw))
         activation = activation.float()

@@ -55,11 +55,14 @@ def image_stream(output: tuple) -> torch.Tensor:
     return output[1]
 
 
-def batched(conditioning: Conditioning, batch_size: int, device: torch.device) -> Conditioning:
-    """The conditioning with its batch-1 tensors expanded to ``batch_size``, on ``device``."""
+def batched(
+    conditioning: Conditioning, batch_size: int, device: torch.device, dtype: torch.dtype | None = None
+) -> Conditioning:
+    """The conditioning with its batch-1 tensors expanded to ``batch_size``, on ``device``; with ``dtype``, its
+    floating tensors in that dtype (the denoiser's, as diffusers pipelines cast prompt embeddings and ids)."""
     out = {}
     for key, value in conditioning.items():
-        value = value.to(device)
+        value = value.to(device, dtype) if dtype is not None and value.is_floating_point() else value.to(device)
         if value.ndim >= 2 and value.shape[0] == 1 and key != "txt_ids":
             value = value.expand(batch_size, *value.shape[1:])
         elif key == "guidance":
@@ -75,19 +78,29 @@ def call_unconditional(denoiser: nn.Module, sample: torch.Tensor, timestep: torc
 
 def call_unet_2d_condition(denoiser, sample, timestep, conditioning: Conditioning):
     added = {k: conditioning[k] for k in ("text_embeds", "time_ids") if k in conditioning}  # SDXL
-    return denoiser(sample, timestep, encoder_hidden_states=conditioning["encoder_hidden_states"],
-                    added_cond_kwargs=added or None)
+    return denoiser(
+        sample, timestep, encoder_hidden_states=conditioning["encoder_hidden_states"], added_cond_kwargs=added or None
+    )
 
 
 def call_pixart(denoiser, sample, timestep, conditioning: Conditioning):
     added = {k: conditioning.get(k) for k in ("resolution", "aspect_ratio")}
-    return denoiser(sample, encoder_hidden_states=conditioning["encoder_hidden_states"], timestep=timestep,
-                    added_cond_kwargs=added, encoder_attention_mask=conditioning.get("encoder_attention_mask"))
+    return denoiser(
+        sample,
+        encoder_hidden_states=conditioning["encoder_hidden_states"],
+        timestep=timestep,
+        added_cond_kwargs=added,
+        encoder_attention_mask=conditioning.get("encoder_attention_mask"),
+    )
 
 
 def call_sd3(denoiser, sample, timestep, conditioning: Conditioning):
-    return denoiser(hidden_states=sample, encoder_hidden_states=conditioning["encoder_hidden_states"],
-                    pooled_projections=conditioning["pooled_projections"], timestep=timestep)
+    return denoiser(
+        hidden_states=sample,
+        encoder_hidden_states=conditioning["encoder_hidden_states"],
+        pooled_projections=conditioning["pooled_projections"],
+        timestep=timestep,
+    )
 
 
 def pack_flux_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -122,8 +135,9 @@ def call_flux(denoiser, sample, timestep, conditioning: Conditioning):
 # ------------------------------------------------------------------ prompt encoding (the pipeline's own)
 def encode_sd(pipe, prompt: str, device: torch.device, image_size: int, denoiser: nn.Module) -> Conditioning:
     if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL: two encoders, pooled embedding and time ids
-        embeds, _, pooled, _ = pipe.encode_prompt(prompt, device=device, num_images_per_prompt=1,
-                                                  do_classifier_free_guidance=False)
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
         size = float(image_size)
         time_ids = torch.tensor([[size, size, 0.0, 0.0, size, size]], device=device)  # original, crop, target
         return {"encoder_hidden_states": embeds, "text_embeds": pooled, "time_ids": time_ids}
@@ -132,8 +146,9 @@ def encode_sd(pipe, prompt: str, device: torch.device, image_size: int, denoiser
 
 
 def encode_pixart(pipe, prompt: str, device: torch.device, image_size: int, denoiser: nn.Module) -> Conditioning:
-    embeds, mask, _, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False, device=device,
-                                            clean_caption=False)
+    embeds, mask, _, _ = pipe.encode_prompt(
+        prompt, do_classifier_free_guidance=False, device=device, clean_caption=False
+    )
     out = {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
     if getattr(denoiser, "use_additional_conditions", False):  # PixArt-alpha at 1024: size and aspect ratio
         out["resolution"] = torch.tensor([[float(image_size), float(image_size)]], device=device)
@@ -142,8 +157,9 @@ def encode_pixart(pipe, prompt: str, device: torch.device, image_size: int, deno
 
 
 def encode_sd3(pipe, prompt: str, device: torch.device, image_size: int, denoiser: nn.Module) -> Conditioning:
-    embeds, _, pooled, _ = pipe.encode_prompt(prompt, prompt_2=None, prompt_3=None, device=device,
-                                              num_images_per_prompt=1, do_classifier_free_guidance=False)
+    embeds, _, pooled, _ = pipe.encode_prompt(
+        prompt, prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+    )
     return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
 
 
@@ -163,8 +179,14 @@ class TextConditioning:
     pipeline_class: Callable[[nn.Module], str]  # denoiser -> name of the diffusers pipeline class
     encode: Callable[..., Conditioning]  # (pipe, prompt, device, image_size, denoiser) -> Conditioning
     required: tuple[str, ...]  # keys a user's precomputed conditioning must hold
-    components: tuple[str, ...] = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
-                                   "text_encoder_3", "tokenizer_3")
+    components: tuple[str, ...] = (
+        "text_encoder",
+        "tokenizer",
+        "text_encoder_2",
+        "tokenizer_2",
+        "text_encoder_3",
+        "tokenizer_3",
+    )
 
 
 def _sd_pipeline(denoiser: nn.Module) -> str:
@@ -266,8 +288,9 @@ SD3 = DenoiserFamily(
     call=call_sd3,
     block_output=image_stream,
     token_patch=_patch_size,
-    text=TextConditioning(lambda denoiser: "StableDiffusion3Pipeline", encode_sd3,
-                          ("encoder_hidden_states", "pooled_projections")),
+    text=TextConditioning(
+        lambda denoiser: "StableDiffusion3Pipeline", encode_sd3, ("encoder_hidden_states", "pooled_projections")
+    ),
 )
 FLUX = DenoiserFamily(
     FluxTransformer2DModel,
@@ -277,8 +300,9 @@ FLUX = DenoiserFamily(
     call=call_flux,
     block_output=image_stream,
     token_patch=lambda denoiser: 2,  # 2x2 latent patches packed into one token
-    text=TextConditioning(lambda denoiser: "FluxPipeline", encode_flux,
-                          ("encoder_hidden_states", "pooled_projections", "txt_ids")),
+    text=TextConditioning(
+        lambda denoiser: "FluxPipeline", encode_flux, ("encoder_hidden_states", "pooled_projections", "txt_ids")
+    ),
 )
 FAMILIES: dict[str, DenoiserFamily] = {
     family.name: family for family in (UNET_2D, DIT, UNET_2D_CONDITION, PIXART, SD3, FLUX)

@@ -44,8 +44,9 @@ DEFAULT_FLOW_PROBE_LEVEL = 0.05
 
 def is_edm_scheduler(scheduler: object) -> bool:
     """True for diffusers' EDM schedulers (they precondition inputs, noise levels and outputs)."""
-    return all(hasattr(scheduler, name) for name in ("precondition_inputs", "precondition_noise",
-                                                      "precondition_outputs"))
+    return all(
+        hasattr(scheduler, name) for name in ("precondition_inputs", "precondition_noise", "precondition_outputs")
+    )
 
 
 def is_flow_scheduler(scheduler: object) -> bool:
@@ -94,9 +95,11 @@ class NoiseAxis:
     def network_inputs(
         self, clean: torch.Tensor, noise: torch.Tensor | None, level: NoiseLevel
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (B, C, h, w) input the network sees for clean inputs ``clean`` and noise ``noise`` at ``level``,
-        and the (B,) timestep it is given. ``noise=None`` adds no noise (an ablation): DDPM passes ``clean`` as it
-        is, EDM still preconditions it (``c_in`` belongs to EDM's network, not to its noising)."""
+        """The (B, C, h, w) float32 input the network sees for clean inputs ``clean`` and noise ``noise`` at
+        ``level``, and the (B,) timestep it is given. Noising is done in float32 whatever dtype ``clean`` and
+        ``noise`` come in (half precision would round the noise away at low levels); callers cast the result to
+        the network's dtype. ``noise=None`` adds no noise (an ablation): DDPM passes ``clean`` as it is, EDM still
+        preconditions it (``c_in`` belongs to EDM's network, not to its noising)."""
         raise NotImplementedError
 
     def ve_sigma(self, level: NoiseLevel) -> float:
@@ -128,6 +131,12 @@ class NoiseAxis:
     ) -> torch.Tensor:
         """(B,) training noise levels drawn from ``generator`` (default: torch's global one)."""
         raise NotImplementedError
+
+
+def _float32(clean: torch.Tensor, noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``clean`` and ``noise`` in float32, the noise on ``clean``'s device."""
+    clean = clean.float()
+    return clean, None if noise is None else noise.to(clean.device, torch.float32)
 
 
 class DDPMNoise(NoiseAxis):
@@ -166,10 +175,11 @@ class DDPMNoise(NoiseAxis):
         return int(level)
 
     def network_inputs(self, clean, noise, level):
+        clean, noise = _float32(clean, noise)
         t = torch.full((clean.shape[0],), int(level), dtype=torch.long, device=clean.device)
         if noise is None:
             return clean, t
-        return self.noiser.add_noise(clean, noise.to(clean.device, clean.dtype), t), t
+        return self.noiser.add_noise(clean, noise, t), t
 
     def ve_sigma(self, level) -> float:
         alpha = float(self.noiser.alphas_cumprod[int(level)])
@@ -229,8 +239,9 @@ class EDMNoise(NoiseAxis):
         return float(f"{float(ascending[index]):.4g}")
 
     def network_inputs(self, clean, noise, level):
+        clean, noise = _float32(clean, noise)
         sigma = torch.full((clean.shape[0],), float(level), dtype=torch.float32, device=clean.device)
-        noisy = clean if noise is None else clean + float(level) * noise.to(clean.device, clean.dtype)
+        noisy = clean if noise is None else clean + float(level) * noise
         return self.precondition(noisy, sigma)
 
     def precondition(self, noisy: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -280,22 +291,33 @@ class FlowMatchNoise(NoiseAxis):
         return float(level)
 
     def _scheduler_at(self, level: float):
-        """A copy of the scheduler whose one step is ``level`` (no shift): its ``timesteps[0]`` is the network's."""
+        """A copy of the scheduler whose one step is ``level`` (no shift): its ``timesteps[0]`` is the network's.
+
+        Its begin index is set to that step once, so ``scale_noise`` takes the sigma without looking each
+        example's timestep up in the schedule (a device sync per example)."""
         if level not in self._at_level:
             unshifted = type(self.scheduler).from_config(
-                self.scheduler.config, shift=1.0, use_dynamic_shifting=False, shift_terminal=None,
-                use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False,
+                self.scheduler.config,
+                shift=1.0,
+                use_dynamic_shifting=False,
+                shift_terminal=None,
+                use_karras_sigmas=False,
+                use_exponential_sigmas=False,
+                use_beta_sigmas=False,
             )
             unshifted.set_timesteps(sigmas=[level])
+            if hasattr(unshifted, "set_begin_index"):  # flow-match Euler, Heun and LCM have one
+                unshifted.set_begin_index(0)
             self._at_level[level] = unshifted
         return self._at_level[level]
 
     def network_inputs(self, clean, noise, level):
+        clean, noise = _float32(clean, noise)
         scheduler = self._scheduler_at(float(level))
         t = scheduler.timesteps[:1].to(clean.device).expand(clean.shape[0])
         if noise is None:
             return clean, t
-        return scheduler.scale_noise(clean, t, noise.to(clean.device, clean.dtype)), t
+        return scheduler.scale_noise(clean, t, noise), t
 
     def ve_sigma(self, level) -> float:
         return float(level) / (1.0 - float(level))
