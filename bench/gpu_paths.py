@@ -70,8 +70,9 @@ def pretraining(device: str, out: Path) -> dict:
 
 def probe_grid(device: str, out: Path) -> dict:
     folder = out / "probe"
+    train, test = ("2000", "1000") if device != "cpu" else ("200", "100")  # a dry run on the CPU stays short
     command = launch(device) + ["-m", "ddae_diffusers.probing.cli", "--model", str(MODEL), "--dataset", str(SAMPLE),
-                                "--max_train_samples", "2000", "--max_eval_samples", "1000", "--dtype", "bfloat16",
+                                "--max_train_samples", train, "--max_eval_samples", test, "--dtype", "bfloat16",
                                 "--batch_size", "256", "--fused_probes", "--pixel_baseline",
                                 "--output_dir", str(folder)]  # fmt: skip
     wall = run(command, out / "probe.log")
@@ -96,14 +97,16 @@ def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
 
 def precision(device: str, out: Path) -> dict:
     from ddae_diffusers import DDAEBackbone
+    from ddae_diffusers.probing.engine import default_layers
 
     pixels = images(256)
-    layers, levels = ["down_blocks.1.resnets.1", "mid_block", "up_blocks.1.resnets.2"], [10, 100]
+    on_cpu = DDAEBackbone.from_pretrained(str(MODEL))
+    layers, levels = default_layers(on_cpu)[::4], [10, 100]  # encoder to decoder
 
     def features(backbone: DDAEBackbone, dtype: torch.dtype | None = None) -> dict:
         return backbone.features(pixels, layers, levels, dtype=dtype)
 
-    reference = features(DDAEBackbone.from_pretrained(str(MODEL)))
+    reference = features(on_cpu)
     errors = {}
     fp32 = DDAEBackbone.from_pretrained(str(MODEL)).to(device)
     before = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
