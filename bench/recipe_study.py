@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.join(REPO, "bench"))
 from compare_objectives import training_summary  # noqa: E402
 
 from ddae_diffusers.io_utils import atomic_path  # noqa: E402
-from ddae_diffusers.tracking import read_jsonl  # noqa: E402
+from ddae_diffusers.pretraining.tracking import read_jsonl  # noqa: E402
 
 COMPARED = ("model_config", "learning_rate", "lr_warmup_steps", "lr_scheduler", "train_batch_size", "objective",
             "random_flip", "use_ema", "max_train_minutes")

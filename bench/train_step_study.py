@@ -6,7 +6,7 @@ hits all alike, and the median step time after the warm-up is reported.
 
   * ``plain_fp32``: ``bench_train.plain_step`` (noise, ``unet(x_t, t)``, MSE, backward, clip, AdamW) -- the
     baseline of every ratio;
-  * ``script_fp32``: ``ddae_diffusers.training_step.train_step`` (what ``training/train_unconditional.py`` runs)
+  * ``script_fp32``: ``ddae_diffusers.pretraining.training_step.train_step`` (what the training script runs)
     with the script's EMA, fp32;
   * ``+foreach_adamw`` / ``+fused_adamw``: the AdamW implementation; ``+ema_foreach``: ``EMAModel(foreach=True)``;
   * ``+channels_last``: model and batch in channels-last memory format; ``+compile``: ``torch.compile`` (inductor),
@@ -32,7 +32,7 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
 
 from ddae_diffusers import build_denoiser
-from ddae_diffusers.training_step import train_step
+from ddae_diffusers.pretraining.training_step import train_step
 
 OPTIONS = ("bf16", "foreach_adamw", "fused_adamw", "ema_foreach", "channels_last", "compile")
 

@@ -6,16 +6,18 @@ Every card of the project is built here: classifiers, pretrained DDAEs and ``DDA
 from __future__ import annotations
 
 import os
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .loading import is_hub_id
-from .noise import noise_axis
+from .noise import EDM_SAMPLING_STEPS, NoiseLevel, noise_axis
+from .probing.knn import KNN_K
 
 PAPER_URL = "https://arxiv.org/abs/2303.09769"
 HEATMAP_FILE = "probe_grid.png"
-KNN_K = 20  # the probe's kNN neighbours (probing.knn)
+DDPM_SAMPLING_STEPS = 50  # what a card suggests for sampling a DDPM (DDIM-like budgets), not the scheduler's default
 
 _TEMPLATE = """---
 {{ card_data }}
@@ -136,11 +138,6 @@ def classifier_model_card(
     accuracy = summary.get("accuracy")
     axis = noise_axis(config.noise_scheduler())
     level = config.timestep
-    if axis.objective == "edm":
-        level_text = f"sigma {level:g} (EDM; a variance-exploding sigma)"
-    else:
-        level_text = (f"{level} (diffusers index; t={level + 1} in the DDAE paper); variance-exploding sigma "
-                      f"{axis.ve_sigma(level):.3g}")
     vae = getattr(config, "vae_config", None)
     details = {
         "backbone": f"diffusers `{config.backbone_class}` from `{config.base_model or 'unknown'}`",
@@ -151,7 +148,7 @@ def classifier_model_card(
         ) if vae else None,
         "weights": _weights_text(parameters, bytes_per_value),
         "feature layer": f"`{config.feature_layer}` ({config.feature_dim}-d, {config.pooling} pooling)",
-        "noise level": level_text,
+        "noise level": axis.level_text(level),
         "noise": (
             f"fixed in eval: the image at batch position i gets the noise drawn from (seed {config.noise_seed}, i)"
             if config.noise_policy == "fixed" else config.noise_policy
@@ -180,8 +177,7 @@ def classifier_model_card(
             + " |"
             for c in grid
         )
-        unit = "sigma" if axis.objective == "edm" else "t"
-        extra = f"\n## Probe grid\n\n| layer | {unit} | linear % | kNN % |\n|---|---|---|---|\n" + table + "\n"
+        extra = f"\n## Probe grid\n\n| layer | {axis.unit} | linear % | kNN % |\n|---|---|---|---|\n" + table + "\n"
         if summary.get("results_file"):
             name = summary["results_file"]
             extra += f"\nEvery setting and number of the probe run: [`{name}`]({name}).\n"
@@ -269,7 +265,7 @@ or sample: `DDAEPipeline.from_pretrained("{{ repo_or_path }}")(num_inference_ste
 
 ## Probe history
 
-kNN (k=20, cosine) and linear-probe top-1 accuracy on fixed labelled subsets
+kNN (k={{ knn_k }}, cosine) and linear-probe top-1 accuracy on fixed labelled subsets
 ({{ probe_description }}), features of `{{ probe_layer }}` at {{ probe_level_text }}, {{ weights }}.
 {% if history %}
 | step | images seen | kNN accuracy | linear-probe accuracy |
@@ -292,72 +288,66 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s"
 
 
-def pretraining_model_card(
-    *,
-    model_name: str,
-    model_class: str,
-    num_params: int,
-    dataset: str,
-    hub_dataset: str | None,
-    command: str,
-    steps: int,
-    images_seen: int,
-    wall_time_s: float,
-    total_batch_size: int,
-    mixed_precision: str,
-    probe_layer: str,
-    probe_timestep: int | float,
-    probe_description: str,
-    history: list[dict],
-    best: dict | None,
-    use_ema: bool,
-    repo_or_path: str,
-    objective: str = "ddpm",
-    probe_ve_sigma: float | None = None,
-):
-    """A huggingface_hub ``ModelCard`` (library ``diffusers``) for a pretrained DDAE (DDPM or EDM ``objective``)."""
+def sampling_steps(objective: str) -> int:
+    """The sampling steps a card's usage suggests: EDM's schedule length, else ``DDPM_SAMPLING_STEPS``."""
+    return EDM_SAMPLING_STEPS if objective == "edm" else DDPM_SAMPLING_STEPS
+
+
+@dataclass
+class PretrainingSummary:
+    """What a pretraining run reports, built once from the run's state: its card reads it, and so does anything
+    else that reports the run (``dataclasses.asdict`` gives it as plain data, ``PretrainingSummary(**data)`` back)."""
+
+    model_name: str
+    model_class: str  # the denoiser's diffusers class, e.g. UNet2DModel
+    num_params: int
+    dataset: str  # the --dataset_name or --train_data_dir
+    hub_dataset: str | None  # the data set's Hub id, for the card's metadata
+    command: str
+    steps: int
+    images_seen: int
+    wall_time_s: float
+    total_batch_size: int
+    mixed_precision: str
+    objective: str  # "ddpm" or "edm"
+    probe_layer: str
+    probe_timestep: NoiseLevel
+    probe_level_text: str  # the probe's noise level in words, from the noise axis
+    probe_description: str  # the probe monitor's labelled subsets
+    history: list[dict]  # the probe monitor's records: step, images_seen, knn_acc, linear_acc
+    best: dict | None  # the best probe: step, metric, value
+    use_ema: bool
+    repo_or_path: str
+
+
+def pretraining_model_card(summary: PretrainingSummary) -> ModelCard:
+    """A huggingface_hub ``ModelCard`` (library ``diffusers``) for a pretrained DDAE (DDPM or EDM objective)."""
     card_data = ModelCardData(
         library_name="diffusers",
         license="apache-2.0",
         tags=["ddae", "diffusers", "unconditional-image-generation", "self-supervised-learning"],
         pipeline_tag="unconditional-image-generation",
-        datasets=[hub_dataset] if hub_dataset else None,
+        datasets=[summary.hub_dataset] if summary.hub_dataset else None,
     )
     def fmt(value: float | None) -> str:
         return "-" if value is None else f"{value:.4f}"
 
     rows = [{**row, "knn_acc_str": fmt(row.get("knn_acc")), "linear_acc_str": fmt(row.get("linear_acc"))}
-            for row in history]
-    best = {**best, "value_str": fmt(best["value"])} if best else None
+            for row in summary.history]
+    best = {**summary.best, "value_str": fmt(summary.best["value"])} if summary.best else None
+    edm = summary.objective == "edm"
     return ModelCard.from_template(
         card_data,
         template_str=_PRETRAINING_TEMPLATE,
-        model_name=model_name,
-        model_class=model_class,
-        num_params=f"{num_params / 1e6:.1f}M",
-        dataset=dataset,
-        command=command,
-        steps=steps,
-        images_seen=images_seen,
-        wall_time=format_duration(wall_time_s),
-        total_batch_size=total_batch_size,
-        mixed_precision=mixed_precision,
-        probe_layer=probe_layer,
-        probe_timestep=probe_timestep,
-        probe_description=probe_description,
-        history=rows,
-        best=best,
-        weights="the EMA weights" if use_ema else "the trained weights (no EMA)",
-        repo_or_path=repo_or_path,
-        is_unet=model_class == "UNet2DModel",
-        objective=objective,
-        objective_text="with EDM's objective (Karras et al. 2022)" if objective == "edm" else "as a DDPM",
+        **{**asdict(summary), "num_params": f"{summary.num_params / 1e6:.1f}M", "history": rows, "best": best},
+        wall_time=format_duration(summary.wall_time_s),
+        weights="the EMA weights" if summary.use_ema else "the trained weights (no EMA)",
+        is_unet=summary.model_class == "UNet2DModel",
+        objective_text="with EDM's objective (Karras et al. 2022)" if edm else "as a DDPM",
         objective_name="EDM (Karras et al. 2022): preconditioning, log-normal sigmas, loss weighting"
-        if objective == "edm" else "DDPM (discrete timesteps)",
-        probe_level_text=f"sigma {probe_timestep:g}" if objective == "edm"
-        else f"diffusers timestep {probe_timestep} (the paper's t={probe_timestep + 1}"
-        + (f"; variance-exploding sigma {probe_ve_sigma:.3g})" if probe_ve_sigma is not None else ")"),
-        sample_steps=18 if objective == "edm" else 50,
+        if edm else "DDPM (discrete timesteps)",
+        sample_steps=sampling_steps(summary.objective),
+        knn_k=KNN_K,
     )
 
 
@@ -406,12 +396,11 @@ def pipeline_model_card(pipe, repo_id: str | None = None) -> ModelCard:
             f"{backbone.noise_axis.label(config.timestep)}, "
             f"{len(labels)} labels ({', '.join(labels[:10])}{', ...' if len(labels) > 10 else ''})"
         )
-    layer = pipe.classifier.config.feature_layer if pipe.classifier is not None else names[len(names) // 2]
-    edm = backbone.objective == "edm"
+    layer = pipe.classifier.config.feature_layer if pipe.classifier is not None else backbone.default_layer()
     axis = backbone.noise_axis
     level = pipe.classifier.config.timestep if pipe.classifier is not None else axis.default_probe_level()
     usage = _PIPELINE_USAGE.format(repo=repo_id or "path/to/this/folder", layer=layer, level=level,
-                                   steps=18 if edm else 50)
+                                   steps=sampling_steps(backbone.objective))
     if pipe.classifier is not None:
         usage += 'pipe.classify(images).labels  # ["...", ...]\n'
     return make_model_card(
@@ -431,5 +420,6 @@ def pipeline_model_card(pipe, repo_id: str | None = None) -> ModelCard:
 
 
 __all__ = [
-    "classifier_model_card", "format_duration", "make_model_card", "pipeline_model_card", "pretraining_model_card",
+    "PretrainingSummary", "classifier_model_card", "format_duration", "make_model_card", "pipeline_model_card",
+    "pretraining_model_card", "sampling_steps",
 ]

@@ -30,8 +30,8 @@ from .errors import UsageError, UsageTypeError
 
 NoiseLevel = int | float
 
-# The DDAE paper's EDM grid: indices of the 18-step schedule counted from the clean end.
-EDM_INDEX_STEPS = 18
+# EDM's CIFAR-10 sampling schedule length; the DDAE paper's EDM grid indexes it from the clean end.
+EDM_SAMPLING_STEPS = 18
 DEFAULT_DDPM_LEVELS = (0, 10, 25, 50, 100, 200, 400)
 DEFAULT_EDM_INDICES = (2, 3, 4, 5, 6, 7, 8)  # sigma 0.0075 .. 1.09, about the VE range of DDPM t = 0 .. 200
 DEFAULT_DDPM_PROBE_LEVEL = 10  # the paper's t=11
@@ -110,9 +110,16 @@ class NoiseAxis:
         """``log(signal^2 / noise^2) = -2 ln sigma_VE``."""
         return -2.0 * math.log(self.ve_sigma(level))
 
-    def label(self, level: NoiseLevel) -> str:
-        """How reports name a level: ``t=10`` or ``sigma=0.06``."""
-        return f"{self.unit}={level:g}" if isinstance(level, float) else f"{self.unit}={level}"
+    @classmethod
+    def label(cls, level: NoiseLevel) -> str:
+        """How reports, cards and the command line name a level: ``t=10`` or ``sigma=0.06``, the level written as
+        its cell key writes it (so it reads back as the same level)."""
+        return f"{cls.unit}={level}"
+
+    def level_text(self, level: NoiseLevel) -> str:
+        """A level in a model card's sentence, with its variance-exploding sigma: ``diffusers timestep 10 (the
+        paper's t=11; variance-exploding sigma 0.047)``, ``sigma 0.06 (EDM; a variance-exploding sigma)``."""
+        raise NotImplementedError
 
     def describe(self, level: NoiseLevel) -> dict[str, float]:
         """``{"level", "ve_sigma", "log_snr"}`` of one level, for reports."""
@@ -185,6 +192,10 @@ class DDPMNoise(NoiseAxis):
         alpha = float(self.noiser.alphas_cumprod[int(level)])
         return math.sqrt((1.0 - alpha) / alpha)
 
+    def level_text(self, level) -> str:
+        return (f"diffusers timestep {level} (the paper's t={int(level) + 1}; variance-exploding sigma "
+                f"{self.ve_sigma(level):.3g})")
+
     def default_levels(self) -> list[int]:
         return [t for t in DEFAULT_DDPM_LEVELS if t < self.num_train_timesteps]
 
@@ -228,7 +239,7 @@ class EDMNoise(NoiseAxis):
             )
         return float(level)
 
-    def sigma_at_index(self, index: int, num_steps: int = EDM_INDEX_STEPS) -> float:
+    def sigma_at_index(self, index: int, num_steps: int = EDM_SAMPLING_STEPS) -> float:
         """Sigma at ``index`` of the ``num_steps``-step sampling schedule of this scheduler, counted from the clean
         end where index 0 is sigma 0 (the DDAE paper's convention: index 4 of 18 is about 0.06), to 4 digits."""
         if not is_integer_level(index) or not 1 <= index <= num_steps:
@@ -251,6 +262,9 @@ class EDMNoise(NoiseAxis):
 
     def ve_sigma(self, level) -> float:
         return float(level)
+
+    def level_text(self, level) -> str:
+        return f"sigma {level} (EDM; a variance-exploding sigma)"
 
     def default_levels(self) -> list[float]:
         return [self.sigma_at_index(i) for i in DEFAULT_EDM_INDICES]
@@ -322,6 +336,9 @@ class FlowMatchNoise(NoiseAxis):
     def ve_sigma(self, level) -> float:
         return float(level) / (1.0 - float(level))
 
+    def level_text(self, level) -> str:
+        return f"flow-matching sigma {level} (variance-exploding sigma {self.ve_sigma(level):.3g})"
+
     def default_levels(self) -> list[float]:
         return list(DEFAULT_FLOW_LEVELS)
 
@@ -330,6 +347,17 @@ class FlowMatchNoise(NoiseAxis):
 
     def draw_training_levels(self, batch_size, device, generator=None):
         raise UsageError("Training flow-matching models is not supported: train with --objective ddpm or edm.")
+
+
+NOISE_AXES: dict[str, type[NoiseAxis]] = {axis.objective: axis for axis in (DDPMNoise, EDMNoise, FlowMatchNoise)}
+
+
+def axis_class(objective: str) -> type[NoiseAxis]:
+    """The noise axis class of an ``objective`` (``"ddpm"``, ``"edm"`` or ``"flow"``, as ``results.json`` records
+    it): its ``unit`` and ``label`` name levels without the scheduler."""
+    if objective not in NOISE_AXES:
+        raise UsageError(f"Unknown objective {objective!r}: use one of {', '.join(NOISE_AXES)}.")
+    return NOISE_AXES[objective]
 
 
 def noise_axis(scheduler) -> NoiseAxis:

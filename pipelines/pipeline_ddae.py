@@ -38,20 +38,22 @@ from ddae_diffusers.capture import (
     non_finite_rows,
 )
 from ddae_diffusers.errors import UsageError, UsageTypeError
-from ddae_diffusers.families import family_of
+from ddae_diffusers.families import FAMILIES, family_of
 from ddae_diffusers.hub import create_hub_repo, push_folder
 from ddae_diffusers.image_processing_ddae import DDAEImageProcessor
 from ddae_diffusers.loading import check_source, inspect_source, load_components, resolve_dtype
 from ddae_diffusers.modelcard import pipeline_model_card
 from ddae_diffusers.modeling_ddae import DDAEForImageClassification
-from ddae_diffusers.noise import DDPMNoise, NoiseLevel, is_edm_scheduler, noise_axis
+from ddae_diffusers.noise import EDM_SAMPLING_STEPS, DDPMNoise, NoiseLevel, is_edm_scheduler, noise_axis
 from ddae_diffusers.probing.result import ProbeResult
 
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | Sequence[PIL.Image.Image | np.ndarray | torch.Tensor]
 
 _OUTPUT_TYPES = ("pil", "np", "pt")
-TEXT_COMPONENTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
-EDM_SAMPLING_STEPS = 18  # EDM's CIFAR-10 schedule length
+# The text encoders and tokenizers of the text-conditioned families, named as their diffusers pipelines name them.
+TEXT_COMPONENTS = tuple(
+    dict.fromkeys(name for family in FAMILIES.values() if family.text is not None for name in family.text.components)
+)
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -108,7 +110,8 @@ class DDAEPipeline(DiffusionPipeline):
             The sampling scheduler ([`DDPMScheduler`], [`DDIMScheduler`], ... or, for an EDM model,
             [`EDMEulerScheduler`] / [`EDMDPMSolverMultistepScheduler`]). Its betas (EDM: its sigma range and
             `sigma_data`) also define the noise that feature extraction adds, and the units of noise levels
-            (timestep indices or sigmas). Defaults to `DDPMScheduler()` (1000 linear steps, 1e-4 to 0.02).
+            (timestep indices or sigmas). Defaults to `DDPMScheduler()` (1000 linear steps, 1e-4 to 0.02), also
+            when it is set to `None` later; a text-conditioned denoiser has no default and needs its own.
         transformer ([`DiTTransformer2DModel`], [`PixArtTransformer2DModel`], [`SD3Transformer2DModel`] or
             [`FluxTransformer2DModel`], *optional*):
             A DiT denoiser, latent (with `vae`, as facebook/DiT-XL-2-256) or pixel-space, which always gets the
@@ -164,7 +167,8 @@ class DDAEPipeline(DiffusionPipeline):
                 f"classifier must be a DDAEForImageClassification, got {type(classifier).__name__}: build one "
                 "with DDAEForImageClassification.from_diffusers / from_probe (diffusers cannot save plain modules)."
             )
-        scheduler = scheduler if scheduler is not None else DDPMScheduler()
+        if scheduler is None:
+            scheduler = default_scheduler(unet if unet is not None else transformer)
         text = dict(
             text_encoder=text_encoder,
             tokenizer=tokenizer,
@@ -186,6 +190,10 @@ class DDAEPipeline(DiffusionPipeline):
         """The UNet or the transformer, whichever this pipeline holds."""
         return self.unet if self.unet is not None else self.transformer
 
+    def _scheduler(self) -> SchedulerMixin:
+        """The pipeline's scheduler, or the default of :func:`default_scheduler` when it is None."""
+        return self.scheduler if self.scheduler is not None else default_scheduler(self.denoiser)
+
     @property
     def backbone(self) -> DDAEBackbone:
         """The capture core over this pipeline's denoiser, VAE and noise schedule (rebuilt if they change).
@@ -197,9 +205,9 @@ class DDAEPipeline(DiffusionPipeline):
         text = {name: getattr(self, name, None) for name in TEXT_COMPONENTS}
         key = (id(self.denoiser), id(self.scheduler), id(self.vae), *map(id, text.values()))
         if self._backbone is None or self._backbone_key != key:
-            noise_scheduler = self.scheduler
-            if isinstance(noise_axis(self.scheduler), DDPMNoise):
-                noise_scheduler = DDPMScheduler.from_config(self.scheduler.config)
+            noise_scheduler = self._scheduler()
+            if isinstance(noise_axis(noise_scheduler), DDPMNoise):
+                noise_scheduler = DDPMScheduler.from_config(noise_scheduler.config)
             self._backbone = DDAEBackbone(
                 self.denoiser, noise_scheduler, self.vae, text_components=text, prompt_pipeline=self.prompt_pipeline
             )
@@ -231,7 +239,7 @@ class DDAEPipeline(DiffusionPipeline):
         source = inspect_source(path, who="DDAEPipeline", flag="pretrained_model_name_or_path", **hub_kwargs)
         path = source.path
         if isinstance(classifier, (str, os.PathLike)):
-            kwargs["classifier"] = _load_classifier(os.fspath(classifier))
+            kwargs["classifier"] = _load_classifier(os.fspath(classifier), dtype)
         if source.model_index is not None:
             # components this pipeline does not use (safety checker, feature extractor, image encoder) stay unloaded
             accepted = inspect.signature(cls.__init__).parameters
@@ -336,9 +344,10 @@ class DDAEPipeline(DiffusionPipeline):
                 f"diffusers pipeline ({family.text.pipeline_class(self.denoiser)}). Its features work here: "
                 "extract_features(...)."
             )
-        num_train = self.scheduler.config.num_train_timesteps
+        scheduler = self._scheduler()
+        num_train = scheduler.config.num_train_timesteps
         if num_inference_steps is None:
-            num_inference_steps = EDM_SAMPLING_STEPS if is_edm_scheduler(self.scheduler) else num_train
+            num_inference_steps = EDM_SAMPLING_STEPS if is_edm_scheduler(scheduler) else num_train
         if (
             isinstance(num_inference_steps, bool)
             or not isinstance(num_inference_steps, int)
@@ -360,20 +369,20 @@ class DDAEPipeline(DiffusionPipeline):
         sample = randn_tensor(
             (batch_size, channels, height, width), generator=generator, device=device, dtype=denoiser.dtype
         )
-        sample = sample * self.scheduler.init_noise_sigma
+        sample = sample * scheduler.init_noise_sigma
         extra = denoiser_kwargs(denoiser, batch_size, device)
-        step_kwargs = {"generator": generator} if _accepts(self.scheduler.step, "generator") else {}
+        step_kwargs = {"generator": generator} if _accepts(scheduler.step, "generator") else {}
         learned_sigma = denoiser.config.out_channels == 2 * channels
-        scheduler_uses_sigma = self.scheduler.config.get("variance_type") in ("learned", "learned_range")
+        scheduler_uses_sigma = scheduler.config.get("variance_type") in ("learned", "learned_range")
 
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        for t in self.progress_bar(self.scheduler.timesteps):
-            model_input = self.scheduler.scale_model_input(sample, t)
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        for t in self.progress_bar(scheduler.timesteps):
+            model_input = scheduler.scale_model_input(sample, t)
             timestep = t.to(device).expand(batch_size)
             output = denoiser(model_input, timestep, **extra).sample
             if learned_sigma and not scheduler_uses_sigma:
                 output = output[:, :channels]  # (B, 2C) -> predicted noise; the variance half is unused
-            sample = self.scheduler.step(output, t, sample, **step_kwargs).prev_sample
+            sample = scheduler.step(output, t, sample, **step_kwargs).prev_sample
 
         if self.vae is not None:
             config = self.vae.config  # the inverse of capture.encode_latents
@@ -520,8 +529,23 @@ def _accepts(function, name: str) -> bool:
     return name in inspect.signature(function).parameters
 
 
-def _load_classifier(path: str) -> DDAEForImageClassification:
-    """A saved ``DDAEForImageClassification`` (folder or Hub id) or a probe-engine result folder."""
+def default_scheduler(denoiser: torch.nn.Module) -> SchedulerMixin:
+    """The scheduler of a pipeline given none: ``DDPMScheduler()`` (1000 linear steps, 1e-4 to 0.02, as
+    ``DDAEBackbone`` takes) for an unconditional denoiser. A text-conditioned one was trained on its own schedule,
+    which no default matches: a ``UsageError`` naming the fix."""
+    family = family_of(denoiser)
+    if family.conditional:
+        raise UsageError(
+            f"This {family.name} pipeline has no scheduler, and no default matches a text-conditioned model: pass its "
+            "own, scheduler=SchedulerClass.from_pretrained(model_id, subfolder='scheduler') (or set pipe.scheduler)."
+        )
+    return DDPMScheduler()
+
+
+def _load_classifier(path: str, dtype: torch.dtype | None = None) -> DDAEForImageClassification:
+    """A saved ``DDAEForImageClassification`` (folder or Hub id) or a probe-engine result folder, its weights in
+    ``dtype`` (None: as saved)."""
+    weights = {"dtype": dtype} if dtype is not None else {}
     if ProbeResult.is_probe_folder(path):
-        return DDAEForImageClassification.from_probe(path)
-    return DDAEForImageClassification.from_pretrained(path)
+        return DDAEForImageClassification.from_probe(path, **weights)
+    return DDAEForImageClassification.from_pretrained(path, **weights)

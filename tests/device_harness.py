@@ -59,3 +59,18 @@ class DtypeRecorder(TorchFunctionMode):
         out = func(*args, **(kwargs or {}))
         self.dtypes.update(tensor.dtype for tensor in tensor_leaves(out))
         return out
+
+
+def launch_two_processes(*arguments: str, timeout: int = 300):
+    """Runs ``accelerate launch`` with two CPU processes (gloo) on ``arguments`` (a script and its arguments) from the
+    repository root; returns the ``subprocess.CompletedProcess`` with its text output."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *arguments]  # fmt: skip
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run(command, env=env, cwd=root, capture_output=True, text=True, timeout=timeout)

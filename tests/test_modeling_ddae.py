@@ -212,18 +212,17 @@ def test_bad_inputs_raise_clear_errors(unet, model):
     euler = DDAEForImageClassification.from_diffusers(
         DDAEBackbone(unet, EulerDiscreteScheduler(beta_schedule="scaled_linear")), layer="mid_block", num_labels=2
     )
-    assert euler.config.beta_schedule == "scaled_linear"
-    with pytest.raises(ValueError, match="is not that of a DDPMScheduler"):
-        DDAEForImageClassification.from_diffusers(
-            DDAEBackbone(unet, DDIMScheduler(rescale_betas_zero_snr=True)), layer="mid_block", num_labels=2
-        )
+    assert euler.config.scheduler_config["beta_schedule"] == "scaled_linear"
+    zero_snr = DDAEBackbone(unet, DDIMScheduler(rescale_betas_zero_snr=True))
+    rescaled = DDAEForImageClassification.from_diffusers(zero_snr, layer="mid_block", num_labels=2)
+    torch.testing.assert_close(rescaled.noise_scheduler.alphas_cumprod, zero_snr.noise_axis.noiser.alphas_cumprod)
     with pytest.raises(ValueError, match="supports DDPM and EDM noise"):
         DDAEForImageClassification.from_diffusers(
             DDAEBackbone(unet, FlowMatchEulerDiscreteScheduler()), layer="mid_block", timestep=0.05, num_labels=2
         )
     ddim = DDAEBackbone(unet, DDIMScheduler())
     ddim = DDAEForImageClassification.from_diffusers(ddim, layer="mid_block", num_labels=2)
-    assert ddim.config.beta_schedule == "linear"
+    assert ddim.config.scheduler_config["beta_schedule"] == "linear"
     with pytest.raises(ValueError, match="feature_layer 'nope'"):
         DDAEForImageClassification(DDAEConfig(backbone_config=dict(unet.config), feature_layer="nope", num_labels=2))
     with pytest.raises(ValueError, match="noise_policy"):
@@ -252,7 +251,7 @@ def test_image_processor_conversions(tmp_path):
     with pytest.raises(TypeError, match="PIL images"):
         processor(["not an image"])
     processor.save_pretrained(tmp_path)
-    assert DDAEImageProcessor.from_pretrained(tmp_path).size == 16
+    assert DDAEImageProcessor.from_pretrained(tmp_path).size == {"height": 16, "width": 16}
 
 
 def test_image_classification_pipeline(model, tmp_path):

@@ -28,8 +28,8 @@ from huggingface_hub.hf_api import RepoUrl
 from safetensors.torch import load_file
 
 from ddae_diffusers import DDAEBackbone
-from ddae_diffusers.tracking import read_jsonl
-from ddae_diffusers.training_step import NonFiniteLossError, train_step
+from ddae_diffusers.pretraining.tracking import read_jsonl
+from ddae_diffusers.pretraining.training_step import NonFiniteLossError, train_step
 
 SCRIPT = REPO_ROOT / "training" / "train_unconditional.py"
 _spec = importlib.util.spec_from_file_location("train_unconditional", SCRIPT)

@@ -49,7 +49,6 @@ from tqdm.auto import tqdm
 
 from ddae_diffusers import DDAEBackbone
 from ddae_diffusers.capture import EXTRACTION_BATCH_SIZE, derive_seed
-from ddae_diffusers.checkpoints import checkpoint_step, list_checkpoints, resolve_checkpoint, save_checkpoint
 from ddae_diffusers.data import conversion_note, detect_image_column, detect_label_column, to_rgb_array
 from ddae_diffusers.distributed import host_group, wait_for_main
 from ddae_diffusers.errors import ArgumentParser, UsageError, fail, run_command
@@ -57,12 +56,23 @@ from ddae_diffusers.families import family_named, family_of, sample_size
 from ddae_diffusers.hub import create_hub_repo, push_folder
 from ddae_diffusers.io_utils import atomic_path, check_writable_dir
 from ddae_diffusers.loading import check_source, is_hub_id
-from ddae_diffusers.modelcard import pretraining_model_card
-from ddae_diffusers.monitor import ProbeHistory, ProbeMonitor, default_probe_layer, load_probe_data
+from ddae_diffusers.modelcard import PretrainingSummary, pretraining_model_card
 from ddae_diffusers.noise import EDMNoise, noise_axis, noise_level
 from ddae_diffusers.presets import PRESETS, build_denoiser
-from ddae_diffusers.tracking import JSONLinesTracker
-from ddae_diffusers.training_step import PREDICTION_TYPES, NonFiniteLossError, check_finite_weights, train_step
+from ddae_diffusers.pretraining.checkpoints import (
+    checkpoint_step,
+    list_checkpoints,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from ddae_diffusers.pretraining.monitor import ProbeHistory, ProbeMonitor, load_probe_data
+from ddae_diffusers.pretraining.tracking import JSONLinesTracker
+from ddae_diffusers.pretraining.training_step import (
+    PREDICTION_TYPES,
+    NonFiniteLossError,
+    check_finite_weights,
+    train_step,
+)
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -524,9 +534,9 @@ def main(args: argparse.Namespace) -> str:
     if args.probe_timestep is None:
         args.probe_timestep = backbone.noise_axis.default_probe_level()
 
-    monitor = _build_monitor(args, dataset_dict, image_column, denoiser, noise_scheduler, resolution)
+    probe_layer = args.probe_layer or backbone.default_layer()
+    monitor = _build_monitor(args, dataset_dict, image_column, denoiser, noise_scheduler, resolution, probe_layer)
     probe_every = args.probe_every_n_steps if monitor is not None else 0
-    probe_layer = monitor.layer if monitor else (args.probe_layer or default_probe_layer(denoiser))
 
     repo_id = None
     if args.push_to_hub and accelerator.is_main_process:
@@ -652,7 +662,7 @@ def main(args: argparse.Namespace) -> str:
             is_last = state.global_step >= max_train_steps or out_of_time
             if probe_every and (state.global_step % probe_every == 0 or is_last):
                 if accelerator.is_main_process:
-                    metrics = run_probe(monitor, unwrapped, ema, noise_scheduler, history, state, args.output_dir)
+                    metrics = probe_step(monitor, unwrapped, ema, noise_scheduler, history, state, args.output_dir)
                     logs.update({f"probe/{k}": v for k, v in metrics.items()})
                     postfix.update({k.replace("_acc", ""): f"{v:.3f}" for k, v in metrics.items()})
                 wait_for_main(accelerator)
@@ -684,33 +694,15 @@ def main(args: argparse.Namespace) -> str:
 
     # ---- final pipeline (EMA weights) and model card
     if accelerator.is_main_process:
-        card = pretraining_model_card(
-            model_name=os.path.basename(os.path.abspath(args.output_dir)),
-            model_class=type(unwrapped).__name__,
-            num_params=sum(p.numel() for p in unwrapped.parameters()),
-            dataset=args.dataset_name or args.train_data_dir,
-            hub_dataset=args.dataset_name if is_hub_id(args.dataset_name) else None,
-            command=args.command,
-            steps=state.global_step,
-            images_seen=state.images_seen,
-            wall_time_s=state.wall_time,
-            total_batch_size=total_batch_size,
-            mixed_precision=accelerator.mixed_precision,
-            objective=backbone.objective,
-            probe_ve_sigma=backbone.noise_axis.ve_sigma(args.probe_timestep),
-            probe_layer=probe_layer,
-            probe_timestep=args.probe_timestep,
-            probe_description=monitor.data.description if monitor else "probe monitor off",
-            history=history.records,
-            best=history.best,
-            use_ema=ema is not None,
-            repo_or_path=repo_id or args.output_dir,
+        summary = pretraining_summary(
+            args, unwrapped, backbone, state, history, monitor, probe_layer, total_batch_size,
+            accelerator.mixed_precision, ema is not None, repo_id,
         )
         check_weights(unwrapped, ema, state.global_step, args.output_dir)
         with EMAWeights(ema, unwrapped):
-            save_pipeline(unwrapped, noise_scheduler, args.output_dir, card=card)
-        logger.info(f"Saved the pipeline to {args.output_dir} ({state.global_step} steps, "
-                    f"{state.images_seen} images, {time.time() - start_time:.0f}s in this process)")
+            save_pipeline(unwrapped, noise_scheduler, args.output_dir, card=pretraining_model_card(summary))
+        logger.info(f"Saved the pipeline to {args.output_dir} ({summary.steps} steps, "
+                    f"{summary.images_seen} images, {time.time() - start_time:.0f}s in this process)")
         if repo_id is not None:
             push_folder(args.output_dir, repo_id, token=args.hub_token, commit_message="End of training",
                         ignore_patterns=UPLOAD_IGNORE_PATTERNS)
@@ -719,8 +711,48 @@ def main(args: argparse.Namespace) -> str:
     return args.output_dir
 
 
-def _build_monitor(args, dataset_dict, image_column, denoiser, noise_scheduler, resolution) -> ProbeMonitor | None:
-    """The probe monitor, or None when probing is off; all its inputs are validated here."""
+def pretraining_summary(
+    args: argparse.Namespace,
+    model: torch.nn.Module,
+    backbone: DDAEBackbone,
+    state: TrainState,
+    history: ProbeHistory,
+    monitor: ProbeMonitor | None,
+    probe_layer: str,
+    total_batch_size: int,
+    mixed_precision: str,
+    use_ema: bool,
+    repo_id: str | None,
+) -> PretrainingSummary:
+    """The run's summary (what its model card shows) from its flags, model and counters."""
+    return PretrainingSummary(
+        model_name=os.path.basename(os.path.abspath(args.output_dir)),
+        model_class=type(model).__name__,
+        num_params=sum(p.numel() for p in model.parameters()),
+        dataset=args.dataset_name or args.train_data_dir,
+        hub_dataset=args.dataset_name if is_hub_id(args.dataset_name) else None,
+        command=args.command,
+        steps=state.global_step,
+        images_seen=state.images_seen,
+        wall_time_s=state.wall_time,
+        total_batch_size=total_batch_size,
+        mixed_precision=mixed_precision,
+        objective=backbone.objective,
+        probe_layer=probe_layer,
+        probe_timestep=args.probe_timestep,
+        probe_level_text=backbone.noise_axis.level_text(args.probe_timestep),
+        probe_description=monitor.data.description if monitor else "probe monitor off",
+        history=[dict(record) for record in history.records],
+        best=dict(history.best) if history.best else None,
+        use_ema=use_ema,
+        repo_or_path=repo_id or args.output_dir,
+    )
+
+
+def _build_monitor(
+    args, dataset_dict, image_column, denoiser, noise_scheduler, resolution, layer: str
+) -> ProbeMonitor | None:
+    """The probe monitor of ``layer``, or None when probing is off; all its inputs are validated here."""
     if args.probe_every_n_steps == 0:
         return None
     probe_dict = dataset_dict
@@ -746,7 +778,7 @@ def _build_monitor(args, dataset_dict, image_column, denoiser, noise_scheduler, 
         image_column=probe_image_column, label_column=args.label_column, seed=args.seed,
     )
     monitor = ProbeMonitor(
-        data, args.probe_layer or default_probe_layer(denoiser), args.probe_timestep,
+        data, layer, args.probe_timestep,
         batch_size=args.probe_batch_size, linear_epochs=args.probe_linear_epochs, linear_lr=args.probe_linear_lr,
         dtype=torch.bfloat16 if args.mixed_precision == "bf16" else None, seed=args.seed,
     )
@@ -754,8 +786,8 @@ def _build_monitor(args, dataset_dict, image_column, denoiser, noise_scheduler, 
     return monitor
 
 
-def run_probe(monitor, model, ema, noise_scheduler, history, state, output_dir) -> dict[str, float]:
-    """Probes the EMA weights; a new best is written to ``output_dir/best-probe`` (atomically)."""
+def probe_step(monitor, model, ema, noise_scheduler, history, state, output_dir) -> dict[str, float]:
+    """The monitor's step: probes the EMA weights; a new best is written to ``output_dir/best-probe`` (atomically)."""
     check_weights(model, ema, state.global_step, output_dir)
     with EMAWeights(ema, model):
         metrics = monitor.evaluate(model, noise_scheduler)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import json
 import logging
@@ -26,12 +27,15 @@ import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from enum import IntEnum
 
 import numpy as np
 import torch
 
 from ..capture import DDAEBackbone, derive_seed
 from ..data import images_to_tensor, random_crop_flip
+from ..distributed import broadcast_from_main
+from .sharding import Ranks, sharded_batches
 from .table import FeatureTable, as_rows
 
 logger = logging.getLogger(__name__)
@@ -55,7 +59,10 @@ def weights_fingerprint(backbone: DDAEBackbone) -> str:
         digest.update(type(module).__name__.encode())
         for name, tensor in sorted(module.state_dict().items()):
             _hash_tensor(digest, name, tensor)
-    digest.update(json.dumps(dict(backbone.scheduler.config), sort_keys=True, default=str).encode())
+    config = dict(backbone.scheduler.config)
+    if "_use_default_values" in config:  # diffusers lists them in set order, which changes with the hash seed
+        config["_use_default_values"] = sorted(config["_use_default_values"])
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
 
@@ -92,17 +99,29 @@ def dataset_fingerprint(dataset, split: str) -> str:
     return f"{getattr(dataset, '_fingerprint', 'unknown')}:{split}:{len(dataset)}"
 
 
+class ViewRole(IntEnum):
+    """What a view's pass is for; its number seeds the view's noise and augmentation and is part of its cache key."""
+
+    TRAIN = 0
+    EVAL = 1
+    ONLINE = 2  # the online protocol's views, recomputed every epoch (never cached)
+
+
 @dataclass(frozen=True)
 class View:
-    """One pass over a split: ``role`` 0 = train, 1 = eval; ``augment`` = crop (pad 4) + flip.
+    """One pass over a split: its ``role`` (a :class:`ViewRole`; a plain 0, 1 or 2 is turned into one), its
+    ``index``, and ``augment`` = crop (pad 4) + flip.
 
     Noise comes from ``derive_seed(seed, role, index)`` and each example's augmentation from
     ``derive_seed(seed, role, index, example_id)``, so the view is independent of batching.
     """
 
-    role: int
+    role: ViewRole
     index: int
     augment: bool
+
+    def __post_init__(self):
+        object.__setattr__(self, "role", ViewRole(self.role))
 
     def noise_seed(self, seed: int) -> int:
         return derive_seed(seed, self.role, self.index)
@@ -119,7 +138,7 @@ class View:
         return torch.stack(rows)
 
 
-EVAL_VIEW = View(1, 0, False)  # the test split: clean images, noise from derive_seed(seed, 1, 0)
+EVAL_VIEW = View(ViewRole.EVAL, 0, False)  # the test split: clean images, noise from derive_seed(seed, 1, 0)
 
 
 class CacheUnit:
@@ -412,7 +431,7 @@ class FeatureCache:
                 "timestep": t,
             }
             digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-            name = f"{'train' if view.role == 0 else 'eval'}-v{view.index}-t{t}-{digest}"
+            name = f"{'train' if view.role == ViewRole.TRAIN else 'eval'}-v{view.index}-t{t}-{digest}"
             units.append(CacheUnit(os.path.join(self.cache_dir, name), key, len(dataset), self.layers, self.dims))
         return units
 
@@ -432,15 +451,13 @@ class FeatureCache:
         on demand (None off the main process); with ``rows``, only those rows are computed and the table holds
         them (``(len(rows), D)``, in that order).
 
-        Batches still missing are split round-robin across the processes of ``accelerator``;
-        the main process gathers and writes them. ``on_batch(first, stop)`` (the span of its rows) is called after a
-        batch is written (on the main process).
+        Batches still missing are split round-robin across the processes of ``accelerator``
+        (:func:`~.sharding.sharded_batches`); the main process gathers and writes them. ``on_batch(first, stop)``
+        (the span of its rows) is called after a batch is written (on the main process).
         """
         from tqdm.auto import tqdm
 
-        world = accelerator.num_processes if accelerator is not None else 1
-        rank = accelerator.process_index if accelerator is not None else 0
-        is_main = rank == 0
+        is_main = Ranks.of(accelerator).is_main
         units = self.units(dataset, split, view, image_column)
         with self._locked(units, is_main):
             plan: list[tuple[list[int], list[list[int]]]] = []  # (units to fill, their batches of row ids)
@@ -448,34 +465,19 @@ class FeatureCache:
                 for unit in units:
                     unit.open()
                 plan = extraction_plan(units, batch_size, rows)
-            if world > 1:
-                from accelerate.utils import broadcast_object_list
-
-                plan = broadcast_object_list([plan])[0]
+            plan = broadcast_from_main(plan, accelerator)  # the other ranks wait on the host while units are checked
             bar = tqdm(total=sum(len(batches) for _, batches in plan), desc=f"features {split} view {view.index}",
                        disable=not (progress and is_main))  # fmt: skip
             for todo, batches in plan:
                 timesteps = [units[i].key["timestep"] for i in todo]
+                compute = functools.partial(self._compute, dataset, image_column, view, timesteps=timesteps)
                 width = sum(self.dims) * len(timesteps)
-                for round_start in range(0, len(batches), world):
-                    mine = round_start + rank
-                    block = torch.zeros(batch_size, width, device=self.backbone.device)
-                    batch = batches[mine] if mine < len(batches) else []
-                    if batch:
-                        block[: len(batch)] = self._compute(dataset, image_column, view, batch, timesteps)
-                    ids = torch.full((batch_size,), -1, dtype=torch.long, device=self.backbone.device)  # -1: pad
-                    ids[: len(batch)] = torch.tensor(batch, dtype=torch.long)
-                    if world > 1:
-                        block, ids = accelerator.gather(block), accelerator.gather(ids)
+                for ids, block in sharded_batches(batches, compute, width, accelerator):
                     if is_main:
-                        block, ids = block.cpu(), ids.cpu()
-                        for part, part_ids in zip(block.split(batch_size), ids.split(batch_size), strict=True):
-                            written = part_ids[part_ids >= 0].tolist()
-                            if written:
-                                self._write(units, todo, written, part[: len(written)])
-                                if on_batch is not None:
-                                    on_batch(written[0], written[-1] + 1)
-                        bar.update(min(world, len(batches) - round_start))
+                        self._write(units, todo, ids, block.cpu())
+                        if on_batch is not None:
+                            on_batch(ids[0], ids[-1] + 1)
+                        bar.update(1)
             bar.close()
             if not is_main:
                 return None

@@ -24,7 +24,7 @@ from ..errors import ArgumentParser, UsageError, run_command
 from ..families import UNCONDITIONAL
 from ..hub import create_hub_repo
 from ..loading import check_source, inspect_source
-from ..noise import DEFAULT_EDM_INDICES, EDM_INDEX_STEPS, noise_level
+from ..noise import DEFAULT_EDM_INDICES, EDM_SAMPLING_STEPS, axis_class, noise_level
 from .engine import (
     DEFAULT_TIMESTEPS,
     DTYPES,
@@ -36,7 +36,8 @@ from .engine import (
     prepare,
     run_probe,
 )
-from .heads import ProbeRecipe
+from .fused import HEAD_KINDS
+from .heads import NORMALIZATIONS, ProbeRecipe
 from .publish import check_cell_in_grid, parse_push_cell, publish_probe
 
 DEFAULT_DATASET = "uoft-cs/cifar10"
@@ -66,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
              f"10; default {' '.join(map(str, DEFAULT_TIMESTEPS))}), sigmas for EDM models (e.g. 0.06; default: "
              f"--sigma_index {' '.join(map(str, DEFAULT_EDM_INDICES))}).")
     add("--sigma_index", nargs="+", type=int, default=None,
-        help=f"EDM models: noise levels as indices of the {EDM_INDEX_STEPS}-step EDM sampling schedule counted from "
-             "the clean end (index 0 is sigma 0), as the DDAE code does: 4 is about sigma 0.06, 3 0.023, 5 0.14.")
+        help=f"EDM models: noise levels as indices of the {EDM_SAMPLING_STEPS}-step EDM sampling schedule counted "
+             "from the clean end (index 0 is sigma 0), as the DDAE code does: 4 is about sigma 0.06, 3 0.023, 5 0.14.")
     add("--resolution", type=int, default=None, help="Image side (default: the model's sample size).")
     add("--prompt", default=None,
         help="Text-conditioned models (Stable Diffusion, PixArt, SD3, Flux): condition on this prompt (default: the "
@@ -85,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--lrs", nargs="+", type=float, default=list(ProbeRecipe().lrs), help="Head learning rates to sweep.")
     add("--epochs", type=int, default=ProbeRecipe().epochs, help="Head training epochs over the cached features.")
     add("--head_batch_size", type=int, default=ProbeRecipe().batch_size)
-    add("--normalization", choices=["standardize", "none"], default="standardize")
+    add("--normalization", choices=NORMALIZATIONS, default="standardize")
     add("--recipe", choices=RECIPES, default="converge",
         help="'paper': raw features, Adam lr 1e-3, 15 epochs, batch 128 (overrides lrs/epochs/normalization).")
     add("--protocol", choices=PROTOCOLS, default="cached",
@@ -98,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Also train heads on concatenations of cells (the top 2/3/5 on validation, the best layer at every "
              "level, every layer at the best level), chosen on validation; results.md compares them with the best "
              "single cell.")
-    add("--fused_head", choices=["linear", "mlp"], default="linear",
+    add("--fused_head", choices=HEAD_KINDS, default="linear",
         help="Head of the fused probes: linear, or a small MLP (one hidden layer of 512, ReLU).")
     add("--search", choices=SEARCHES, default="exhaustive",
         help="'halving': score every cell on a 1/eta^R random share of the train split, keep the best 1/eta of the "
@@ -178,9 +179,8 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     if results is not None:
         best = results["best"]
         print(
-            f"best cell (on validation): {best['layer']} @ {'t' if results.objective == 'ddpm' else 'sigma'}="
-            f"{best['timestep']}: linear "
-            f"{100 * best['linear_acc']:.2f}%, kNN {100 * best['knn_acc']:.2f}% -> {args.output_dir}/results.md"
+            f"best cell (on validation): {best['layer']} @ {axis_class(results.objective).label(best['timestep'])}: "
+            f"linear {100 * best['linear_acc']:.2f}%, kNN {100 * best['knn_acc']:.2f}% -> {args.output_dir}/results.md"
         )
     return results
 

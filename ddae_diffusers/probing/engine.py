@@ -27,7 +27,7 @@ from ..errors import UsageError
 from ..io_utils import check_writable_dir
 from ..noise import DEFAULT_DDPM_LEVELS, EDMNoise, NoiseLevel
 from .baselines import pixel_features, random_init
-from .cache import EVAL_VIEW, FeatureCache, View, weights_fingerprint
+from .cache import EVAL_VIEW, FeatureCache, View, ViewRole, weights_fingerprint
 from .fused import HEAD_KINDS, fused_candidates, fused_entry, train_mlp_heads
 from .halving import successive_halving
 from .heads import PAPER_RECIPE, ProbeRecipe, choose_lr, head_accuracies, train_heads
@@ -82,6 +82,39 @@ class ProbeConfig:
     search: str = "exhaustive"  # or "halving": successive halving over the noise levels (halving.py)
     halving_eta: int = 3  # halving: keep 1/eta of the levels per rung, grow the rows eta-fold
 
+    def __post_init__(self):
+        """Checks every flag that needs neither the model nor the data, from Python as from ``ddae-probe``."""
+        if self.protocol not in PROTOCOLS:
+            raise UsageError(f"--protocol must be one of {PROTOCOLS}, got {self.protocol!r}.")
+        if self.recipe not in RECIPES:
+            raise UsageError(f"--recipe must be one of {RECIPES}, got {self.recipe!r}.")
+        if self.dtype not in DTYPES:
+            raise UsageError(f"--dtype must be one of {list(DTYPES)}, got {self.dtype!r}.")
+        if self.train_views < 1 or self.batch_size < 1:
+            raise UsageError("--train_views and --batch_size must be >= 1.")
+        if self.train_augment not in TRAIN_AUGMENTS:
+            raise UsageError(f"--train_augment must be one of {TRAIN_AUGMENTS}, got {self.train_augment!r}.")
+        if self.pixel_baseline and self.protocol != "cached":
+            raise UsageError("--pixel_baseline runs with --protocol cached; drop one of the two.")
+        if self.fused_probes and self.protocol != "cached":
+            raise UsageError("--fused_probes runs on the feature cache (--protocol cached); drop one of the two.")
+        if self.fused_head not in HEAD_KINDS:
+            raise UsageError(f"--fused_head must be one of {HEAD_KINDS}, got {self.fused_head!r}.")
+        if self.search not in SEARCHES:
+            raise UsageError(f"--search must be one of {SEARCHES}, got {self.search!r}.")
+        if self.search == "halving" and (self.protocol != "cached" or self.halving_eta < 2):
+            raise UsageError(
+                f"--search halving needs --protocol cached and --halving_eta >= 2 (got {self.protocol!r}, "
+                f"{self.halving_eta}); or use --search exhaustive."
+            )
+        if self.seed < 0:
+            raise UsageError(f"--seed must be >= 0, got {self.seed}.")
+        if not 0 < self.val_fraction < 1:
+            raise UsageError(f"val_fraction must be in (0, 1), got {self.val_fraction}.")
+        if self.sigma_index is not None and self.timesteps is not None:
+            raise UsageError("Give --timesteps or --sigma_index, not both: each sets the noise levels.")
+        self.probe_recipe()  # validates lrs, epochs, normalization
+
     def probe_recipe(self) -> ProbeRecipe:
         if self.recipe == "paper" or self.protocol == "online":
             return PAPER_RECIPE
@@ -92,7 +125,7 @@ def train_views(config: ProbeConfig) -> list[View]:
     """The passes over the train split: view 0 is the clean images with their fixed noise (as the test split is
     seen), views 1..K-1 are augmented (``train_augment``) with fresh noise."""
     augment = config.train_augment == "crop_flip"
-    return [View(0, 0, False)] + [View(0, k, augment) for k in range(1, config.train_views)]
+    return [View(ViewRole.TRAIN, 0, False)] + [View(ViewRole.TRAIN, k, augment) for k in range(1, config.train_views)]
 
 
 def describe_views(config: ProbeConfig) -> list[dict]:
@@ -158,8 +191,6 @@ def noise_levels(config: ProbeConfig, backbone: DDAEBackbone) -> list[NoiseLevel
     the model's default grid."""
     axis = backbone.noise_axis
     if config.sigma_index is not None:
-        if config.timesteps is not None:
-            raise UsageError("Give --timesteps or --sigma_index, not both: each sets the noise levels.")
         if not isinstance(axis, EDMNoise):
             raise UsageError("--sigma_index indexes EDM's sampling schedule, but this is a DDPM model: use "
                              "--timesteps with diffusers timestep indices (e.g. 10).")
@@ -168,39 +199,12 @@ def noise_levels(config: ProbeConfig, backbone: DDAEBackbone) -> list[NoiseLevel
 
 
 def prepare(config: ProbeConfig, backbone: DDAEBackbone | None = None, accelerator=None) -> Prepared:
-    """Validates every input and loads model and data; raises ``ValueError`` before any extraction.
+    """Validates the inputs ``ProbeConfig`` cannot check alone (folders, model, data) and loads model and data;
+    raises ``ValueError`` before any extraction.
 
     The model's weights are fingerprinted for the feature cache where they were loaded (on the main process only),
     then the model moves to ``accelerator.device``; the prompt's conditioning, the layer catalogue and a test
     forward run there (the last two under the run's dtype)."""
-    if config.protocol not in PROTOCOLS:
-        raise UsageError(f"--protocol must be one of {PROTOCOLS}, got {config.protocol!r}.")
-    if config.recipe not in RECIPES:
-        raise UsageError(f"--recipe must be one of {RECIPES}, got {config.recipe!r}.")
-    if config.dtype not in DTYPES:
-        raise UsageError(f"--dtype must be one of {list(DTYPES)}, got {config.dtype!r}.")
-    if config.train_views < 1 or config.batch_size < 1:
-        raise UsageError("--train_views and --batch_size must be >= 1.")
-    if config.train_augment not in TRAIN_AUGMENTS:
-        raise UsageError(f"--train_augment must be one of {TRAIN_AUGMENTS}, got {config.train_augment!r}.")
-    if config.pixel_baseline and config.protocol != "cached":
-        raise UsageError("--pixel_baseline runs with --protocol cached; drop one of the two.")
-    if config.fused_probes and config.protocol != "cached":
-        raise UsageError("--fused_probes runs on the feature cache (--protocol cached); drop one of the two.")
-    if config.fused_head not in HEAD_KINDS:
-        raise UsageError(f"--fused_head must be one of {HEAD_KINDS}, got {config.fused_head!r}.")
-    if config.search not in SEARCHES:
-        raise UsageError(f"--search must be one of {SEARCHES}, got {config.search!r}.")
-    if config.search == "halving" and (config.protocol != "cached" or config.halving_eta < 2):
-        raise UsageError(
-            f"--search halving needs --protocol cached and --halving_eta >= 2 (got {config.protocol!r}, "
-            f"{config.halving_eta}); or use --search exhaustive."
-        )
-    if config.seed < 0:
-        raise UsageError(f"--seed must be >= 0, got {config.seed}.")
-    if not 0 < config.val_fraction < 1:
-        raise UsageError(f"val_fraction must be in (0, 1), got {config.val_fraction}.")
-    config.probe_recipe()  # validates lrs, epochs, normalization
     check_writable_dir(config.output_dir, "--output_dir")
     check_writable_dir(config.cache_dir or os.path.join(config.output_dir, "feature_cache"), "--cache_dir")
 
@@ -252,13 +256,14 @@ def prepare(config: ProbeConfig, backbone: DDAEBackbone | None = None, accelerat
     train_labels = _labels(train, label_column, config.train_split)
     eval_labels = _labels(evaluation, label_column, config.eval_split)
     names = label_names(train, label_column)
-    num_labels = len(names) if names else int(max(train_labels.max(), eval_labels.max())) + 1
+    highest = int(max(train_labels.max(), eval_labels.max()))
+    num_labels = len(names) if names else highest + 1  # the run's one count of classes
     if train_labels.unique().numel() < 2:
         raise UsageError(
             f"The training split has {train_labels.unique().numel()} class(es) in {label_column!r}: "
             "a probe needs at least two (raise --max_train_samples or pick another split)."
         )
-    if int(max(train_labels.max(), eval_labels.max())) >= num_labels:
+    if highest >= num_labels:
         raise UsageError(f"Labels in {label_column!r} exceed the {num_labels} class names of the data set.")
     id2label = {str(i): (names[i] if names else str(i)) for i in range(num_labels)}
 
@@ -294,12 +299,14 @@ def _scores(
     eval_x: FeatureTable,
     eval_y: torch.Tensor,
     device: torch.device | str | None = None,
+    num_labels: int | None = None,
 ) -> dict:
     """``{key: entry of results.json}``: test linear and kNN accuracy, dim, chosen lr, validation accuracy; the test
     features are read in blocks, once for all heads and once per block of the kNN bank, and scored on ``device``
-    (the extraction device; default: the tables')."""
+    (the extraction device; default: the tables'); kNN votes over the run's ``num_labels`` classes (default: the
+    largest label + 1)."""
     linear = head_accuracies({key: [fit.head] for key, fit in fits.items()}, eval_x, eval_y, device=device)
-    knn = knn_accuracies(knn_bank, knn_labels, eval_x, eval_y, device=device)
+    knn = knn_accuracies(knn_bank, knn_labels, eval_x, eval_y, device=device, num_classes=num_labels)
     return {
         key: {
             "feature_dim": eval_x.dims[key],
@@ -339,7 +346,7 @@ def _fused_probes(
     trainer = train_mlp_heads if prep.config.fused_head == "mlp" else train_heads
     fits, knn_bank, knn_labels = _fit_heads(prep, [view.fuse(candidates) for view in views], recipe, trainer)
     eval_fused = eval_features.fuse(candidates)
-    scores = _scores(fits, knn_bank, knn_labels, eval_fused, prep.eval_labels, device=prep.backbone.device)
+    scores = _scores(fits, knn_bank, knn_labels, eval_fused, prep.eval_labels, prep.backbone.device, prep.num_labels)
     entries = [fused_entry(name, keys, scores[name]) for name, keys in candidates.items()]
     return sorted(entries, key=lambda e: (-e["val_acc"], -e["linear_acc"]))
 
@@ -356,7 +363,9 @@ def _pixel_baseline(prep: Prepared, recipe: ProbeRecipe, progress: bool) -> dict
     views = [pixels(prep.train, view) for view in train_views(config)]
     fits, knn_bank, knn_labels = _fit_heads(prep, views, recipe)
     eval_pixels = pixels(prep.eval, EVAL_VIEW)
-    return _scores(fits, knn_bank, knn_labels, eval_pixels, prep.eval_labels, device=prep.backbone.device)["pixels"]
+    return _scores(
+        fits, knn_bank, knn_labels, eval_pixels, prep.eval_labels, prep.backbone.device, prep.num_labels
+    )["pixels"]
 
 
 def run_probe(
@@ -421,7 +430,7 @@ def run_probe(
         return None
 
     knn_bank = FeatureTable.from_tensors(knn_bank)
-    scores = _scores(fits, knn_bank, knn_labels, eval_features, prep.eval_labels, device=backbone.device)
+    scores = _scores(fits, knn_bank, knn_labels, eval_features, prep.eval_labels, backbone.device, prep.num_labels)
     cells = [ProbeCell(layer, t, **scores[layer, t]) for layer in prep.layers for t in prep.timesteps]
     best = cells[choose_lr([cell.val_acc for cell in cells])]
     clock.lap("score")

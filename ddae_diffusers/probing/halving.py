@@ -17,7 +17,7 @@ import torch
 
 from ..distributed import broadcast_from_main
 from ..noise import NoiseLevel
-from .cache import FeatureCache, View
+from .cache import FeatureCache, View, ViewRole
 from .heads import ProbeRecipe, train_heads
 
 
@@ -58,7 +58,7 @@ def successive_halving(
         forwards += (len(rows) - computed_rows) * len(levels)  # rows of earlier rungs are cached at these levels
         computed_rows = len(rows)
         features = cache_for(levels).extract(
-            prep.train, config.train_split, prep.image_column, View(0, 0, False), rows=rows, **extract
+            prep.train, config.train_split, prep.image_column, View(ViewRole.TRAIN, 0, False), rows=rows, **extract
         )
         kept = None
         if is_main:

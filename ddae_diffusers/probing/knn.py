@@ -16,14 +16,17 @@ import torch.nn.functional as F
 
 from .table import CHUNK_ROWS, Device, FeatureTable, compute_device, to_device
 
+KNN_K = 20  # neighbours that vote
+KNN_TEMPERATURE = 0.07  # votes weigh exp(cosine similarity / temperature)
+
 
 def knn_predictions(
     bank: FeatureTable,
     bank_labels: torch.Tensor,
     queries: FeatureTable,
     num_classes: int,
-    k: int = 20,
-    temperature: float = 0.07,
+    k: int = KNN_K,
+    temperature: float = KNN_TEMPERATURE,
     chunk_size: int = CHUNK_ROWS,
     device: Device | None = None,
 ) -> Iterator[tuple[np.ndarray, dict[Hashable, torch.Tensor]]]:
@@ -64,15 +67,17 @@ def knn_accuracies(
     bank_labels: torch.Tensor,
     queries: FeatureTable | Mapping[Hashable, torch.Tensor],
     query_labels: torch.Tensor,
-    k: int = 20,
-    temperature: float = 0.07,
+    k: int = KNN_K,
+    temperature: float = KNN_TEMPERATURE,
     device: Device | None = None,
+    num_classes: int | None = None,
 ) -> dict[Hashable, float]:
     """``{key: top-1 accuracy in [0, 1]}`` of :func:`knn_predictions` (on ``device``) for every key of ``queries``,
-    with ``bank_labels`` (N,) and ``query_labels`` (Q,)."""
+    with ``bank_labels`` (N,) and ``query_labels`` (Q,); ``num_classes`` defaults to the largest label + 1."""
     bank, queries = FeatureTable.from_tensors(bank), FeatureTable.from_tensors(queries)
     device = compute_device(device, queries, bank)
-    num_classes = max(int(bank_labels.max()), int(query_labels.max())) + 1
+    if num_classes is None:
+        num_classes = max(int(bank_labels.max()), int(query_labels.max())) + 1
     expected_labels = to_device(query_labels, device).long()
     correct = {key: torch.zeros((), dtype=torch.long, device=device) for key in queries}
     for rows, predicted in knn_predictions(bank, bank_labels, queries, num_classes, k, temperature, device=device):
@@ -87,8 +92,8 @@ def knn_predict(
     train_labels: torch.Tensor,
     query_features: torch.Tensor,
     num_classes: int,
-    k: int = 20,
-    temperature: float = 0.07,
+    k: int = KNN_K,
+    temperature: float = KNN_TEMPERATURE,
     chunk_size: int = CHUNK_ROWS,
     device: Device | None = None,
 ) -> torch.Tensor:
@@ -105,8 +110,8 @@ def knn_accuracy(
     train_labels: torch.Tensor,
     eval_features: torch.Tensor,
     eval_labels: torch.Tensor,
-    k: int = 20,
-    temperature: float = 0.07,
+    k: int = KNN_K,
+    temperature: float = KNN_TEMPERATURE,
     device: Device | None = None,
 ) -> float:
     """Top-1 accuracy in [0, 1] of :func:`knn_predict` (on ``device``) on ``eval_features`` (Q, D)."""

@@ -16,6 +16,7 @@ import torch
 from ..capture import DDAEBackbone
 from .cache import View
 from .heads import PAPER_RECIPE, HeadBank, ProbeRecipe, minibatches, select_heads, single_thread, steps_per_epoch
+from .sharding import sharded_rows
 from .table import Device, to_device
 
 ONLINE_ROLE = 2  # seeds of the online views differ from the cached train (0) and eval (1) views
@@ -35,28 +36,20 @@ def sharded_features(
     accelerator=None,
     device: Device | None = None,
 ) -> dict[tuple[str, int], torch.Tensor]:
-    """``{(layer, t): (B, D)}`` of examples ``ids``, split across processes and gathered on every rank, on
-    ``device`` (default: the CPU)."""
+    """``{(layer, t): (B, D)}`` float32 of examples ``ids``, on ``device`` (default: the CPU) on every rank; rank
+    ``r`` computes ``ids[r::world]`` (:func:`~.sharding.sharded_rows`)."""
     device = torch.device("cpu" if device is None else device)
-    world = accelerator.num_processes if accelerator is not None else 1
-    rank = accelerator.process_index if accelerator is not None else 0
     keys = [(layer, t) for t in timesteps for layer in layers]
     dims = [backbone.layer_info(layer).feature_dim for layer in layers] * len(timesteps)
-    mine = list(ids)[rank::world]
-    rows = -(-len(ids) // world)
-    block = torch.zeros(rows, sum(dims), device=backbone.device)
-    if mine:
+
+    def compute(mine: list[int]) -> torch.Tensor:
         pixels = view.pixels(dataset.select(mine)[image_column], mine, resolution, seed)
         features = backbone.features(
             pixels, layers, timesteps, seed=view.noise_seed(seed), example_ids=mine, dtype=dtype
         )
-        block[: len(mine)] = torch.cat([features[key] for key in keys], dim=1)
-    if world > 1:
-        gathered = accelerator.gather(block).view(world, rows, -1)
-        # rank r holds ids[r::world]: interleave back into the batch order
-        block = gathered.new_empty((len(ids), sum(dims)))
-        for r in range(world):
-            block[r::world] = gathered[r, : len(range(r, len(ids), world))]
+        return torch.cat([features[key] for key in keys], dim=1)
+
+    block = sharded_rows(ids, compute, sum(dims), accelerator)
     return dict(zip(keys, block.to(device).split(dims, dim=1), strict=True))
 
 

@@ -14,8 +14,11 @@ import shutil
 import tempfile
 from collections.abc import Mapping
 
+from ..errors import UsageError
+from ..noise import NoiseAxis, axis_class
 from .heads import LinearHead
 from .heatmap import grid_heatmap
+from .knn import KNN_K, KNN_TEMPERATURE
 from .result import HEADS_FILE, ProbeResult, cell_key, file_digest, parse_cell_key
 
 
@@ -32,11 +35,18 @@ def head_tensors(heads: Mapping[tuple[str, int], LinearHead]) -> dict:
     return tensors
 
 
-def load_heads(folder: str) -> dict[tuple[str, int], LinearHead]:
-    """Reads ``heads.safetensors`` back into ``{(layer, t): LinearHead}``."""
+def load_heads(folder: str | os.PathLike) -> dict[tuple[str, int], LinearHead]:
+    """Reads ``heads.safetensors`` back into ``{(layer, t): LinearHead}`` (the one reader of that file)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    tensors = load_file(os.path.join(folder, HEADS_FILE))
+    path = os.path.join(os.fspath(folder), HEADS_FILE)
+    try:
+        tensors = load_file(path)
+    except SafetensorError as error:
+        raise UsageError(
+            f"{path} is truncated or corrupt ({' '.join(str(error).split())}): run ddae-probe into its folder again."
+        ) from None
     heads = {}
     for name in tensors:
         if name.endswith(".weight"):
@@ -79,9 +89,14 @@ def _row(name: str, t, c: dict) -> str:
     )
 
 
+def level_axis(results: dict) -> type[NoiseAxis]:
+    """The noise axis of a probe's cells (``results.json`` without an objective is a DDPM run's)."""
+    return axis_class(results.get("objective", "ddpm"))
+
+
 def level_unit(results: dict) -> str:
     """The name of the noise level in a probe's cells: ``t`` (DDPM timestep index) or ``sigma`` (EDM, flow)."""
-    return "t" if results.get("objective", "ddpm") == "ddpm" else "sigma"
+    return level_axis(results).unit
 
 
 def noise_axis_table(results: dict) -> list[str]:
@@ -126,7 +141,8 @@ def markdown_table(results: dict) -> str:
         f"Protocol `{results['protocol']}` (recipe `{results['recipe']}`, normalization "
         f"`{results['normalization']}`), {results['num_train']} train / {results['num_val']} validation / "
         f"{results['num_eval']} {results['eval_split']} examples, resolution {results['resolution']}, "
-        f"seed {results['seed']}. Best cell (chosen on validation): **{best['layer']} @ {unit}={best['timestep']}**, "
+        f"seed {results['seed']}. Best cell (chosen on validation): "
+        f"**{best['layer']} @ {level_axis(results).label(best['timestep'])}**, "
         f"linear {100 * best['linear_acc']:.2f}%, kNN {100 * best['knn_acc']:.2f}%.",
         "",
         *views_lines(results),
@@ -218,7 +234,8 @@ def write_report(output_dir: str, result: ProbeResult, heads: Mapping[tuple[str,
         heatmap(results, "linear_acc", os.path.join(staging, "heatmap.png"),
                 f"linear probe accuracy, {name} (box: best on validation)", (best["layer"], best["timestep"]))
         heatmap(results, "knn_acc", os.path.join(staging, "knn_heatmap.png"),
-                f"kNN accuracy (k=20, T=0.07), {name} (box: highest)", (top_knn["layer"], top_knn["timestep"]))
+                f"kNN accuracy (k={KNN_K}, T={KNN_TEMPERATURE:g}), {name} (box: highest)",
+                (top_knn["layer"], top_knn["timestep"]))
         result.files = {file: file_digest(os.path.join(staging, file)) for file in sorted(os.listdir(staging))}
         for file in result.files:
             os.replace(os.path.join(staging, file), os.path.join(output_dir, file))

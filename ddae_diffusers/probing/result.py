@@ -2,7 +2,8 @@
 
 A probe folder holds ``results.json`` (this object, as readable JSON: the run's settings, one entry per
 (layer, timestep) cell, the best cell, the baselines, the full config and the stage timings) and
-``heads.safetensors`` (each cell's head under ``"{layer}@{t}.weight|bias|mean|var"``).
+``heads.safetensors`` (each cell's head under ``"{layer}@{t}.weight|bias|mean|var"``, read by
+``report.load_heads``).
 """
 
 from __future__ import annotations
@@ -197,9 +198,3 @@ class ProbeResult:
                 f"{available}."
             )
         return max(cells, key=lambda c: c.val_acc)
-
-    def heads(self, folder: str | os.PathLike) -> dict:
-        """The raw ``heads.safetensors`` tensors of the run in ``folder``: ``{"{layer}@{t}.weight": ...}``."""
-        from safetensors.torch import load_file
-
-        return load_file(os.path.join(os.fspath(folder), HEADS_FILE))

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from diffusers import DDPMScheduler, EDMEulerScheduler, SchedulerMixin
+import diffusers
+import numpy as np
+import torch
+from diffusers import SchedulerMixin
 from transformers import PreTrainedConfig
 
 from .errors import UsageError
 from .families import UNCONDITIONAL
-from .noise import noise_axis
+from .noise import NoiseLevel, noise_axis
 
 BACKBONE_CLASSES = UNCONDITIONAL  # "UNet2DModel", "DiTTransformer2DModel"
 NOISE_POLICIES = ("fixed", "random", "none")
@@ -17,6 +20,63 @@ OBJECTIVES = ("ddpm", "edm")
 HEAD_NORMS = ("batchnorm", "layernorm", None)
 VAE_CLASSES = ("AutoencoderKL",)
 POOLINGS = ("avg",)
+# Configs saved before the scheduler was nested flattened it into these fields, per objective; they still load.
+LEGACY_SCHEDULER_FIELDS = {
+    "ddpm": ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas"),
+    "edm": ("sigma_min", "sigma_max", "sigma_data"),
+}
+LEGACY_SCHEDULER_CLASSES = {"ddpm": "DDPMScheduler", "edm": "EDMEulerScheduler"}
+LEGACY_FIELDS = ("objective", *LEGACY_SCHEDULER_FIELDS["ddpm"], *LEGACY_SCHEDULER_FIELDS["edm"])
+
+
+def _plain(value: Any) -> Any:
+    """A scheduler config value as JSON: arrays and tensors (``trained_betas``) and tuples become lists."""
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
+def scheduler_config_of(scheduler: SchedulerMixin) -> dict[str, Any]:
+    """``scheduler`` as a ``scheduler_config``: ``{"_class_name": ..., **its arguments}``, JSON-ready."""
+    arguments = {key: _plain(value) for key, value in scheduler.config.items() if not key.startswith("_")}
+    return {"_class_name": type(scheduler).__name__, **arguments}
+
+
+def legacy_scheduler_config(fields: dict[str, Any]) -> dict[str, Any]:
+    """The ``scheduler_config`` of the flattened fields of an older config: ``objective`` (default ``"ddpm"``)
+    picks ``DDPMScheduler`` (its betas) or ``EDMEulerScheduler`` (its sigma range and ``sigma_data``); the fields
+    of the other objective are ignored, missing ones take the scheduler's defaults (those the old fields had)."""
+    objective = fields.get("objective", "ddpm")
+    if objective not in OBJECTIVES:
+        raise UsageError(f"objective {objective!r} is not one of {OBJECTIVES}.")
+    kept = {key: fields[key] for key in LEGACY_SCHEDULER_FIELDS[objective] if key in fields}
+    return {"_class_name": LEGACY_SCHEDULER_CLASSES[objective], **kept}
+
+
+def build_noise_scheduler(scheduler_config: dict[str, Any] | None) -> SchedulerMixin:
+    """The diffusers scheduler a ``scheduler_config`` names (None: ``DDPMScheduler()``), on the CPU; a clear error
+    unless it noises with DDPM betas or EDM preconditioning."""
+    config = dict(scheduler_config) if scheduler_config is not None else {"_class_name": "DDPMScheduler"}
+    name = config.get("_class_name", "DDPMScheduler")
+    scheduler_class = getattr(diffusers, name, None) if isinstance(name, str) else None
+    if not (isinstance(scheduler_class, type) and issubclass(scheduler_class, SchedulerMixin)):
+        raise UsageError(
+            f"scheduler_config names {name!r}, not a diffusers scheduler: give its _class_name, e.g. "
+            "{'_class_name': 'DDPMScheduler', 'beta_schedule': 'linear'}."
+        )
+    with torch.device("cpu"):  # a scheduler holds plain tensors: not on the meta device of from_pretrained
+        scheduler = scheduler_class.from_config(config)
+    objective = noise_axis(scheduler).objective
+    if objective not in OBJECTIVES:
+        raise UsageError(
+            "DDAEForImageClassification supports DDPM and EDM noise; this model is noised by "
+            f"{type(scheduler).__name__} ({objective}): use DDAEBackbone.features for it."
+        )
+    return scheduler
 
 
 class DDAEConfig(PreTrainedConfig):
@@ -38,25 +98,16 @@ class DDAEConfig(PreTrainedConfig):
             The block whose output is the feature, as a diffusers module path (`"up_blocks.1.resnets.2"`,
             `"mid_block"`, `"transformer_blocks.6"`). Every module after it is dropped from the model.
         timestep (`int` or `float`, *optional*, defaults to 10):
-            The noise level of the input in the model's units: for `objective="ddpm"` a diffusers timestep index
-            `0 .. num_train_timesteps - 1` (the DDAE paper's t=11 is t=10); for `objective="edm"` a sigma (a
+            The noise level of the input in the model's units: for a DDPM scheduler a diffusers timestep index
+            `0 .. num_train_timesteps - 1` (the DDAE paper's t=11 is t=10); for an EDM scheduler a sigma (a
             float in `[sigma_min, sigma_max]`, e.g. 0.06).
-        objective (`str`, *optional*, defaults to `"ddpm"`):
-            How the denoiser was trained, hence how its input is noised: `"ddpm"` (`DDPMScheduler.add_noise`) or
-            `"edm"` (`x + sigma * eps`, preconditioned by an `EDMEulerScheduler` as in training).
-        sigma_min (`float`, *optional*, defaults to 0.002), sigma_max (`float`, *optional*, defaults to 80.0),
-        sigma_data (`float`, *optional*, defaults to 0.5):
-            The EDM scheduler's sigma range and data standard deviation (`objective="edm"` only).
-        num_train_timesteps (`int`, *optional*, defaults to 1000):
-            Noise schedule length (rebuilds the `DDPMScheduler` whose `add_noise` noises the input).
-        beta_start (`float`, *optional*, defaults to 1e-4):
-            First beta of the noise schedule.
-        beta_end (`float`, *optional*, defaults to 0.02):
-            Last beta of the noise schedule.
-        beta_schedule (`str`, *optional*, defaults to `"linear"`):
-            `DDPMScheduler` beta schedule (`"linear"`, `"scaled_linear"`, `"squaredcos_cap_v2"`, ...).
-        trained_betas (`list[float]`, *optional*):
-            Explicit betas, overriding the three settings above.
+        scheduler_config (`dict`, *optional*):
+            The diffusers config of the scheduler that noises the input, with its `_class_name` (what
+            `DDPMScheduler.from_config` takes): a `DDPMScheduler` (`add_noise` with its betas) or an EDM scheduler
+            such as `EDMEulerScheduler` (`x + sigma * eps`, preconditioned as in training). Defaults to
+            `DDPMScheduler()` (1000 steps, linear betas 1e-4 to 0.02). Configs saved with the older flattened
+            fields (`objective`, `num_train_timesteps`, `beta_start`, `beta_end`, `beta_schedule`, `trained_betas`,
+            `sigma_min`, `sigma_max`, `sigma_data`) load as the scheduler they describe.
         pooling (`str`, *optional*, defaults to `"avg"`):
             `"avg"`: global average pooling of feature maps, mean over DiT tokens.
         noise_policy (`str`, *optional*, defaults to `"fixed"`):
@@ -104,16 +155,8 @@ class DDAEConfig(PreTrainedConfig):
         vae_config: dict[str, Any] | None = None,
         freeze_vae: bool = True,
         feature_layer: str | None = None,
-        timestep: int | float = 10,
-        objective: str = "ddpm",
-        sigma_min: float = 0.002,
-        sigma_max: float = 80.0,
-        sigma_data: float = 0.5,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 1e-4,
-        beta_end: float = 0.02,
-        beta_schedule: str = "linear",
-        trained_betas: list[float] | None = None,
+        timestep: NoiseLevel = 10,
+        scheduler_config: dict[str, Any] | None = None,
         pooling: str = "avg",
         noise_policy: str = "fixed",
         noise_seed: int = 0,
@@ -126,6 +169,14 @@ class DDAEConfig(PreTrainedConfig):
         training_summary: dict[str, Any] | None = None,
         **kwargs,
     ):
+        legacy = {key: kwargs.pop(key) for key in LEGACY_FIELDS if key in kwargs}
+        if legacy and scheduler_config is not None:
+            raise UsageError(
+                f"Got scheduler_config and the flattened scheduler fields {sorted(legacy)}: pass scheduler_config "
+                "only (the flattened fields are its older form)."
+            )
+        if legacy:
+            scheduler_config = legacy_scheduler_config(legacy)
         if backbone_config is not None:
             backbone_class = backbone_config.get("_class_name", backbone_class)
             backbone_config = {k: v for k, v in dict(backbone_config).items() if not k.startswith("_")}
@@ -142,8 +193,6 @@ class DDAEConfig(PreTrainedConfig):
             raise UsageError(f"head_norm {head_norm!r} is not one of {HEAD_NORMS}.")
         if pooling not in POOLINGS:
             raise UsageError(f"pooling {pooling!r} is not one of {POOLINGS}.")
-        if objective not in OBJECTIVES:
-            raise UsageError(f"objective {objective!r} is not one of {OBJECTIVES}.")
         if not 0.0 <= classifier_dropout < 1.0:
             raise UsageError(f"classifier_dropout must be in [0, 1), got {classifier_dropout}.")
         self.backbone_class = backbone_class
@@ -151,16 +200,9 @@ class DDAEConfig(PreTrainedConfig):
         self.vae_config = vae_config
         self.freeze_vae = freeze_vae
         self.feature_layer = feature_layer
-        self.timestep = timestep
-        self.objective = objective
-        self.sigma_min = sigma_min
-        self.sigma_max = sigma_max
-        self.sigma_data = sigma_data
-        self.num_train_timesteps = num_train_timesteps
-        self.beta_start = beta_start
-        self.beta_end = beta_end
-        self.beta_schedule = beta_schedule
-        self.trained_betas = list(trained_betas) if trained_betas is not None else None
+        scheduler = build_noise_scheduler(scheduler_config)
+        self.scheduler_config = scheduler_config_of(scheduler)
+        self.timestep = noise_axis(scheduler).check_levels([timestep])[0]  # the one check of the noise level
         self.pooling = pooling
         self.noise_policy = noise_policy
         self.noise_seed = noise_seed
@@ -172,23 +214,15 @@ class DDAEConfig(PreTrainedConfig):
         self.base_model = base_model
         self.training_summary = training_summary
         super().__init__(**kwargs)
-        self.timestep = noise_axis(self.noise_scheduler()).check_levels([timestep])[0]
 
     def noise_scheduler(self) -> SchedulerMixin:
-        """The scheduler that defines how the input is noised: ``DDPMScheduler`` or ``EDMEulerScheduler``."""
-        if self.objective == "edm":
-            return EDMEulerScheduler(sigma_min=self.sigma_min, sigma_max=self.sigma_max, sigma_data=self.sigma_data)
-        return DDPMScheduler(**self.scheduler_kwargs())
+        """The scheduler that defines how the input is noised (built from ``scheduler_config``, on the CPU)."""
+        return build_noise_scheduler(self.scheduler_config)
 
-    def scheduler_kwargs(self) -> dict[str, Any]:
-        """Arguments of the ``DDPMScheduler`` that noises the input."""
-        return dict(
-            num_train_timesteps=self.num_train_timesteps,
-            beta_start=self.beta_start,
-            beta_end=self.beta_end,
-            beta_schedule=self.beta_schedule,
-            trained_betas=self.trained_betas,
-        )
+    @property
+    def objective(self) -> str:
+        """How the input is noised, read from ``scheduler_config``: ``"ddpm"`` or ``"edm"``."""
+        return noise_axis(self.noise_scheduler()).objective
 
 
 DDAEConfig.register_for_auto_class()

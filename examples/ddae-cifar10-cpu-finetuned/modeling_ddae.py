@@ -1,12 +1,12 @@
 """``DDAEForImageClassification``: a truncated diffusers denoiser plus a linear head, as a transformers model.
 
-The forward noises ``pixel_values`` at the configured noise level exactly as in pretraining
-(``DDPMScheduler.add_noise`` at a timestep for DDPM; ``x + sigma * eps`` preconditioned by an
-``EDMEulerScheduler`` for EDM), runs the denoiser through the capture core (forward hooks, early exit right
-after ``feature_layer``), pools the activation and applies ``norm -> dropout -> linear``. Modules the forward
-never reaches are replaced by parameter-free placeholders, so they are neither trained nor saved. A latent
-denoiser carries its VAE's encoder (frozen by default; the decoder is dropped): ``pixel_values`` are encoded to
-latents first, as in the model's pipeline.
+The forward noises ``pixel_values`` at the configured noise level exactly as in pretraining, with the scheduler
+of ``config.scheduler_config`` (``DDPMScheduler.add_noise`` at a timestep for DDPM; ``x + sigma * eps``
+preconditioned by the model's EDM scheduler for EDM), runs the denoiser through the capture core (forward hooks,
+early exit right after ``feature_layer``), pools the activation and applies ``norm -> dropout -> linear``.
+Modules the forward never reaches are replaced by parameter-free placeholders, so they are neither trained nor
+saved. A latent denoiser carries its VAE's encoder (frozen by default; the decoder is dropped): ``pixel_values``
+are encoded to latents first, as in the model's pipeline.
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ import tempfile
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler
-from diffusers.models.embeddings import PatchEmbed, get_2d_sincos_pos_embed
+from diffusers import AutoencoderKL
+from diffusers.models.downsampling import KDownsample2D
+from diffusers.models.embeddings import GaussianFourierProjection, PatchEmbed, get_2d_sincos_pos_embed
+from diffusers.models.upsampling import KUpsample2D
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
@@ -37,11 +39,11 @@ from .capture import (
     trace_forward,
     vae_scale_factor,
 )
-from .configuration_ddae import DDAEConfig
-from .errors import UsageError
+from .configuration_ddae import DDAEConfig, scheduler_config_of
+from .errors import UsageError, UsageTypeError
 from .families import UNCONDITIONAL, family_named
 from .image_processing_ddae import DDAEImageProcessor
-from .noise import DDPMNoise, NoiseAxis, NoiseLevel, is_edm_scheduler, noise_axis
+from .noise import DDPMNoise, NoiseLevel, noise_axis
 
 try:  # absolute and guarded: a Hub copy of this file (trust_remote_code) runs without the package's helpers
     from ddae_diffusers.hub import create_hub_repo, push_folder
@@ -51,6 +53,13 @@ except ImportError:  # then save_pretrained writes no model card and push_to_hub
 
 _PROBE_EPS = 1e-5
 _PROCESSOR_REF = "image_processing_ddae.DDAEImageProcessor"
+_WEIGHTS_FILE = "model.safetensors"
+_FOURIER_SCALE = 16.0  # UNet2DModel's GaussianFourierProjection scale (time_embedding_type="fourier")
+# Norms with running statistics: their reset_parameters writes the statistics directly, past transformers' guard.
+_RUNNING_STATS_NORMS = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+)  # fmt: skip
 
 
 class PrunedModule(nn.Module):
@@ -93,7 +102,7 @@ def prune_modules(denoiser: nn.Module, names: list[str]) -> None:
 
 
 class DDAEPreTrainedModel(PreTrainedModel):
-    """Base class: config, weight init limited to the new head, input name."""
+    """Base class: config, weight init (every module: a checkpoint's missing keys get defined values), input name."""
 
     config_class = DDAEConfig
     base_model_prefix = "denoiser"
@@ -105,16 +114,30 @@ class DDAEPreTrainedModel(PreTrainedModel):
     accepts_loss_kwargs = False
 
     def _init_weights(self, module: nn.Module) -> None:
-        # Only the head is new. The denoiser keeps its diffusers (pretrained or default) weights: the generic
-        # transformers init would silently overwrite them.
+        """Initialises the parameters and buffers ``module`` holds itself (not its children's), as transformers asks of
+        every model: at construction, and on loading for the keys a checkpoint lacks and for the buffers it does not
+        save. transformers' ``initialize_weights`` guards the ``torch.nn.init`` functions, so what was loaded stays.
+
+        The head is a new probe head (normal(0, 0.01) weights, zero bias); norms with running statistics start at
+        mean 0, variance 1; DiT's sin-cos position table and the K-sampling kernels are recomputed; every other module
+        gets diffusers' default, its own ``reset_parameters()``. Without one, a norm gets ones and zeros and any
+        other tensor zeros: defined and finite, never uninitialised memory."""
+        own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        if not own:
+            return
         if module is getattr(self, "classifier", None):
             init.normal_(module.weight, mean=0.0, std=0.01)
             init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm) and module is getattr(self, "feature_norm", None):
-            init.ones_(module.weight)
-            init.zeros_(module.bias)
-        elif isinstance(module, PatchEmbed) and "pos_embed" in module._non_persistent_buffers_set:
-            # Not saved, so from_pretrained leaves it empty: recompute DiT's fixed sin-cos position table.
+        elif isinstance(module, _RUNNING_STATS_NORMS):
+            if module.weight is not None:
+                init.ones_(module.weight)
+                init.zeros_(module.bias)
+            if module.running_mean is not None:
+                init.zeros_(module.running_mean)
+                init.ones_(module.running_var)
+                init.zeros_(module.num_batches_tracked)
+        elif isinstance(module, PatchEmbed):
+            # DiT's fixed sin-cos position table (N = grid^2 patches): not saved, so recomputed after loading.
             grid = int(module.pos_embed.shape[1] ** 0.5)
             table = get_2d_sincos_pos_embed(
                 module.proj.out_channels,
@@ -124,6 +147,22 @@ class DDAEPreTrainedModel(PreTrainedModel):
                 output_type="pt",
             )
             init.copy_(module.pos_embed, table.float().unsqueeze(0))
+        elif isinstance(module, (KDownsample2D, KUpsample2D)):
+            init.copy_(module.kernel, type(module)(module.pad_mode).kernel)
+        elif isinstance(module, GaussianFourierProjection):
+            init.normal_(module.weight, std=_FOURIER_SCALE)  # random frequencies, as UNet2DModel draws them
+        elif isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            weight = torch.randn_like(module.weight)  # reset_parameters would zero the padding row of a loaded table
+            weight[module.padding_idx] = 0
+            init.copy_(module.weight, weight)
+        elif callable(getattr(module, "reset_parameters", None)):
+            module.reset_parameters()
+        else:
+            for name, tensor in own:
+                if name == "weight" and "Norm" in type(module).__name__:
+                    init.ones_(tensor)
+                else:
+                    init.zeros_(tensor)
 
 
 class DDAEForImageClassification(DDAEPreTrainedModel):
@@ -174,8 +213,7 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
 
         self.vae = vae
         self.denoiser = denoiser
-        with torch.device("cpu"):  # a scheduler holds plain tensors: not on the meta device of from_pretrained
-            self.noise_scheduler = config.noise_scheduler()
+        self.noise_scheduler = config.noise_scheduler()  # on the CPU, also under from_pretrained's meta device
         self.noise_axis = noise_axis(self.noise_scheduler)
         dim = config.feature_dim
         if config.head_norm == "batchnorm":
@@ -211,14 +249,18 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
             timestep: noise level in the model's units: a DDPM timestep index (paper t=11 is 10, the default) or an
                 EDM sigma (default: index 4 of the 18-step schedule, about 0.06). The model's scheduler decides.
             num_labels, id2label, label2id: the classes (``num_labels`` defaults to ``len(id2label)``).
-            config_kwargs: other :class:`DDAEConfig` arguments (``head_norm``, ``noise_policy``, ...).
+            config_kwargs: other :class:`DDAEConfig` arguments (``head_norm``, ``noise_policy``, ...), and ``dtype``
+                (or its older name ``torch_dtype``): the classifier's weights' dtype (default: the denoiser's).
         """
+        dtype = _dtype_argument(config_kwargs)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise UsageTypeError(f"dtype must be a floating torch.dtype such as torch.bfloat16, got {dtype!r}.")
         base_model = config_kwargs.pop("base_model", None)
         if isinstance(model_or_path, DDAEBackbone):
             backbone = model_or_path
         elif isinstance(model_or_path, (str, os.PathLike)):
             base_model = base_model or os.fspath(model_or_path)
-            backbone = DDAEBackbone.from_pretrained(os.fspath(model_or_path))
+            backbone = DDAEBackbone.from_pretrained(os.fspath(model_or_path), dtype=dtype)
         else:
             check_denoiser(model_or_path)
             backbone = DDAEBackbone(model_or_path)
@@ -230,10 +272,12 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
             )
         check_input_channels(denoiser, vae)
         layer = backbone.check_layers([layer])[0]
+        axis = backbone.noise_axis
         if timestep is None:
-            timestep = backbone.noise_axis.default_probe_level()
-        timestep = backbone.check_timesteps([timestep])[0]
-        schedule = _schedule_kwargs(backbone.noise_axis, timestep)
+            timestep = axis.default_probe_level()
+        # The scheduler that noises the input: a DDPMScheduler with the backbone's betas (whatever sampler it has),
+        # or its EDM scheduler; DDAEConfig refuses other noise and checks the level.
+        noise_scheduler = axis.noiser if isinstance(axis, DDPMNoise) else axis.scheduler
         if id2label is not None:
             id2label = {int(k): str(v) for k, v in id2label.items()}
             num_labels = num_labels or len(id2label)
@@ -248,12 +292,12 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
             vae_config=dict(vae.config) if vae is not None else None,
             feature_layer=layer,
             timestep=timestep,
+            scheduler_config=scheduler_config_of(noise_scheduler),
             feature_dim=backbone.layer_info(layer).feature_dim,
             image_size=backbone.image_size,
             pruned_modules=unreached_modules(denoiser, layer),
             base_model=base_model or denoiser.config.get("_name_or_path") or None,
             num_labels=num_labels,
-            **schedule,
             **extra,
             **config_kwargs,
         )
@@ -263,7 +307,7 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
             load_unpruned(model.vae, vae, vae_decoder_modules(vae))
         model.to(denoiser.device, denoiser.dtype).eval()
         _check_truncation(denoiser, model.denoiser, layer)
-        return model
+        return model.to(dtype) if dtype is not None else model
 
     @classmethod
     def from_probe(
@@ -273,79 +317,39 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
         timestep: NoiseLevel | None = None,
         **config_kwargs,
     ) -> DDAEForImageClassification:
-        """A classifier with a trained probe head from a probe-engine output folder.
-
-        ``results.json`` names the model, the data and the grid cells; ``heads.safetensors`` holds
-        ``"{layer}@{t}.weight|bias"`` (and ``.mean|.var`` for standardised features). Without ``layer`` and
-        ``timestep`` the best cell is used; with one or both, the best matching cell. The eval noise is the
-        probe's: the test split, in its order and in one batch, gets exactly the probe's test predictions.
-        """
+        """A classifier with a trained probe head from a probe-engine output folder (``results.json`` and
+        ``heads.safetensors``): the best cell, or the best matching ``layer`` / ``timestep``. See
+        ``ddae_diffusers.probing.publish.classifier_from_probe``; ``config_kwargs`` (and ``dtype``) go to
+        :meth:`from_diffusers`."""
         try:  # absolute and guarded: a Hub copy of this file (trust_remote_code) carries no probe code
-            from ddae_diffusers.probing.result import ProbeResult
+            from ddae_diffusers.probing.publish import classifier_from_probe
         except ImportError as error:
             raise ImportError("from_probe needs the package: pip install ddae-diffusers") from error
-
-        probe_folder = os.fspath(probe_folder)
-        result = ProbeResult.load(probe_folder)
-        cell = result.best_cell(layer, timestep)
-        key = cell.key
-        heads = result.heads(probe_folder)
-        if f"{key}.weight" not in heads:
-            raise UsageError(f"heads.safetensors has no head for {key}: the probe folder is incomplete.")
-        standardize = result.normalization == "standardize"
-        model_path = result.model
-        local = os.path.join(probe_folder, model_path)
-        if not os.path.exists(model_path) and os.path.exists(local):
-            model_path = local
-        id2label = {int(k): v for k, v in result.id2label.items()} if result.id2label else None
-        summary = {
-            "protocol": f"linear probe ({result.protocol or 'probe'})",
-            "dataset": result.dataset,
-            "train_split": result.train_split,
-            "eval_split": result.eval_split,
-            "num_train": result.num_train + result.num_val if result.num_train is not None else None,
-            "num_eval": result.num_eval,
-            "resolution": result.resolution,
-            "accuracy": cell.linear_acc,
-            "knn_accuracy": cell.knn_acc,
-            "grid": [
-                {"layer": c.layer, "timestep": c.timestep, "linear_acc": c.linear_acc, "knn_acc": c.knn_acc}
-                for c in result.cells
-            ],
-        }
-        config_kwargs.setdefault("head_norm", "batchnorm" if standardize else None)
-        config_kwargs.setdefault("noise_seed", result.eval_noise_seed)  # the probe's test noise, in split order
-        model = cls.from_diffusers(
-            model_path,
-            layer=cell.layer,
-            timestep=cell.timestep,
-            num_labels=int(result.num_labels),
-            id2label=id2label,
-            base_model=result.model,
-            training_summary=summary,
-            **config_kwargs,
-        )
-        resolution = result.resolution
-        if resolution is not None and model.config.image_size is not None and resolution != model.config.image_size:
-            raise UsageError(
-                f"The probe ran at resolution {resolution} but the model takes {model.config.image_size}x"
-                f"{model.config.image_size} images."
-            )
-        with torch.no_grad():
-            model.classifier.weight.copy_(heads[f"{key}.weight"])
-            model.classifier.bias.copy_(heads[f"{key}.bias"])
-            if standardize:
-                if not isinstance(model.feature_norm, nn.BatchNorm1d):
-                    raise UsageError("A standardised probe head needs head_norm='batchnorm'.")
-                model.feature_norm.running_mean.copy_(heads[f"{key}.mean"])
-                model.feature_norm.running_var.copy_(heads[f"{key}.var"])
-        return model
+        return classifier_from_probe(probe_folder, layer, timestep, model_class=cls, **config_kwargs)
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args, **kwargs):
         """``PreTrainedModel.from_pretrained``, then the VAE frozen again when ``config.freeze_vae`` (loading
-        replaces the parameters, and with them the ``requires_grad=False`` set at construction)."""
-        loaded = super().from_pretrained(*args, **kwargs)
+        replaces the parameters, and with them the ``requires_grad=False`` set at construction).
+
+        ``dtype`` (or its older name ``torch_dtype``) loads the weights in that dtype. Weights the checkpoint lacks
+        are initialised as at construction, and transformers' load report lists them. A truncated or corrupt
+        ``model.safetensors`` is a one-line ``UsageError`` naming it."""
+        from safetensors import SafetensorError
+
+        dtype = _dtype_argument(kwargs)
+        if dtype is not None:
+            kwargs["dtype"] = dtype
+        try:
+            loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except SafetensorError as error:
+            path = os.fspath(pretrained_model_name_or_path)
+            weights = os.path.join(path, kwargs.get("subfolder") or "", _WEIGHTS_FILE)
+            named = weights if os.path.isfile(weights) else f"a {_WEIGHTS_FILE} file of it"
+            raise UsageError(
+                f"Cannot load the classifier {path!r}: {named} is truncated or corrupt "
+                f"({' '.join(str(error).split())}): save or download it again."
+            ) from None
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         if model.vae is not None and model.config.freeze_vae:
             model.vae.requires_grad_(False)
@@ -424,6 +428,8 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
         features = pool_activation(activation, self.config.pooling)
         logits = self.classifier(self.dropout(self.feature_norm(features.to(self.classifier.weight.dtype))))
         loss = self.loss_function(labels, logits, self.config) if labels is not None else None
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         hidden_states = (activation,) if output_hidden_states else None
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if not return_dict:
@@ -523,36 +529,14 @@ def load_unpruned(target: nn.Module, source: nn.Module, pruned: list[str]) -> No
     target.load_state_dict(state, strict=True)
 
 
-def _schedule_kwargs(axis: NoiseAxis, timestep: NoiseLevel) -> dict[str, Any]:
-    """The config's noise settings: EDM's sigma range and ``sigma_data``, or the ``DDPMScheduler`` settings whose
-    ``add_noise`` at ``timestep`` equals the backbone's (clear error if none)."""
-    scheduler = axis.scheduler
-    config = scheduler.config
-    if is_edm_scheduler(scheduler):  # features need c_in and c_noise only: the sigma range and sigma_data
-        return {"objective": "edm", **{key: float(config[key]) for key in ("sigma_min", "sigma_max", "sigma_data")}}
-    if not isinstance(axis, DDPMNoise):
+def _dtype_argument(kwargs: dict[str, Any]) -> Any:
+    """Pops ``dtype`` and its older name ``torch_dtype`` from ``kwargs``: the one given, or None."""
+    dtype, torch_dtype = kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None)
+    if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
         raise UsageError(
-            "DDAEForImageClassification supports DDPM and EDM noise; this model is noised by "
-            f"{type(scheduler).__name__} ({axis.objective}): use DDAEBackbone.features for it."
+            f"Got dtype={dtype} and torch_dtype={torch_dtype}: pass only dtype (torch_dtype is its old name)."
         )
-    scheduler = axis.noiser
-    kwargs = {
-        key: config[key]
-        for key in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
-        if key in config
-    }
-    if kwargs.get("trained_betas") is not None:
-        kwargs["trained_betas"] = [float(b) for b in kwargs["trained_betas"]]
-    rebuilt = DDPMScheduler(**kwargs)
-    sample = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
-    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
-    t = torch.full((2,), timestep, dtype=torch.long)
-    if not torch.allclose(scheduler.add_noise(sample, noise, t), rebuilt.add_noise(sample, noise, t), atol=1e-5):
-        raise UsageError(
-            f"The noise schedule of this model is not that of a DDPMScheduler with {kwargs} (other settings of "
-            f"{type(axis.scheduler).__name__} change the betas): DDAEForImageClassification stores only these."
-        )
-    return kwargs
+    return dtype if dtype is not None else torch_dtype
 
 
 def _check_truncation(full: nn.Module, truncated: nn.Module, layer: str) -> None:

@@ -564,8 +564,11 @@ class DDAEBackbone:
                 **self.text_components,
                 self.family.component: self.denoiser,
                 "vae": self.vae,
-                # a copy: some pipelines fix up deprecated scheduler settings of what they are given
-                "scheduler": type(self.scheduler).from_config(self.scheduler.config),
+                # a copy (only encode_prompt runs): settings the pipelines would flag as deprecated are set as they ask
+                "scheduler": type(self.scheduler).from_config(self.scheduler.config, **{
+                    key: value for key, value in (("clip_sample", False), ("steps_offset", 1))
+                    if key in self.scheduler.config
+                }),
                 "requires_safety_checker": False,
             }
             parameters = inspect.signature(pipeline_class.__init__).parameters

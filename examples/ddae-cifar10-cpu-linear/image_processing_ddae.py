@@ -87,30 +87,87 @@ def _as_image(image) -> Image.Image | np.ndarray:
     return image
 
 
+DEFAULT_SIZE = 32
+# The [-1, 1] range of diffusion models as transformers' ``(x / 255 - mean) / std`` (images_to_tensor computes it).
+IMAGE_MEAN_STD = 0.5
+
+
+def size_dict(size: dict[str, int] | int) -> dict[str, int]:
+    """An int side or a transformers size dict -> ``{"height": S, "width": S}`` or ``{"shortest_edge": S}``."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        size = {"height": size, "width": size}
+    if isinstance(size, dict) and set(size) == {"shortest_edge"}:
+        side = size["shortest_edge"]
+    elif isinstance(size, dict) and set(size) == {"height", "width"}:
+        if size["height"] != size["width"]:
+            raise UsageError(
+                f"size {size} is not square: DDAE models take square images; pass size={{'height': S, 'width': S}}."
+            )
+        side = size["height"]
+    else:
+        raise UsageError(f"size must be S, {{'height': S, 'width': S}} or {{'shortest_edge': S}}, got {size!r}.")
+    if isinstance(side, bool) or not isinstance(side, int) or side <= 0:
+        raise UsageError(f"size must be a positive number of pixels, got {size!r}.")
+    return dict(size)
+
+
+def size_side(size: dict[str, int]) -> int:
+    """The output side S of a size dict from :func:`size_dict`."""
+    return size["shortest_edge"] if "shortest_edge" in size else size["height"]
+
+
+def _normalisation(name: str, value: Sequence[float] | float | None) -> list[float]:
+    """``image_mean`` / ``image_std`` as a list of 3 floats; only the [-1, 1] normalisation (0.5) is accepted."""
+    expected = [IMAGE_MEAN_STD] * 3
+    if value is None:
+        return expected
+    values = [float(value)] * 3 if isinstance(value, (int, float)) else [float(v) for v in value]
+    if values != expected:
+        raise UsageError(
+            f"{name}={value!r}: DDAE models take pixels scaled to [-1, 1], i.e. {name}={IMAGE_MEAN_STD}; drop it."
+        )
+    return values
+
+
 class DDAEImageProcessor(BaseImageProcessor):
     r"""Prepares images for a DDAE classifier: RGB conversion (grayscale and RGBA too), resize, optional
     center crop, rescale to [-1, 1].
 
     Args:
-        size (`int`, *optional*, defaults to 32):
-            Output side in pixels (the denoiser's resolution).
+        size (`dict[str, int]` or `int`, *optional*, defaults to `{"height": 32, "width": 32}`):
+            Output side in pixels (the denoiser's resolution), as transformers' image processors give it:
+            `{"height": S, "width": S}` or `{"shortest_edge": S}`; an int `S` reads as `{"height": S, "width": S}`.
+            The output is always S x S.
         do_center_crop (`bool`, *optional*, defaults to `True`):
-            Resize the shorter side to `size` and keep the centre; otherwise resize the whole image to
-            `size` x `size`.
+            Resize the shorter side to S and keep the centre; otherwise resize the whole image to S x S.
+        image_mean (`list[float]`, *optional*, defaults to `[0.5, 0.5, 0.5]`),
+        image_std (`list[float]`, *optional*, defaults to `[0.5, 0.5, 0.5]`):
+            The normalisation ``(x / 255 - mean) / std`` that maps pixels to [-1, 1], the range diffusion models
+            are trained on. Recorded for recipes that read them; other values are refused.
 
-    Returns a `BatchFeature` with `pixel_values` of shape (B, 3, size, size), float32 in [-1, 1].
+    Returns a `BatchFeature` with `pixel_values` of shape (B, 3, S, S), float32 in [-1, 1].
     """
 
     model_input_names = ["pixel_values"]
 
-    def __init__(self, size: int = 32, do_center_crop: bool = True, **kwargs):
+    def __init__(
+        self,
+        size: dict[str, int] | int | None = None,
+        do_center_crop: bool = True,
+        image_mean: Sequence[float] | None = None,
+        image_std: Sequence[float] | None = None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
-        if isinstance(size, dict):  # {"height": s, "width": s} from other conventions
-            size = size.get("shortest_edge") or size["height"]
-        if not isinstance(size, int) or size <= 0:
-            raise UsageError(f"size must be a positive int, got {size!r}.")
-        self.size = size
+        self.size = size_dict(DEFAULT_SIZE if size is None else size)
         self.do_center_crop = do_center_crop
+        self.image_mean = _normalisation("image_mean", image_mean)
+        self.image_std = _normalisation("image_std", image_std)
+
+    @property
+    def side(self) -> int:
+        """The output side S in pixels."""
+        return size_side(self.size)
 
     def to_dict(self) -> dict:
         # No "image_processor_type": AutoImageProcessor then resolves the class from the model's config.json
@@ -126,13 +183,14 @@ class DDAEImageProcessor(BaseImageProcessor):
     def preprocess(
         self,
         images,
-        size: int | None = None,
+        size: dict[str, int] | int | None = None,
         do_center_crop: bool | None = None,
         return_tensors: str | None = "pt",
         **kwargs,
     ) -> BatchFeature:
-        """images: one image, a sequence of PIL images / arrays / tensors, or a (B, ...) array or tensor."""
-        size = size or self.size
+        """images: one image, a sequence of PIL images / arrays / tensors, or a (B, ...) array or tensor;
+        ``size`` (a dict or an int, as in ``__init__``) overrides the processor's for this call."""
+        side = self.side if size is None else size_side(size_dict(size))
         do_center_crop = self.do_center_crop if do_center_crop is None else do_center_crop
         if isinstance(images, (Image.Image, np.ndarray, torch.Tensor)):
             is_batch = not isinstance(images, Image.Image) and images.ndim == 4
@@ -141,7 +199,7 @@ class DDAEImageProcessor(BaseImageProcessor):
         batch = [_as_image(image) for image in (images if is_batch else [images])]
         if not batch:
             raise UsageError("No images given.")
-        pixel_values = images_to_tensor(batch, size, do_center_crop)
+        pixel_values = images_to_tensor(batch, side, do_center_crop)
         if return_tensors == "np":
             pixel_values = pixel_values.numpy()
         return BatchFeature(data={"pixel_values": pixel_values})

@@ -11,9 +11,9 @@ from accelerate import Accelerator
 from diffusers import SchedulerMixin
 from diffusers.training_utils import EMAModel
 
-from .capture import Denoiser, denoiser_kwargs
-from .errors import UsageError
-from .noise import EDMNoise, noise_axis
+from ..capture import Denoiser, denoiser_kwargs
+from ..errors import UsageError
+from ..noise import EDMNoise, noise_axis
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 

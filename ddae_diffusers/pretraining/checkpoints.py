@@ -8,7 +8,7 @@ import shutil
 
 from accelerate import Accelerator
 
-from .errors import UsageError
+from ..errors import UsageError
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_MARKER = "optimizer.bin"  # written by accelerator.save_state into every checkpoint

@@ -12,20 +12,13 @@ import numpy as np
 import torch
 from diffusers import SchedulerMixin
 
-from .capture import EXTRACTION_BATCH_SIZE, DDAEBackbone, Denoiser
-from .data import detect_image_column, detect_label_column, images_to_tensor
-from .errors import UsageError
-from .families import family_of
-from .probing.heads import linear_probe_accuracy
-from .probing.knn import knn_accuracy
+from ..capture import EXTRACTION_BATCH_SIZE, DDAEBackbone, Denoiser
+from ..data import detect_image_column, detect_label_column, images_to_tensor
+from ..errors import UsageError
+from ..probing.heads import linear_probe_accuracy
+from ..probing.knn import knn_accuracy
 
 EVAL_SPLIT_CANDIDATES = ("test", "validation", "valid", "val")
-
-
-def default_probe_layer(denoiser: Denoiser) -> str:
-    """A block in the middle of the decoder, as the denoiser's family chooses it (UNet: the paper's ``out_6``
-    for the 35.7M DDPM; DiT: block 13 of 28)."""
-    return family_of(denoiser).default_layer(denoiser)
 
 
 @dataclass
