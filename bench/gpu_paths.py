@@ -11,6 +11,8 @@
    CPU, and the std of the noise it adds at its level against the scheduler's.
 5. ``offload``: ``DDAEPipeline.extract_features`` under ``enable_model_cpu_offload`` in bf16 against the features
    without offload.
+6. ``throughput``: the 35.7M UNet in bf16: extraction image-levels/s at the default grid's deepest layer, the
+   training step's images/s, and the share of ``ddae-probe``'s extraction time the device waits on the host.
 
 Writes ``<output_dir>/gpu_paths.json`` (one entry per path: ``ok``, its numbers or its error) and exits 1 if a path
 failed. ``--device cpu`` runs the same paths on the CPU (a dry run of this script, not a measurement).
@@ -162,8 +164,79 @@ def offload(device: str, out: Path) -> dict:
     return {"max_relative_error": max(relative_error(offloaded[k], reference[k].float()) for k in reference)}
 
 
-PATHS = {"pretraining": pretraining, "probe_grid": probe_grid, "precision": precision, "classifier": classifier,
-         "offload": offload}  # fmt: skip
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def throughput(device: str, out: Path) -> dict:
+    """The 35.7M google/ddpm-cifar10-32 architecture (random weights) in bf16: extraction image-levels/s at the
+    default grid's deepest layer, the training step's images/s, and the share of ``ddae-probe``'s extraction time
+    in which the device waits on the host (1 - pure forward time / extraction time, same images and levels)."""
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+
+    from ddae_diffusers import DDAEBackbone, build_denoiser
+    from ddae_diffusers.noise import DEFAULT_DDPM_LEVELS
+    from ddae_diffusers.pretraining.training_step import train_step
+    from ddae_diffusers.probing.engine import default_layers
+
+    model_dir = out / "ddpm-cifar10-32-random"
+    if not (model_dir / "config.json").exists():
+        build_denoiser("ddpm-cifar10-32").save_pretrained(model_dir)
+    backbone = DDAEBackbone.from_pretrained(str(model_dir)).to(device)
+    backbone.denoiser.eval()
+    layer, levels = default_layers(backbone)[-1], list(DEFAULT_DDPM_LEVELS)
+    batch, rounds = (256, 8) if device != "cpu" else (16, 2)
+    pixels = torch.rand(batch, 3, 32, 32, device=device) * 2 - 1
+    backbone.features(pixels, [layer], levels, dtype=torch.bfloat16)  # warm-up
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(rounds):
+        backbone.features(pixels, [layer], levels, dtype=torch.bfloat16)
+    synchronize(device)
+    forward_rate = rounds * batch * len(levels) / (time.perf_counter() - start)
+
+    train_images = 4000 if device != "cpu" else 100
+    folder = out / "throughput_probe"
+    command = launch(device) + ["-m", "ddae_diffusers.probing.cli", "--model", str(model_dir),
+                                "--dataset", str(SAMPLE), "--layers", layer, "--dtype", "bfloat16",
+                                "--batch_size", str(batch), "--max_train_samples", str(train_images),
+                                "--max_eval_samples", str(train_images // 4), "--epochs", "1",
+                                "--output_dir", str(folder)]  # fmt: skip
+    run(command, out / "throughput_probe.log")
+    results = json.loads((folder / "results.json").read_text())
+    laps = results["timings"]
+    extract_s = laps["extract_train"]["wall_s"] + laps["extract_eval"]["wall_s"]
+    image_levels = (results["num_train"] + results["num_val"] + results["num_eval"]) * len(levels)
+    pure_s = image_levels / forward_rate
+
+    accelerator = Accelerator(mixed_precision="bf16", cpu=device == "cpu")
+    model = build_denoiser("ddpm-cifar10-32").train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    model, optimizer, schedule = accelerator.prepare(model, optimizer, schedule)
+    train_batch, steps = (128, 20) if device != "cpu" else (8, 2)
+    images = torch.rand(train_batch, 3, 32, 32, device=accelerator.device) * 2 - 1
+    train_step(accelerator, model, optimizer, schedule, DDPMScheduler(), images, torch.Generator().manual_seed(0))
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        train_step(accelerator, model, optimizer, schedule, DDPMScheduler(), images, torch.Generator().manual_seed(0))
+    synchronize(device)
+    return {
+        "layer": layer,
+        "levels": len(levels),
+        "extraction_image_levels_per_s": round(forward_rate, 1),
+        "probe_extraction_image_levels_per_s": round(image_levels / extract_s, 1),
+        "device_waits_on_host_fraction": round(max(0.0, 1 - pure_s / extract_s), 3),
+        "train_images_per_s": round(steps * train_batch / (time.perf_counter() - start), 1),
+        "train_batch_size": train_batch,
+    }
+
+
+PATHS = {"throughput": throughput, "pretraining": pretraining, "probe_grid": probe_grid, "precision": precision,
+         "classifier": classifier, "offload": offload}  # fmt: skip
 
 
 def main() -> int:
