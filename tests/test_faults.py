@@ -17,6 +17,7 @@ from conftest import make_tiny_unet
 
 from ddae_diffusers import DDAEBackbone
 from ddae_diffusers.probing.cache import FeatureCache, View
+from ddae_diffusers.probing.engine import ProbeConfig, run_probe
 
 LAYERS = ["mid_block", "up_blocks.0.resnets.1"]
 
@@ -377,3 +378,46 @@ def test_nan_classifier_is_refused_by_the_pipeline():
     pipe = DDAEPipeline(unet=unet, classifier=classifier)
     with pytest.raises(ValueError, match="logits are NaN or inf for image 0"):
         pipe.classify(torch.rand(2, 3, 16, 16) * 2 - 1)
+
+
+@pytest.mark.slow
+def test_two_process_groups_fill_one_cache_like_two_machines(tiny_unet_pipeline_dir, tmp_path):
+    """Two `accelerate launch` groups of two processes each (two machines sharing a --cache_dir) probe the same grid
+    at once: both finish with the result of a run on a private cache, and the shared cache is complete after."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import CIFAR10_SAMPLE
+
+    grid = ["--dataset", CIFAR10_SAMPLE, "--train_split", "train[:160]", "--eval_split", "test[:64]",
+            "--layers", "mid_block", "--timesteps", "10", "50", "--batch_size", "8", "--epochs", "3"]
+    shared = tmp_path / "shared-cache"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+
+    def group(port: int, out: Path) -> subprocess.Popen:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no",
+                   "--dynamo_backend", "no", "-m", "ddae_diffusers.probing.cli", "--model", tiny_unet_pipeline_dir,
+                   *grid, "--output_dir", str(out), "--cache_dir", str(shared)]  # fmt: skip
+        return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    groups = [group(29517, tmp_path / "a"), group(29519, tmp_path / "b")]
+    for proc in groups:
+        _, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, err[-2000:]
+
+    def cells(folder: Path) -> list:
+        return [(c["layer"], c["timestep"], c["linear_acc"], c["knn_acc"])
+                for c in json.loads((folder / "results.json").read_text())["cells"]]
+
+    private = tmp_path / "private"
+    subprocess.run([sys.executable, "-m", "ddae_diffusers.probing.cli", "--model", tiny_unet_pipeline_dir, *grid,
+                    "--output_dir", str(private)], env=env, check=True, capture_output=True)  # fmt: skip
+    assert cells(tmp_path / "a") == cells(tmp_path / "b") == cells(private)
+    computed = []
+    config = ProbeConfig(model=tiny_unet_pipeline_dir, dataset=CIFAR10_SAMPLE, output_dir=str(tmp_path / "again"),
+                         cache_dir=str(shared), train_split="train[:160]", eval_split="test[:64]",
+                         layers=["mid_block"], timesteps=[10, 50], batch_size=8, epochs=3)  # fmt: skip
+    run_probe(config, on_batch=lambda start, stop: computed.append((start, stop)), progress=False)
+    assert computed == []  # every unit the two groups wrote is complete and valid
