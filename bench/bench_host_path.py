@@ -39,7 +39,8 @@ def zero_features(self, images, layers, timesteps, pooling="avg", **kwargs):
     """The stand-in for ``DDAEBackbone.features``: ``{(layer, t): zeros (B, D)}``, no forward."""
     layers, timesteps = self.check_layers(layers), self.check_timesteps(timesteps)
     widths = {layer: self.layer_info(layer).feature_dim for layer in layers}
-    return {(layer, t): torch.zeros(images.shape[0], widths[layer], device=self.device)
+    device = images.device  # the batch is where the model computes
+    return {(layer, t): torch.zeros(images.shape[0], widths[layer], device=device)
             for layer in layers for t in timesteps}  # fmt: skip
 
 

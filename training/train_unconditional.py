@@ -49,7 +49,13 @@ from tqdm.auto import tqdm
 
 from ddae_diffusers import DDAEBackbone
 from ddae_diffusers.capture import EXTRACTION_BATCH_SIZE, derive_seed
-from ddae_diffusers.data import conversion_note, detect_image_column, detect_label_column, to_rgb_array
+from ddae_diffusers.data import (
+    conversion_note,
+    default_num_workers,
+    detect_image_column,
+    detect_label_column,
+    to_rgb_array,
+)
 from ddae_diffusers.distributed import host_group, wait_for_main
 from ddae_diffusers.errors import ArgumentParser, UsageError, fail, run_command
 from ddae_diffusers.families import family_named, family_of, sample_size
@@ -105,7 +111,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--center_crop", action="store_true",
                       help="Centre-crop after resizing the shorter side; otherwise a random crop.")
     data.add_argument("--random_flip", action="store_true", help="Random horizontal flips.")
-    data.add_argument("--dataloader_num_workers", type=int, default=0)
+    data.add_argument("--dataloader_num_workers", type=int, default=None,
+                      help="Image-loading worker processes (default: 0 on CPU, min(8, CPU count) on CUDA).")
 
     model = parser.add_argument_group("model")
     model.add_argument("--model_config", "--model_config_name_or_path", dest="model_config", type=str, default=None,
@@ -553,9 +560,12 @@ def main(args: argparse.Namespace) -> str:
     if note:
         logger.warning(f"{note} for training (first image).")
     sampler = EpochSampler(len(train_split), args.seed)
+    if args.dataloader_num_workers is None:
+        args.dataloader_num_workers = default_num_workers(accelerator.device)
     train_dataloader = torch.utils.data.DataLoader(
         TrainImages(train_split, image_column, resolution, args.center_crop, args.random_flip, args.seed),
         batch_size=args.train_batch_size, sampler=sampler, num_workers=args.dataloader_num_workers,
+        pin_memory=accelerator.device.type == "cuda",
     )
     batches_per_process = math.ceil(len(train_dataloader) / accelerator.num_processes)
     steps_per_epoch = math.ceil(batches_per_process / args.gradient_accumulation_steps)

@@ -13,7 +13,7 @@ import torch
 from diffusers import SchedulerMixin
 
 from ..capture import EXTRACTION_BATCH_SIZE, DDAEBackbone, Denoiser
-from ..data import detect_image_column, detect_label_column, images_to_tensor
+from ..data import detect_image_column, detect_label_column, images_to_tensor, read_labels
 from ..errors import UsageError
 from ..probing.heads import linear_probe_accuracy
 from ..probing.knn import knn_accuracy
@@ -85,7 +85,7 @@ def load_probe_data(
     def subset(ds, ids):
         rows = ds.select(ids.tolist())
         images = images_to_tensor(rows[image_column], resolution, center_crop=True)
-        return images, torch.tensor(rows[label_column], dtype=torch.long), torch.from_numpy(ids).long()
+        return images, torch.from_numpy(read_labels(rows, label_column)).long(), torch.from_numpy(ids).long()
 
     return ProbeData(*subset(train, train_ids), *subset(held_out, eval_ids), description=description)
 

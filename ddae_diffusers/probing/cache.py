@@ -7,8 +7,9 @@ named by a fingerprint of everything that determines the numbers: model weights 
 scheduler, data set, preprocessing, seed, view, layers, timestep, and the device type and float32 precision
 settings that select the kernels.
 
-Extraction streams batches: one forward per (batch, timestep) captures all layers, the pooled
-rows are written to the file, synced, then recorded. Rows are written and read with positional
+Extraction streams batches: a ``DataLoader`` (``loader.py``) decodes and converts each planned batch once, one
+forward per (batch, timestep) captures all layers, and a writer thread (``writer.py``) writes the pooled rows to
+the file, syncs them, then records them. Rows are written and read with positional
 file I/O (never a memory map), so a process holds only the rows it asked for: the probe reads
 the cache as a :class:`~ddae_diffusers.probing.table.FeatureTable`, a block of rows at a time.
 An interrupted extraction resumes from the recorded ranges; a range whose bytes no longer match its checksum, or a file
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import hashlib
 import json
 import logging
@@ -33,10 +33,12 @@ import numpy as np
 import torch
 
 from ..capture import DDAEBackbone, derive_seed
-from ..data import images_to_tensor, random_crop_flip
+from ..data import pixels_of, random_crop_flip
 from ..distributed import broadcast_from_main
+from .loader import planned_pixels
 from .sharding import Ranks, sharded_batches
 from .table import FeatureTable, as_rows
+from .writer import CacheWriter, Target
 
 logger = logging.getLogger(__name__)
 CACHE_FORMAT = 2  # 2: example noise seeded by capture.derive_seed (format 1 features used other noise)
@@ -128,7 +130,7 @@ class View:
 
     def pixels(self, images: list, example_ids: Sequence[int], resolution: int, seed: int) -> torch.Tensor:
         """Images of the batch -> (B, 3, R, R) in [-1, 1], augmented per example when ``augment``."""
-        pixels = images_to_tensor(images, resolution)
+        pixels = pixels_of(images, resolution)
         if not self.augment:
             return pixels
         rows = []
@@ -229,7 +231,7 @@ class CacheUnit:
         self._file.seek(position)
         return self._file.read(size)
 
-    def _pwrite(self, data: bytes, position: int) -> None:
+    def _pwrite(self, data: bytes | memoryview, position: int) -> None:
         if hasattr(os, "pwrite"):
             written = os.pwrite(self._file.fileno(), data, position)
         else:
@@ -278,23 +280,42 @@ class CacheUnit:
         return bool(self.done.all())
 
     def write(self, ids: Sequence[int], rows: dict[str, torch.Tensor]) -> None:
-        """Writes ``{layer: (B, D)}`` at rows ``ids`` (ascending), flushes, then records a checksum per run of
+        """Writes ``{layer: (B, D)}`` at rows ``ids`` (ascending), syncs, then records a checksum per run of
         consecutive ids."""
         block = torch.cat([rows[layer].float() for layer in self.layers], dim=1).to(torch.float16).numpy()
+        ranges = self.put_rows(ids, block)
+        self.sync()
+        self.record(ranges)
+
+    def put_rows(self, ids: Sequence[int], block: np.ndarray) -> list[tuple[int, int, str]]:
+        """Writes the (B, width) float16 ``block`` at rows ``ids`` (ascending), unsynced and unrecorded; returns
+        ``(start, stop, sha256)`` per run of consecutive ids, the checksum of the bytes written."""
+        block = np.ascontiguousarray(block, dtype=np.float16)
+        if block.shape != (len(ids), self.offsets[-1]):
+            raise ValueError(f"rows of shape {block.shape} do not fit {len(ids)} rows of unit {self.folder}.")
         ids = np.asarray(ids)
         breaks = np.flatnonzero(np.diff(ids) != 1) + 1
-        runs = [(int(run[0]), int(run[-1]) + 1) for run in np.split(ids, breaks)]
-        first = 0
-        for start, stop in runs:
-            self._pwrite(block[first : first + stop - start].tobytes(), self._data_offset + start * self.row_bytes)
+        ranges, first = [], 0
+        for run in np.split(ids, breaks):
+            start, stop = int(run[0]), int(run[-1]) + 1
+            data = memoryview(block[first : first + stop - start]).cast("B")
+            self._pwrite(data, self._data_offset + start * self.row_bytes)
+            ranges.append((start, stop, hashlib.sha256(data).hexdigest()))
             first += stop - start
+        return ranges
+
+    def sync(self) -> None:
+        """Syncs the features file: rows written before are on disk."""
         os.fsync(self._file.fileno())
+
+    def record(self, ranges: Sequence[tuple[int, int, str]]) -> None:
+        """Appends and syncs the progress records of ``(start, stop, sha256)`` ranges, whose rows are synced."""
         with open(self.progress_path, "a") as f:
-            for start, stop in runs:
-                f.write(json.dumps({"start": start, "stop": stop, "sha256": self._digest(start, stop)}) + "\n")
+            f.write("".join(json.dumps({"start": a, "stop": b, "sha256": digest}) + "\n" for a, b, digest in ranges))
             f.flush()
             os.fsync(f.fileno())
-        self.done[ids] = True
+        for start, stop, _ in ranges:
+            self.done[start:stop] = True
 
     def read(self, rows: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
         """``{layer: (N, D) float16}`` copies of all rows (or of ``rows``, in that order), which must be written."""
@@ -446,40 +467,73 @@ class FeatureCache:
         on_batch: Callable[[int, int], None] | None = None,
         progress: bool = True,
         rows: Sequence[int] | None = None,
+        num_workers: int = 0,
+        pin_memory: bool | None = None,
     ) -> FeatureTable | None:
         """Fills the units of ``view`` and returns them as a table ``{(layer, t): (N, D) float16}`` read from disk
         on demand (None off the main process); with ``rows``, only those rows are computed and the table holds
         them (``(len(rows), D)``, in that order).
 
         Batches still missing are split round-robin across the processes of ``accelerator``
-        (:func:`~.sharding.sharded_batches`); the main process gathers and writes them. ``on_batch(first, stop)``
-        (the span of its rows) is called after a batch is written (on the main process).
+        (:func:`~.sharding.sharded_batches`); each process loads its batches' pixels with ``num_workers`` loader
+        processes (0: itself; :func:`~.loader.planned_pixels`), into pinned memory with ``pin_memory`` (default:
+        when the backbone is on CUDA). Rows stay on the device up to the gather; the main process copies them to
+        the host once and hands them to a writer thread (:class:`~.writer.CacheWriter`). ``on_batch(first, stop)``
+        (the span of its rows) is called on the main process once a batch is written and recorded (each batch is
+        then written before the next is handed over).
         """
         from tqdm.auto import tqdm
 
-        is_main = Ranks.of(accelerator).is_main
+        ranks = Ranks.of(accelerator)
         units = self.units(dataset, split, view, image_column)
-        with self._locked(units, is_main):
+        device = self.backbone.device  # read once: it walks the model's modules
+        if pin_memory is None:
+            pin_memory = device.type == "cuda"
+        with self._locked(units, ranks.is_main):
             plan: list[tuple[list[int], list[list[int]]]] = []  # (units to fill, their batches of row ids)
-            if is_main:
+            if ranks.is_main:
                 for unit in units:
                     unit.open()
                 plan = extraction_plan(units, batch_size, rows)
             plan = broadcast_from_main(plan, accelerator)  # the other ranks wait on the host while units are checked
-            bar = tqdm(total=sum(len(batches) for _, batches in plan), desc=f"features {split} view {view.index}",
-                       disable=not (progress and is_main))  # fmt: skip
-            for todo, batches in plan:
-                timesteps = [units[i].key["timestep"] for i in todo]
-                compute = functools.partial(self._compute, dataset, image_column, view, timesteps=timesteps)
-                width = sum(self.dims) * len(timesteps)
-                for ids, block in sharded_batches(batches, compute, width, accelerator):
-                    if is_main:
-                        self._write(units, todo, ids, block.cpu())
-                        if on_batch is not None:
-                            on_batch(ids[0], ids[-1] + 1)
-                        bar.update(1)
+            mine = [batch for _, batches in plan for batch in ranks.strided(batches)]  # this rank's, in order
+            # the loader's workers fork now, before the writer thread starts
+            stream = planned_pixels(dataset, image_column, view, self.resolution, self.seed, mine, num_workers,
+                                    pin_memory)  # fmt: skip
+            writer = None
+            try:
+                writer = CacheWriter() if ranks.is_main and plan else None
+                bar = tqdm(total=sum(len(batches) for _, batches in plan), desc=f"features {split} view {view.index}",
+                           disable=not (progress and ranks.is_main))  # fmt: skip
+                for todo, batches in plan:
+                    timesteps = [units[i].key["timestep"] for i in todo]
+
+                    def compute(ids: list[int], timesteps=timesteps) -> torch.Tensor:
+                        loaded, pixels = next(stream)
+                        if loaded != ids:
+                            raise RuntimeError(f"the loader gave rows {loaded[:3]}... for rows {ids[:3]}...")
+                        return self._compute(ids, pixels.to(device, non_blocking=True), view, timesteps)
+
+                    width = sum(self.dims) * len(timesteps)
+                    targets = self._targets(units, todo)
+                    for ids, block in sharded_batches(batches, compute, width, accelerator):
+                        if writer is not None:
+                            host, ready = _to_host(block)
+                            writer.put(ids, host, targets, ready)
+                            if on_batch is not None:
+                                writer.wait()
+                                on_batch(ids[0], ids[-1] + 1)
+                            bar.update(1)
+            except BaseException:
+                if writer is not None:
+                    writer.close(raise_error=False)  # what is queued is still written and recorded
+                raise
+            finally:
+                stream.close()  # stops the loader's workers
+            if writer is not None:
+                writer.close()
             bar.close()
-            if not is_main:
+            if not ranks.is_main:
                 return None
             table = units_table(units)
             return table if rows is None else table.subset(rows)
@@ -500,19 +554,31 @@ class FeatureCache:
                 stack.enter_context(FileLock(os.path.join(lock_dir, os.path.basename(unit.folder) + ".lock")))
         return stack
 
-    def _compute(self, dataset, image_column: str, view: View, ids: list[int], timesteps: list[int]) -> torch.Tensor:
-        """(len(ids), width) float32: the layers of each timestep at rows ``ids``, concatenated in unit order."""
-        consecutive = ids[-1] - ids[0] + 1 == len(ids)
-        images = dataset[ids[0] : ids[-1] + 1] if consecutive else dataset.select(ids)[:]
-        pixels = view.pixels(images[image_column], ids, self.resolution, self.seed)
+    def _compute(self, ids: list[int], pixels: torch.Tensor, view: View, timesteps: list[int]) -> torch.Tensor:
+        """(len(ids), width) float32 on the backbone's device: the layers of each timestep at rows ``ids`` (their
+        (B, 3, R, R) ``pixels``, on that device), concatenated in unit order."""
         features = self.backbone.features(
             pixels, self.layers, timesteps, seed=view.noise_seed(self.seed), example_ids=ids, dtype=self.dtype
         )
-        return torch.cat([features[layer, t] for t in timesteps for layer in self.layers], dim=1).cpu()
+        return torch.cat([features[layer, t] for t in timesteps for layer in self.layers], dim=1)
 
-    def _write(self, units: list[CacheUnit], todo: list[int], ids: list[int], block: torch.Tensor) -> None:
-        """Splits a computed (B, width) block of rows ``ids`` into its units and writes each."""
-        columns = block.split(self.dims * len(todo), dim=1)
+    def _targets(self, units: list[CacheUnit], todo: list[int]) -> list[Target]:
+        """Where the units ``todo`` sit in a computed (B, width) block: ``(unit, first column, stop column)``."""
+        width, out = sum(self.dims), []
         for position, unit_index in enumerate(todo):
-            layer_columns = columns[position * len(self.layers) : (position + 1) * len(self.layers)]
-            units[unit_index].write(ids, dict(zip(self.layers, layer_columns, strict=True)))
+            out.append((units[unit_index], position * width, (position + 1) * width))
+        return out
+
+
+def _to_host(block: torch.Tensor) -> tuple[torch.Tensor, object | None]:
+    """``(host rows, ready)``: ``block`` itself on the CPU; from CUDA a non-blocking copy into pinned memory and
+    the event that marks it done (nothing waits for it here)."""
+    if block.device.type == "cpu":
+        return block, None
+    if block.device.type != "cuda":
+        return block.cpu(), None
+    host = torch.empty(block.shape, dtype=block.dtype, pin_memory=True)
+    host.copy_(block, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready

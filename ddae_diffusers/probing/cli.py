@@ -26,6 +26,7 @@ from ..hub import create_hub_repo
 from ..loading import check_source, inspect_source
 from ..noise import DEFAULT_EDM_INDICES, EDM_SAMPLING_STEPS, axis_class, noise_level
 from .engine import (
+    CUDA_BATCH_SIZE,
     DEFAULT_TIMESTEPS,
     DTYPES,
     PROTOCOLS,
@@ -73,8 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--prompt", default=None,
         help="Text-conditioned models (Stable Diffusion, PixArt, SD3, Flux): condition on this prompt (default: the "
              "empty prompt, encoded once with the pipeline's own text encoders).")
-    add("--batch_size", type=int, default=EXTRACTION_BATCH_SIZE,
-        help="Extraction batch size (small batches run fastest on CPU; use more on a GPU).")
+    add("--batch_size", type=int, default=None,
+        help=f"Extraction batch size (default: {EXTRACTION_BATCH_SIZE} on CPU, where small batches run fastest; "
+             f"{CUDA_BATCH_SIZE} on CUDA).")
+    add("--num_workers", type=int, default=None,
+        help="Image-loading worker processes that decode and convert batches ahead of the forward (default: 0 on "
+             "CPU, i.e. in the main process, which leaves the cores to the forward; min(8, CPU count) on CUDA). "
+             "Features are the same whatever the count.")
     add("--output_dir", required=True)
     add("--cache_dir", default=None, help="Feature cache (default: <output_dir>/feature_cache).")
     add("--train_views", type=int, default=1,

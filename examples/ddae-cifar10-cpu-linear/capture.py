@@ -93,23 +93,36 @@ def denoiser_kwargs(denoiser: Denoiser, batch_size: int, device: torch.device) -
     return family_of(denoiser).forward_kwargs(denoiser, batch_size, device)
 
 
+def _hook_device(module: nn.Module) -> torch.device | None:
+    """The ``execution_device`` of accelerate's hook on ``module`` itself, if it has one that names one."""
+    hook = getattr(module, "_hf_hook", None)  # accelerate's attribute for the hook of a module
+    for single in getattr(hook, "hooks", None) or (hook,):  # a SequentialHook holds several
+        device = getattr(single, "execution_device", None)
+        if device is not None:
+            return torch.device(device)
+    return None
+
+
 def execution_device(module: nn.Module) -> torch.device:
     """The device ``module``'s forward runs on.
 
-    Under accelerate's hooks (``enable_model_cpu_offload``, ``cpu_offload``, ``dispatch_model``) the weights wait
-    on the CPU or the meta device and the hook moves them, and the inputs, to its ``execution_device`` for each
-    forward: that device (of the first hooked module that names one, as diffusers pipelines read it). Otherwise
-    the device of the module's first parameter or buffer (the CPU if it has none).
+    Under accelerate's hooks the weights wait on the CPU or the meta device and the hook moves them, and the inputs,
+    to its ``execution_device`` for each forward: that device. ``enable_model_cpu_offload`` hooks the model itself;
+    ``cpu_offload`` hooks its submodules and leaves the weights on the meta device, where the first hooked submodule
+    that names a device is used (as diffusers pipelines read it). Otherwise the device of the module's first
+    parameter or buffer (the CPU if it has none). Called on every forward: only the meta case walks the modules.
     """
-    for submodule in module.modules():
-        hook = getattr(submodule, "_hf_hook", None)  # accelerate's attribute for the hook of a module
-        for single in getattr(hook, "hooks", None) or (hook,):  # a SequentialHook holds several
-            device = getattr(single, "execution_device", None)
-            if device is not None:
-                return torch.device(device)
+    device = _hook_device(module)
+    if device is not None:
+        return device
     tensor = next(module.parameters(), None)
     if tensor is None:
         tensor = next(module.buffers(), None)
+    if tensor is None or tensor.device.type == "meta":
+        for submodule in module.modules():
+            device = _hook_device(submodule)
+            if device is not None:
+                return device
     return tensor.device if tensor is not None else torch.device("cpu")
 
 
