@@ -225,20 +225,25 @@ def noise_levels(config: ProbeConfig, backbone: DDAEBackbone) -> list[NoiseLevel
     return list(config.timesteps) if config.timesteps is not None else axis.default_levels()
 
 
-def prepare(config: ProbeConfig, backbone: DDAEBackbone | None = None, accelerator=None) -> Prepared:
-    """Validates the inputs ``ProbeConfig`` cannot check alone (folders, model, data) and loads model and data;
-    raises ``ValueError`` before any extraction.
+@dataclass
+class ModelSetup:
+    """A checked model on its device: its layers and noise levels in execution order, the image side, the weights'
+    fingerprint (main process; None elsewhere) and the test forward's features ``{(layer, t): (1, ...)}`` at the
+    first level."""
 
-    The model's weights are fingerprinted for the feature cache where they were loaded (on the main process only),
-    then the model moves to ``accelerator.device``; the prompt's conditioning, the layer catalogue and a test
-    forward run there (the last two under the run's dtype)."""
-    check_writable_dir(config.output_dir, "--output_dir")
-    check_writable_dir(config.cache_dir or os.path.join(config.output_dir, "feature_cache"), "--cache_dir")
+    backbone: DDAEBackbone
+    layers: list[str]
+    timesteps: list[NoiseLevel]
+    resolution: int
+    weights: str | None
+    test_features: dict
 
-    if backbone is None:
-        backbone = DDAEBackbone.from_pretrained(config.model)
-    if config.random_init:
-        backbone = random_init(backbone, config.seed)
+
+def setup_model(config, backbone: DDAEBackbone, accelerator=None, pooling: str = "avg") -> ModelSetup:
+    """Fingerprints the weights where they were loaded (main process only), moves the model to
+    ``accelerator.device``, encodes the prompt there, then checks layers, noise levels and resolution with the layer
+    catalogue and one test forward of a zero image under the run's dtype. ``config`` holds ``layers``,
+    ``timesteps``, ``sigma_index``, ``resolution``, ``prompt`` and ``dtype`` (a ``ProbeConfig`` or an export's)."""
     weights = weights_fingerprint(backbone) if accelerator is None or accelerator.is_main_process else None
     if accelerator is not None:
         backbone.to(accelerator.device)
@@ -258,13 +263,32 @@ def prepare(config: ProbeConfig, backbone: DDAEBackbone | None = None, accelerat
         )
     probe_image = torch.zeros(1, backbone.image_channels, resolution, resolution, device=backbone.device)
     try:
-        backbone.features(probe_image, layers[-1:], timesteps[:1], dtype=dtype)
+        test_features = backbone.features(probe_image, layers, timesteps[:1], pooling=pooling, dtype=dtype)
     except UsageError:
         raise  # already says what is wrong (non-finite weights, say)
     except (RuntimeError, ValueError) as error:
         raise UsageError(
             f"The model cannot take {resolution}x{resolution} images ({error}): change --resolution."
         ) from None
+    return ModelSetup(backbone, layers, timesteps, resolution, weights, test_features)
+
+
+def prepare(config: ProbeConfig, backbone: DDAEBackbone | None = None, accelerator=None) -> Prepared:
+    """Validates the inputs ``ProbeConfig`` cannot check alone (folders, model, data) and loads model and data;
+    raises ``ValueError`` before any extraction.
+
+    The model's weights are fingerprinted for the feature cache where they were loaded (on the main process only),
+    then the model moves to ``accelerator.device``; the prompt's conditioning, the layer catalogue and a test
+    forward run there (the last two under the run's dtype)."""
+    check_writable_dir(config.output_dir, "--output_dir")
+    check_writable_dir(config.cache_dir or os.path.join(config.output_dir, "feature_cache"), "--cache_dir")
+
+    if backbone is None:
+        backbone = DDAEBackbone.from_pretrained(config.model)
+    if config.random_init:
+        backbone = random_init(backbone, config.seed)
+    model = setup_model(config, backbone, accelerator)
+    backbone, layers, timesteps, resolution = model.backbone, model.layers, model.timesteps, model.resolution
 
     if config.eval_split == config.train_split:
         raise UsageError(
@@ -302,7 +326,7 @@ def prepare(config: ProbeConfig, backbone: DDAEBackbone | None = None, accelerat
     val_rows, fit_rows = sorted(order[:num_val]), sorted(order[num_val:])
     return Prepared(
         config, backbone, train, evaluation, image_column, label_column, train_labels, eval_labels,
-        num_labels, id2label, layers, timesteps, resolution, fit_rows, val_rows, weights,
+        num_labels, id2label, layers, timesteps, resolution, fit_rows, val_rows, model.weights,
     )
 
 

@@ -66,9 +66,8 @@ from .cache import (
     ViewRole,
     dataset_fingerprint,
     kernel_settings,
-    weights_fingerprint,
 )
-from .engine import DTYPES, default_layers, noise_levels
+from .engine import DTYPES, setup_model
 from .result import cell_key
 from .sharding import sharded_batches
 
@@ -222,33 +221,12 @@ def prepare_export(config: ExportConfig, backbone: DDAEBackbone | None = None, a
 
     if backbone is None:
         backbone = DDAEBackbone.from_pretrained(config.model)
-    weights = weights_fingerprint(backbone) if accelerator is None or accelerator.is_main_process else None
-    if accelerator is not None:
-        backbone.to(accelerator.device)
-    dtype = DTYPES[config.dtype]
-    autocast = contextlib.nullcontext() if dtype is None else torch.autocast(backbone.device.type, dtype=dtype)
-    if config.prompt is not None:
-        backbone.set_prompt(config.prompt)
-    backbone.conditioning  # noqa: B018  (encoded now, on the device)
-    with autocast:
-        layers = backbone.check_layers(config.layers if config.layers else default_layers(backbone))
-    timesteps = backbone.check_timesteps(noise_levels(config, backbone))
-    resolution = config.resolution or backbone.image_size or 32
-    if backbone.image_size is not None and resolution != backbone.image_size:
-        raise UsageError(
-            f"--resolution {resolution} does not fit the model, which takes {backbone.image_size}x"
-            f"{backbone.image_size} images: pass --resolution {backbone.image_size}."
-        )
-    probe_image = torch.zeros(1, backbone.image_channels, resolution, resolution, device=backbone.device)
     pooling = "avg" if config.dense_size is None else "spatial"
-    try:
-        probe = backbone.features(probe_image, layers, timesteps[:1], pooling=pooling, dtype=dtype)
-    except UsageError:
-        raise
-    except (RuntimeError, ValueError) as error:
-        raise UsageError(
-            f"The model cannot take {resolution}x{resolution} images ({error}): change --resolution."
-        ) from None
+    model = setup_model(config, backbone, accelerator, pooling)
+    backbone, layers, timesteps, resolution, probe = (
+        model.backbone, model.layers, model.timesteps, model.resolution, model.test_features
+    )
+    weights = model.weights
     note = conversion_note(next(iter(splits.values()))[0][image_column], resolution)
     if note:
         logger.warning(f"{note} for the model (first image).")
