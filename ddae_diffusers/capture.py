@@ -405,7 +405,8 @@ def _latent_mean(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
     return vae.encode(images).latent_dist.mean
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
+def autocast_to(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to ``dtype`` on ``device``'s type; no autocast for None or float32."""
     if dtype is None or dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
@@ -639,7 +640,7 @@ class DDAEBackbone:
             size = self.image_size or 32
             pixels = torch.zeros(1, self.image_channels, size, size, device=self.device)
             conditioning = self.conditioning
-            with torch.inference_mode(), _autocast(self.device, dtype):
+            with torch.inference_mode(), autocast_to(self.device, dtype):
                 trace = trace_forward(
                     self.denoiser, self._encode(pixels), 0, candidate_layers(self.denoiser), conditioning=conditioning
                 )
@@ -751,7 +752,7 @@ class DDAEBackbone:
         conditioning = self.conditioning
         hook_pooling = "avg" if pooling == "avg" else None  # pooled in the hook: no layer's raw maps are kept
         results: dict[tuple[str, NoiseLevel], torch.Tensor] = {}
-        with torch.inference_mode(), _autocast(self.device, dtype):
+        with torch.inference_mode(), autocast_to(self.device, dtype):
             clean = self._encode(images)
             for draw in range(ensemble):
                 draw_seed = seed if draw == 0 else derive_seed(seed, _ENSEMBLE_STREAM, draw)

@@ -11,7 +11,6 @@ kNN and writes the report.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -20,7 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from ..capture import EXTRACTION_BATCH_SIZE, DDAEBackbone
+from ..capture import EXTRACTION_BATCH_SIZE, DDAEBackbone, autocast_to
 from ..data import (
     conversion_note,
     default_num_workers,
@@ -248,11 +247,10 @@ def setup_model(config, backbone: DDAEBackbone, accelerator=None, pooling: str =
     if accelerator is not None:
         backbone.to(accelerator.device)
     dtype = DTYPES[config.dtype]
-    autocast = contextlib.nullcontext() if dtype is None else torch.autocast(backbone.device.type, dtype=dtype)
     if config.prompt is not None:
         backbone.set_prompt(config.prompt)
     backbone.conditioning  # noqa: B018  (encoded now, on the device, by the text encoders in their own dtype)
-    with autocast:  # the layer catalogue's forward
+    with autocast_to(backbone.device, dtype):  # the layer catalogue's forward
         layers = backbone.check_layers(config.layers if config.layers else default_layers(backbone))
     timesteps = backbone.check_timesteps(noise_levels(config, backbone))
     resolution = config.resolution or backbone.image_size or 32
