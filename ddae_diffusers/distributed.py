@@ -9,6 +9,7 @@ the heads of a large grid exceed. Here the ranks wait in a CPU (gloo) group of t
 
 from __future__ import annotations
 
+import atexit
 from datetime import timedelta
 
 import torch.distributed as dist
@@ -27,7 +28,15 @@ def host_group():
     world = id(dist.group.WORLD)
     if world not in _host_groups:
         _host_groups[world] = dist.new_group(backend="gloo", timeout=HOST_WAIT_TIMEOUT)
+        atexit.register(_destroy_host_groups)  # before the interpreter tears down gloo's threads
     return _host_groups[world]
+
+
+def _destroy_host_groups() -> None:
+    while _host_groups:
+        _, group = _host_groups.popitem()
+        if dist.is_initialized():
+            dist.destroy_process_group(group)
 
 
 def wait_for_main(accelerator=None) -> None:
