@@ -51,20 +51,30 @@ def _hash_tensor(digest, name: str, tensor: torch.Tensor) -> None:
     digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
 
 
+def _hash_module(digest, module: torch.nn.Module) -> None:
+    digest.update(type(module).__name__.encode())
+    for name, tensor in sorted(module.state_dict().items()):
+        _hash_tensor(digest, name, tensor)
+
+
 def weights_fingerprint(backbone: DDAEBackbone) -> str:
     """SHA-256 of the denoiser's (and VAE's) classes and weights, and the scheduler config.
 
     It reads every weight once; hash before the model moves to an accelerator, where reading means copying back."""
     digest = hashlib.sha256()
-    modules = [backbone.denoiser] + ([backbone.vae] if backbone.vae is not None else [])
-    for module in modules:
-        digest.update(type(module).__name__.encode())
-        for name, tensor in sorted(module.state_dict().items()):
-            _hash_tensor(digest, name, tensor)
+    for module in [backbone.denoiser] + ([backbone.vae] if backbone.vae is not None else []):
+        _hash_module(digest, module)
     config = dict(backbone.scheduler.config)
     if "_use_default_values" in config:  # diffusers lists them in set order, which changes with the hash seed
         config["_use_default_values"] = sorted(config["_use_default_values"])
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def vae_fingerprint(backbone: DDAEBackbone) -> str:
+    """SHA-256 of the VAE's class and weights (the key of its cached latents)."""
+    digest = hashlib.sha256()
+    _hash_module(digest, backbone.vae)
     return digest.hexdigest()
 
 
@@ -144,10 +154,16 @@ EVAL_VIEW = View(ViewRole.EVAL, 0, False)  # the test split: clean images, noise
 
 
 class CacheUnit:
-    """Features of ``layers`` (widths ``dims``) at one timestep for ``num_rows`` examples, on disk."""
+    """Features of ``layers`` (widths ``dims``) at one timestep for ``num_rows`` examples, on disk, as ``dtype``
+    (float16 for features; float32 for the VAE latents of :meth:`FeatureCache.latent_unit`)."""
 
-    def __init__(self, folder: str, key: dict, num_rows: int, layers: Sequence[str], dims: Sequence[int]):
+    def __init__(
+        self, folder: str, key: dict, num_rows: int, layers: Sequence[str], dims: Sequence[int],
+        dtype: torch.dtype = torch.float16,
+    ):  # fmt: skip
         self.folder = folder
+        self.dtype = dtype
+        self.numpy_dtype = np.dtype(str(dtype).removeprefix("torch."))
         self.key = key
         self.num_rows = num_rows
         self.layers = list(layers)
@@ -165,11 +181,12 @@ class CacheUnit:
         return self.num_rows, self.offsets[-1]
 
     def _expected_meta(self) -> dict:
-        return {"format": CACHE_FORMAT, "key": self.key, "shape": list(self.shape), "layers": self.layers}
+        meta = {"format": CACHE_FORMAT, "key": self.key, "shape": list(self.shape), "layers": self.layers}
+        return meta if self.dtype == torch.float16 else {**meta, "dtype": str(self.numpy_dtype)}
 
     @property
     def row_bytes(self) -> int:
-        return self.offsets[-1] * 2
+        return self.offsets[-1] * self.numpy_dtype.itemsize
 
     def open(self) -> None:
         """Opens or creates the features file, and marks the rows whose recorded checksums still hold."""
@@ -186,8 +203,8 @@ class CacheUnit:
             try:
                 # mapped read-only to check header and size ("r+" would silently extend a truncated file)
                 array = np.load(self.array_path, mmap_mode="r")
-                if array.shape != self.shape or array.dtype != np.float16:
-                    array, problem = None, f"features.npy has shape {array.shape}, not {self.shape}"
+                if array.shape != self.shape or array.dtype != self.numpy_dtype:
+                    array, problem = None, f"features.npy holds {array.shape} {array.dtype}, not {self.shape}"
             except (OSError, ValueError, EOFError) as error:  # empty, truncated header or data
                 array, problem = None, f"features.npy is unreadable ({type(error).__name__}: {error})"
         elif meta_ok:
@@ -199,7 +216,7 @@ class CacheUnit:
             os.makedirs(self.folder)
             with open(self.meta_path, "w") as f:
                 json.dump(self._expected_meta(), f, indent=1)
-            array = np.lib.format.open_memmap(self.array_path, mode="w+", dtype=np.float16, shape=self.shape)
+            array = np.lib.format.open_memmap(self.array_path, mode="w+", dtype=self.numpy_dtype, shape=self.shape)
             array.flush()
         self._data_offset = int(array.offset)
         del array  # unmapped: rows are read and written at their byte offsets
@@ -207,6 +224,15 @@ class CacheUnit:
         self.done[:] = False
         for start, stop in self._verified_ranges():
             self.done[start:stop] = True
+
+    def attach(self) -> None:
+        """Opens the file of a unit that the main process has filled and checked, read-only and without checking
+        it again: how the other processes read it."""
+        array = np.load(self.array_path, mmap_mode="r")
+        self._data_offset = int(array.offset)
+        del array
+        self._file = open(self.array_path, "rb")
+        self.done[:] = True
 
     def _verified_ranges(self) -> list[tuple[int, int]]:
         """Recorded (start, stop) row ranges whose bytes still match their SHA-256."""
@@ -258,19 +284,19 @@ class CacheUnit:
         return digest.hexdigest()
 
     def _rows(self, index: np.ndarray) -> np.ndarray:
-        """(len(index), width) float16 rows ``index`` (any order), one read per run of consecutive ids."""
+        """(len(index), width) rows ``index`` (any order), one read per run of consecutive ids."""
         order = np.argsort(index, kind="stable")
         ids = index[order]
         starts = np.flatnonzero(np.diff(ids, prepend=-2) != 1)  # where each run of consecutive ids begins
         stops = np.append(starts[1:], len(ids))
-        ordered = np.empty((len(ids), self.offsets[-1]), dtype=np.float16)
+        ordered = np.empty((len(ids), self.offsets[-1]), dtype=self.numpy_dtype)
         row_bytes, offset = self.row_bytes, self._data_offset
         for first, stop, row in zip(starts.tolist(), stops.tolist(), ids[starts].tolist(), strict=True):
             size = (stop - first) * row_bytes
             data = self._pread(size, offset + row * row_bytes) if size <= 1 << 26 else b""
             if len(data) != size:  # a run over 64 MiB, or a short read
                 data = b"".join(self._read_bytes(row, row + stop - first))
-            ordered[first:stop] = np.frombuffer(data, dtype=np.float16).reshape(stop - first, -1)
+            ordered[first:stop] = np.frombuffer(data, dtype=self.numpy_dtype).reshape(stop - first, -1)
         out = np.empty_like(ordered)
         out[order] = ordered
         return out
@@ -282,15 +308,17 @@ class CacheUnit:
     def write(self, ids: Sequence[int], rows: dict[str, torch.Tensor]) -> None:
         """Writes ``{layer: (B, D)}`` at rows ``ids`` (ascending), syncs, then records a checksum per run of
         consecutive ids."""
-        block = torch.cat([rows[layer].float() for layer in self.layers], dim=1).to(torch.float16).numpy()
+        block = torch.cat([rows[layer].float() for layer in self.layers], dim=1).to(self.dtype).numpy()
         ranges = self.put_rows(ids, block)
         self.sync()
         self.record(ranges)
 
     def put_rows(self, ids: Sequence[int], block: np.ndarray) -> list[tuple[int, int, str]]:
-        """Writes the (B, width) float16 ``block`` at rows ``ids`` (ascending), unsynced and unrecorded; returns
-        ``(start, stop, sha256)`` per run of consecutive ids, the checksum of the bytes written."""
-        block = np.ascontiguousarray(block, dtype=np.float16)
+        """Writes the (B, width) ``block`` (of the unit's dtype) at rows ``ids`` (ascending), unsynced and unrecorded;
+        returns ``(start, stop, sha256)`` per run of consecutive ids, the checksum of the bytes written."""
+        if block.dtype != self.numpy_dtype:
+            raise ValueError(f"rows of dtype {block.dtype} for unit {self.folder} of dtype {self.numpy_dtype}.")
+        block = np.ascontiguousarray(block)
         if block.shape != (len(ids), self.offsets[-1]):
             raise ValueError(f"rows of shape {block.shape} do not fit {len(ids)} rows of unit {self.folder}.")
         ids = np.asarray(ids)
@@ -318,7 +346,8 @@ class CacheUnit:
             self.done[start:stop] = True
 
     def read(self, rows: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
-        """``{layer: (N, D) float16}`` copies of all rows (or of ``rows``, in that order), which must be written."""
+        """``{layer: (N, D)}`` copies (the unit's dtype) of all rows (or of ``rows``, in that order), which must be
+        written."""
         index = np.arange(self.num_rows) if rows is None else as_rows(rows)
         if not self.done[index].all():
             raise RuntimeError(f"Cache unit {self.folder} lacks some of the requested rows.")
@@ -411,6 +440,7 @@ class FeatureCache:
         self.dtype = dtype
         self.weights = weights
         self._model_fingerprint: str | None = None
+        self._fingerprints: dict[str, str] = {}  # shared with the copies of with_timesteps
 
     def with_timesteps(self, timesteps: Sequence[int]) -> FeatureCache:
         """The same cache over other timesteps, sharing the model's fingerprint (hashed once)."""
@@ -481,15 +511,19 @@ class FeatureCache:
         the host once and hands them to a writer thread (:class:`~.writer.CacheWriter`). ``on_batch(first, stop)``
         (the span of its rows) is called on the main process once a batch is written and recorded (each batch is
         then written before the next is handed over).
-        """
-        from tqdm.auto import tqdm
 
+        A latent model's images are VAE-encoded once per view into its :meth:`latent_unit` (the same way: loader,
+        shards, writer), and the forwards read the latents back: a later pass over the view (other noise levels,
+        a halving rung, another run) neither decodes nor encodes again.
+        """
         ranks = Ranks.of(accelerator)
         units = self.units(dataset, split, view, image_column)
         device = self.backbone.device  # read once: it walks the model's modules
         if pin_memory is None:
             pin_memory = device.type == "cuda"
-        with self._locked(units, ranks.is_main):
+        loading = dict(num_workers=num_workers, pin_memory=pin_memory)
+        latents = self.latent_unit(dataset, split, view, image_column) if self.backbone.vae is not None else None
+        with self._locked(units + ([latents] if latents is not None else []), ranks.is_main):
             plan: list[tuple[list[int], list[list[int]]]] = []  # (units to fill, their batches of row ids)
             if ranks.is_main:
                 for unit in units:
@@ -497,46 +531,127 @@ class FeatureCache:
                 plan = extraction_plan(units, batch_size, rows)
             plan = broadcast_from_main(plan, accelerator)  # the other ranks wait on the host while units are checked
             mine = [batch for _, batches in plan for batch in ranks.strided(batches)]  # this rank's, in order
-            # the loader's workers fork now, before the writer thread starts
-            stream = planned_pixels(dataset, image_column, view, self.resolution, self.seed, mine, num_workers,
-                                    pin_memory)  # fmt: skip
-            writer = None
-            try:
-                writer = CacheWriter() if ranks.is_main and plan else None
-                bar = tqdm(total=sum(len(batches) for _, batches in plan), desc=f"features {split} view {view.index}",
-                           disable=not (progress and ranks.is_main))  # fmt: skip
-                for todo, batches in plan:
-                    timesteps = [units[i].key["timestep"] for i in todo]
+            if latents is not None and plan:
+                needed = sorted({i for _, batches in plan for batch in batches for i in batch})
+                self._fill_latents(latents, needed, dataset, image_column, view, batch_size, accelerator, progress,
+                                   loading)  # fmt: skip
+                stream = self._latent_stream(latents, mine)
+            else:  # the loader's workers fork now, before the writer thread starts
+                stream = planned_pixels(dataset, image_column, view, self.resolution, self.seed, mine, **loading)
+            desc = f"features {split} view {view.index}"
 
-                    def compute(ids: list[int], timesteps=timesteps) -> torch.Tensor:
-                        loaded, pixels = next(stream)
-                        if loaded != ids:
-                            raise RuntimeError(f"the loader gave rows {loaded[:3]}... for rows {ids[:3]}...")
-                        return self._compute(ids, pixels.to(device, non_blocking=True), view, timesteps)
+            def fill(todo: list[int]) -> tuple[Callable[[list[int]], torch.Tensor], int, list[Target]]:
+                timesteps = [units[i].key["timestep"] for i in todo]
 
-                    width = sum(self.dims) * len(timesteps)
-                    targets = self._targets(units, todo)
-                    for ids, block in sharded_batches(batches, compute, width, accelerator):
-                        if writer is not None:
-                            host, ready = _to_host(block)
-                            writer.put(ids, host, targets, ready)
-                            if on_batch is not None:
-                                writer.wait()
-                                on_batch(ids[0], ids[-1] + 1)
-                            bar.update(1)
-            except BaseException:
-                if writer is not None:
-                    writer.close(raise_error=False)  # what is queued is still written and recorded
-                raise
-            finally:
-                stream.close()  # stops the loader's workers
-            if writer is not None:
-                writer.close()
-            bar.close()
+                def compute(ids: list[int]) -> torch.Tensor:
+                    inputs = _next_batch(stream, ids).to(device, non_blocking=True)
+                    return self._compute(ids, inputs, view, timesteps, latents is not None)
+
+                return compute, sum(self.dims) * len(timesteps), self._targets(units, todo)
+
+            self._run(plan, fill, stream, accelerator, on_batch, progress, desc)
             if not ranks.is_main:
                 return None
             table = units_table(units)
             return table if rows is None else table.subset(rows)
+
+    def latent_unit(self, dataset, split: str, view: View, image_column: str) -> CacheUnit:
+        """The (unopened) unit of a latent model's VAE latents of ``view``: (N, c * h * w) float32, the exact
+        output of :meth:`DDAEBackbone.encode` under the cache's dtype. Its key holds what changes a latent: the
+        VAE's weights (not the denoiser's: models sharing a VAE share it), the device's kernels, data, image
+        column, resolution and crop, dtype, seed and view."""
+        if "vae" not in self._fingerprints:
+            self._fingerprints["vae"] = vae_fingerprint(self.backbone)
+        base = self._base_key()
+        key = {
+            "content": "vae_latents",
+            "vae": self._fingerprints["vae"],
+            **{name: base[name] for name in ("kernels", "resolution", "center_crop", "dtype", "seed")},
+            "dataset": dataset_fingerprint(dataset, split),
+            "image_column": image_column,
+            "view": [view.role, view.index, view.augment],
+            "augmentation": "crop4+flip" if view.augment else "none",
+        }
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+        name = f"latents-{'train' if view.role == ViewRole.TRAIN else 'eval'}-v{view.index}-{digest}"
+        side = self.resolution // self.backbone.vae_scale
+        width = int(self.backbone.vae.config.latent_channels) * side * side
+        return CacheUnit(os.path.join(self.cache_dir, name), key, len(dataset), ["latents"], [width], torch.float32)
+
+    def _fill_latents(
+        self, unit: CacheUnit, rows: list[int], dataset, image_column: str, view: View, batch_size: int,
+        accelerator, progress: bool, loading: dict,
+    ) -> None:  # fmt: skip
+        """Encodes the ``rows`` that ``unit`` lacks, then opens it for reading on every process."""
+        ranks = Ranks.of(accelerator)
+        batches: list[list[int]] = []
+        if ranks.is_main:
+            unit.open()
+            batches = missing_batches([unit], batch_size, rows)
+        batches = broadcast_from_main(batches, accelerator)
+        mine = ranks.strided(batches)
+        stream = planned_pixels(dataset, image_column, view, self.resolution, self.seed, mine, **loading)
+        device = self.backbone.device
+
+        def fill(todo: list[int]) -> tuple[Callable[[list[int]], torch.Tensor], int, list[Target]]:
+            def compute(ids: list[int]) -> torch.Tensor:
+                pixels = _next_batch(stream, ids).to(device, non_blocking=True)
+                return self.backbone.encode(pixels, self.dtype).flatten(1)
+
+            return compute, unit.dims[0], [(unit, 0, unit.dims[0])]
+
+        self._run([([0], batches)] if batches else [], fill, stream, accelerator, None, progress,
+                  f"latents view {view.index}")  # fmt: skip
+        broadcast_from_main(None, accelerator)  # the other ranks read the unit once the main process wrote it all
+        if not ranks.is_main:
+            unit.attach()
+
+    def _latent_stream(self, unit: CacheUnit, batches: list[list[int]]) -> Iterator[tuple[list[int], torch.Tensor]]:
+        """``(ids, (B, c, h, w) float32 latents)`` of ``batches`` in order, read from ``unit``."""
+        side = self.resolution // self.backbone.vae_scale
+        for ids in batches:
+            yield ids, unit.read(ids)["latents"].view(len(ids), -1, side, side)
+
+    def _run(
+        self,
+        plan: list[tuple[list[int], list[list[int]]]],
+        fill: Callable[[list[int]], tuple[Callable[[list[int]], torch.Tensor], int, list[Target]]],
+        stream: Iterator,
+        accelerator,
+        on_batch: Callable[[int, int], None] | None,
+        progress: bool,
+        desc: str,
+    ) -> None:
+        """Computes and writes every batch of ``plan``: for each ``(todo, batches)``, ``fill(todo)`` gives the
+        function of a batch's ids -> (B, width) rows on the device, the width, and where the columns go. Batches are
+        shared across processes; the main process writes on a :class:`~.writer.CacheWriter` thread. ``stream`` (the
+        inputs of this process's batches) is closed at the end, stopping any loader workers."""
+        from tqdm.auto import tqdm
+
+        is_main = Ranks.of(accelerator).is_main
+        writer = None
+        try:
+            writer = CacheWriter() if is_main and plan else None
+            bar = tqdm(total=sum(len(batches) for _, batches in plan), desc=desc, disable=not (progress and is_main))
+            for todo, batches in plan:
+                compute, width, targets = fill(todo)
+                for ids, block in sharded_batches(batches, compute, width, accelerator):
+                    if writer is not None:
+                        host, ready = _to_host(block)
+                        writer.put(ids, host, targets, ready)
+                        if on_batch is not None:
+                            writer.wait()
+                            on_batch(ids[0], ids[-1] + 1)
+                        bar.update(1)
+        except BaseException:
+            if writer is not None:
+                writer.close(raise_error=False)  # what is queued is still written and recorded
+            raise
+        finally:
+            stream.close()
+        if writer is not None:
+            writer.close()
+        bar.close()
 
     def _locked(self, units: list[CacheUnit], is_main: bool) -> contextlib.ExitStack:
         """Holds a file lock on each unit (in name order, so two runs never deadlock) on the main process.
@@ -554,11 +669,16 @@ class FeatureCache:
                 stack.enter_context(FileLock(os.path.join(lock_dir, os.path.basename(unit.folder) + ".lock")))
         return stack
 
-    def _compute(self, ids: list[int], pixels: torch.Tensor, view: View, timesteps: list[int]) -> torch.Tensor:
+    def _compute(
+        self, ids: list[int], inputs: torch.Tensor, view: View, timesteps: list[int], latents: bool = False
+    ) -> torch.Tensor:
         """(len(ids), width) float32 on the backbone's device: the layers of each timestep at rows ``ids`` (their
-        (B, 3, R, R) ``pixels``, on that device), concatenated in unit order."""
+        (B, 3, R, R) pixels, or with ``latents`` their encoded latents, on that device), concatenated in unit
+        order."""
+        images = None if latents else inputs
         features = self.backbone.features(
-            pixels, self.layers, timesteps, seed=view.noise_seed(self.seed), example_ids=ids, dtype=self.dtype
+            images, self.layers, timesteps, seed=view.noise_seed(self.seed), example_ids=ids, dtype=self.dtype,
+            latents=inputs if latents else None,
         )
         return torch.cat([features[layer, t] for t in timesteps for layer in self.layers], dim=1)
 
@@ -568,6 +688,14 @@ class FeatureCache:
         for position, unit_index in enumerate(todo):
             out.append((units[unit_index], position * width, (position + 1) * width))
         return out
+
+
+def _next_batch(stream: Iterator[tuple[list[int], torch.Tensor]], ids: list[int]) -> torch.Tensor:
+    """The inputs of the next batch of ``stream``, which must be rows ``ids``."""
+    loaded, inputs = next(stream)
+    if loaded != ids:
+        raise RuntimeError(f"the loader gave rows {loaded[:3]}... for rows {ids[:3]}...")
+    return inputs
 
 
 def _to_host(block: torch.Tensor) -> tuple[torch.Tensor, object | None]:

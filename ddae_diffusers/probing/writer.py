@@ -26,7 +26,8 @@ Target = tuple["CacheUnit", int, int]  # a unit and the columns [start, stop) of
 
 
 class CacheWriter:
-    """Writes ``(ids, (B, width) float32 block)`` batches into units on a thread; at most ``max_pending`` wait.
+    """Writes ``(ids, (B, width) float32 block)`` batches into units (each in its dtype) on a thread; at most
+    ``max_pending`` wait.
 
     ``ready``, when given with a batch, is waited on before its block is read (a CUDA event of its copy to the
     host)."""
@@ -95,10 +96,12 @@ class CacheWriter:
         for ids, block, targets, ready in items:
             if ready is not None:
                 ready.synchronize()
-            half = block.to(torch.float16).numpy()
+            stored = {}  # the block in each unit's dtype, converted once
             for unit, start, stop in targets:
                 self._where = f" in {os.path.dirname(unit.folder)}"
-                ranges.setdefault(unit, []).extend(unit.put_rows(ids, half[:, start:stop]))
+                if unit.dtype not in stored:
+                    stored[unit.dtype] = block.to(unit.dtype).numpy()
+                ranges.setdefault(unit, []).extend(unit.put_rows(ids, stored[unit.dtype][:, start:stop]))
         for unit in ranges:
             self._where = f" in {os.path.dirname(unit.folder)}"
             unit.sync()

@@ -694,9 +694,34 @@ class DDAEBackbone:
             return images
         return encode_latents(self.vae, images).to(self.device, torch.float32)
 
+    def encode(self, images: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """(B, C, H, W) float pixels in [-1, 1] -> the denoiser's clean input, float32 on the backbone's device: the
+        (B, c, H/f, W/f) latents times the scaling factor of a latent model, the pixels themselves otherwise.
+
+        The VAE runs under autocast to ``dtype`` as in :meth:`features`, so ``features(latents=encode(x, dtype),
+        dtype=dtype)`` is ``features(x, dtype=dtype)`` bit for bit: encoded latents can be stored and reused."""
+        images = self.check_images(images)
+        with torch.inference_mode(), autocast_to(self.device, dtype):
+            return self._encode(images)
+
+    def check_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Validates a (B, c, h, w) float batch of :meth:`encode` outputs; returns it float32 on the device."""
+        channels = int(self.vae.config.latent_channels) if self.vae is not None else self.image_channels
+        size = sample_size(self.denoiser.config)
+        if not isinstance(latents, torch.Tensor) or not latents.is_floating_point() or latents.ndim != 4:
+            raise UsageTypeError("latents must be a (B, c, h, w) float tensor: the output of backbone.encode(images).")
+        if latents.shape[0] == 0 or latents.shape[1] != channels or (
+            size is not None and tuple(latents.shape[-2:]) != (size, size)
+        ):
+            expected = f"(B, {channels}, {size}, {size})" if size is not None else f"(B, {channels}, h, w)"
+            raise UsageError(
+                f"latents have shape {tuple(latents.shape)}, the model takes {expected}: pass backbone.encode(images)."
+            )
+        return latents.to(self.device, torch.float32)
+
     def features(
         self,
-        images: torch.Tensor,
+        images: torch.Tensor | None,
         layers: str | Sequence[str],
         timesteps: NoiseLevel | Sequence[NoiseLevel],
         pooling: Pooling = "avg",
@@ -706,11 +731,12 @@ class DDAEBackbone:
         upsample: bool = False,
         ensemble: int = 1,
         levels_per_forward: int = 1,
+        latents: torch.Tensor | None = None,
     ) -> dict[tuple[str, NoiseLevel], torch.Tensor]:
         """Pooled, dense or raw activations of ``layers`` at each noise level of ``timesteps``.
 
         Args:
-            images: (B, C, H, W) float tensor in [-1, 1].
+            images: (B, C, H, W) float tensor in [-1, 1]; None when ``latents`` are given.
             layers: block names from :meth:`layer_names`.
             timesteps: noise levels in the model's units: DDPM diffusers indices 0..T-1 (paper t=11 is t=10),
                 EDM or flow-matching sigmas (floats, e.g. 0.06).
@@ -728,6 +754,8 @@ class DDAEBackbone:
                 independent of the batch size.
             levels_per_forward: run this many noise levels of the batch as one forward of ``B x k`` inputs (the
                 same features; whether it is faster depends on the model and hardware, see BENCHMARKS.md).
+            latents: instead of ``images``, their :meth:`encode` (B, c, h, w) under the same ``dtype``: the same
+                features without running the VAE again.
 
         Returns ``{(layer, t): float32 tensor}``.
         """
@@ -742,18 +770,25 @@ class DDAEBackbone:
             raise UsageError(f"ensemble must be an integer >= 1 (noise draws per image), got {ensemble!r}.")
         if not isinstance(levels_per_forward, int) or levels_per_forward < 1:
             raise UsageError(f"levels_per_forward must be an integer >= 1, got {levels_per_forward!r}.")
-        images = self.check_images(images)
+        if (images is None) == (latents is None):
+            raise UsageError("Pass either images or latents (their backbone.encode), not both or neither.")
+        if latents is None:
+            images = self.check_images(images)
+            batch, image_hw = images.shape[0], tuple(images.shape[-2:])
+        else:
+            latents = self.check_latents(latents)
+            batch, image_hw = latents.shape[0], tuple(side * self.vae_scale for side in latents.shape[-2:])
         if example_ids is None:
-            example_ids = range(images.shape[0])
+            example_ids = range(batch)
         example_ids = [int(i) for i in example_ids]
-        if len(example_ids) != images.shape[0]:
-            raise UsageError(f"{len(example_ids)} example_ids for a batch of {images.shape[0]} images.")
+        if len(example_ids) != batch:
+            raise UsageError(f"{len(example_ids)} example_ids for a batch of {batch} images.")
 
         conditioning = self.conditioning
         hook_pooling = "avg" if pooling == "avg" else None  # pooled in the hook: no layer's raw maps are kept
         results: dict[tuple[str, NoiseLevel], torch.Tensor] = {}
         with torch.inference_mode(), autocast_to(self.device, dtype):
-            clean = self._encode(images)
+            clean = self._encode(images) if latents is None else latents
             for draw in range(ensemble):
                 draw_seed = seed if draw == 0 else derive_seed(seed, _ENSEMBLE_STREAM, draw)
                 noise = example_noise(clean.shape[1:], example_ids, draw_seed)
@@ -771,7 +806,7 @@ class DDAEBackbone:
                     )
                     for layer in layers:
                         for t, activation in zip(group, captured[layer].split(len(clean)), strict=True):
-                            value = self._shape(activation, pooling, clean.shape[-2:], images.shape[-2:], upsample)
+                            value = self._shape(activation, pooling, clean.shape[-2:], image_hw, upsample)
                             results[layer, t] = value if draw == 0 else results[layer, t] + value
         if ensemble > 1:
             results = {key: value / ensemble for key, value in results.items()}
