@@ -18,10 +18,13 @@ from .errors import UsageError
 from .image_processing_ddae import ImageLike, images_to_tensor, to_rgb_array
 
 __all__ = ["images_to_tensor", "to_rgb_array", "random_crop_flip", "detect_image_column", "detect_label_column",
-           "label_names", "ImageLike", "pixels_of", "read_labels", "default_num_workers"]
+           "label_names", "ImageLike", "pixels_of", "read_labels", "default_num_workers", "detect_eval_split"]
 
 IMAGE_COLUMN_CANDIDATES = ("img", "image", "pixel_values")
-LABEL_COLUMN_CANDIDATES = ("label", "labels", "fine_label", "class")
+# CIFAR-100 (uoft-cs/cifar100) has both fine_label (100 classes) and coarse_label (20 superclasses): fine first.
+LABEL_COLUMN_CANDIDATES = ("label", "labels", "fine_label", "coarse_label", "class")
+# Held-out splits, in the order they are preferred when none is given (Hub data sets use all four names).
+EVAL_SPLIT_CANDIDATES = ("test", "validation", "valid", "val")
 
 
 def default_num_workers(device: torch.device | str) -> int:
@@ -89,7 +92,10 @@ def detect_image_column(dataset, image_column: str | None = None) -> str:
 
 
 def detect_label_column(dataset, label_column: str | None = None) -> str:
-    """The integer class-label column: ``label_column`` if given, else ``label``/``labels``/...."""
+    """The integer class-label column: ``label_column`` if given, else the first of ``label``, ``labels``,
+    ``fine_label``, ``coarse_label``, ``class`` that the data set has. CIFAR-100 has both ``fine_label`` (100
+    classes) and ``coarse_label`` (20 superclasses): ``fine_label`` is taken; pass ``--label_column coarse_label``
+    for the superclasses."""
     import datasets
 
     features = dataset.features
@@ -131,11 +137,8 @@ def load_split(name: str, split: str, max_samples: int | None = None, config_nam
     try:
         dataset = datasets.load_dataset(name, config_name, split=split)
     except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as error:  # missing files, offline, ...
-        hint = " Offline, pass a local copy (data/cifar10-sample in this repository is CIFAR-10)." if isinstance(
-            error, ConnectionError) else ""
-        if os.path.isfile(os.path.join(name, "model_index.json")) or os.path.isfile(os.path.join(name, "config.json")):
-            hint = " It is a model folder, not a data set: pass the model as --model and a data set as --dataset."
-        raise UsageError(f"Could not load split {split!r} of data set {name!r}: {error}.{hint}") from None
+        raise UsageError(f"Could not load split {split!r} of data set {name!r}: {error}.{_load_hint(name, error)}"
+                         ) from None
     if max_samples is not None:
         if max_samples < 1:
             raise UsageError(f"--max_*_samples must be >= 1, got {max_samples}.")
@@ -143,6 +146,42 @@ def load_split(name: str, split: str, max_samples: int | None = None, config_nam
     if len(dataset) == 0:
         raise UsageError(f"Split {split!r} of {name!r} is empty.")
     return dataset
+
+
+def _load_hint(name: str, error: Exception) -> str:
+    """What to do when data set ``name`` could not be read (``error``): a sentence with a leading space, or ""."""
+    if os.path.isfile(os.path.join(name, "model_index.json")) or os.path.isfile(os.path.join(name, "config.json")):
+        return " It is a model folder, not a data set: pass the model as --model and a data set as --dataset."
+    if isinstance(error, ConnectionError):
+        return " Offline, pass a local copy (data/cifar10-sample in this repository is CIFAR-10)."
+    return ""
+
+
+def detect_eval_split(name: str, config_name: str | None = None, given: str | None = None) -> str:
+    """The held-out split of data set ``name`` (Hub id or folder): ``given`` if passed (not checked here:
+    :func:`load_split` names a missing one), else the first of ``test``, ``validation``, ``valid``, ``val`` that
+    it has; a ``UsageError`` naming ``--eval_split`` and listing its splits when it has none of them.
+
+    A folder's split names are the ones ``datasets.load_dataset`` gives it: Parquet/Arrow files named
+    ``valid-00000-of-00001.parquet`` (the Hub's layout) keep ``valid``, while a ``valid/`` or ``val/`` subfolder
+    is read as ``validation``.
+    """
+    if given is not None:
+        return given
+    import datasets
+
+    try:
+        splits = datasets.get_dataset_split_names(name, config_name)
+    except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as error:
+        raise UsageError(f"Could not list the splits of data set {name!r}: {error}.{_load_hint(name, error)}"
+                         ) from None
+    found = next((split for split in EVAL_SPLIT_CANDIDATES if split in splits), None)
+    if found is None:
+        raise UsageError(
+            f"Data set {name!r} has no {'/'.join(EVAL_SPLIT_CANDIDATES)} split to evaluate on: pass --eval_split "
+            f"with one of its splits {list(splits)} (not the training split)."
+        )
+    return found
 
 
 def label_names(dataset, label_column: str) -> list[str] | None:
