@@ -40,6 +40,7 @@ from .halving import successive_halving
 from .heads import PAPER_RECIPE, ProbeRecipe, choose_lr, head_accuracies, train_heads
 from .knn import knn_accuracies
 from .result import ProbeCell, ProbeResult
+from .sweep import sweep_heads
 from .table import FeatureTable
 
 logger = logging.getLogger(__name__)
@@ -364,6 +365,7 @@ def _scores(
             "lr": fit.lr,
             "val_acc": fit.val_acc,
             "val_accs": fit.val_accs,
+            "lrs": list(fit.lrs),
         }
         for key, fit in fits.items()
     }
@@ -372,7 +374,8 @@ def _scores(
 def _fit_heads(
     prep: Prepared, views: list[FeatureTable], recipe: ProbeRecipe, trainer: Callable | None = None
 ) -> tuple[dict, FeatureTable, torch.Tensor]:
-    """Heads of every cell on the fit rows of all train views (lr chosen on their validation rows);
+    """Heads of every cell on the fit rows of all train views (lr chosen on their validation rows, the sweep
+    extended past an edge by :func:`~.sweep.sweep_heads`);
     also the kNN bank (fit rows of the first view) and its labels. ``trainer``: ``train_heads`` (linear) or
     ``fused.train_mlp_heads``. The views are tables: nothing is copied, rows are read per mini-batch and moved to
     the extraction device (``prep.backbone.device``), where the heads train."""
@@ -380,9 +383,9 @@ def _fit_heads(
     val_x = FeatureTable.concat_rows([view.subset(prep.val_rows) for view in views])
     fit_y = prep.train_labels[prep.fit_rows].repeat(len(views))
     val_y = prep.train_labels[prep.val_rows].repeat(len(views))
-    train = trainer or train_heads
     device = prep.backbone.device
-    fits = train(fit_x, fit_y, prep.num_labels, recipe, val_x, val_y, seed=prep.config.seed, device=device)
+    fits = sweep_heads(fit_x, fit_y, prep.num_labels, recipe, val_x, val_y, seed=prep.config.seed, device=device,
+                       trainer=trainer or train_heads)  # fmt: skip
     return fits, views[0].subset(prep.fit_rows), prep.train_labels[prep.fit_rows]
 
 

@@ -113,7 +113,7 @@ def train_mlp_heads(
             candidates.append(MLPHead(net.eval(), mean, var))
         val_accs = head_accuracies({key: candidates}, val, val_labels, device=device)[key]
         chosen = choose_lr(val_accs)
-        fits[key] = CellFit(candidates[chosen], recipe.lrs[chosen], val_accs[chosen], val_accs)
+        fits[key] = CellFit(candidates[chosen], recipe.lrs[chosen], val_accs[chosen], val_accs, tuple(recipe.lrs))
     return fits
 
 

@@ -35,11 +35,12 @@ class ProbeRecipe:
     """How the linear heads are trained.
 
     The default standardises features and trains each head to convergence over a few
-    learning rates; :data:`PAPER_RECIPE` is the DDAE paper's (raw features, Adam lr 1e-3,
+    learning rates (half-decade steps from 1e-3 to 1, widened by :func:`~.sweep.sweep_heads` for a cell whose
+    best rate sits at an edge); :data:`PAPER_RECIPE` is the DDAE paper's (raw features, Adam lr 1e-3,
     15 epochs, batch 128, cosine).
     """
 
-    lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
+    lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)  # extended at an edge: see sweep.py
     epochs: int = 30
     batch_size: int = 256
     normalization: str = "standardize"
@@ -94,12 +95,14 @@ class LinearHead:
 
 @dataclass
 class CellFit:
-    """The head chosen for one cell, its learning rate and validation accuracy (None without validation)."""
+    """The head chosen for one cell, its learning rate and validation accuracy (None without validation);
+    ``val_accs`` holds the validation accuracy of each of ``lrs``, the rates tried (ascending)."""
 
     head: LinearHead
     lr: float
     val_acc: float | None
     val_accs: list[float] = field(default_factory=list)
+    lrs: tuple[float, ...] = ()
 
 
 def accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
@@ -321,6 +324,7 @@ def select_heads(
             bank.lrs[chosen],
             val_accs[chosen] if val_accs else None,
             val_accs,
+            tuple(bank.lrs),
         )
     return fits
 

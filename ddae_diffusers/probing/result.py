@@ -34,7 +34,8 @@ class ProbeCell:
     knn_acc: float
     lr: float
     val_acc: float
-    val_accs: list[float] | None = None  # validation accuracy of each swept lr
+    val_accs: list[float] | None = None  # validation accuracy of each lr of ``lrs``
+    lrs: list[float] | None = None  # the lrs tried for this cell, ascending (the grid's, extended at an edge)
 
     @property
     def key(self) -> str:
