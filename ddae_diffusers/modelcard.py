@@ -14,6 +14,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from .loading import is_hub_id
 from .noise import EDM_SAMPLING_STEPS, NoiseLevel, noise_axis
 from .probing.knn import KNN_K
+from .probing.stats import format_interval
 
 PAPER_URL = "https://arxiv.org/abs/2303.09769"
 HEATMAP_FILE = "probe_grid.png"
@@ -120,6 +121,13 @@ def _weights_text(parameters: dict[str, int] | None, bytes_per_value: int) -> st
     return f"{parts} = {total:,} parameters ({total * bytes_per_value / 1e6:.1f} MB)"
 
 
+def _with_interval(accuracy: float | None, ci: list[float] | None) -> str | None:
+    """``"54.32% [53.34, 55.30] (95% Wilson interval)"``, or the accuracy alone (None when there is none)."""
+    if accuracy is None:
+        return None
+    return format_interval(accuracy, ci) + (" (95% Wilson interval)" if ci is not None else "")
+
+
 def classifier_model_card(
     config,
     save_directory: str | None = None,
@@ -163,8 +171,8 @@ def classifier_model_card(
         "epochs": summary.get("epochs"),
         "optimisation": summary.get("optimisation"),
         "training time": format_duration(summary["train_runtime_s"]) if summary.get("train_runtime_s") else None,
-        "accuracy": f"{100 * accuracy:.2f}%" if accuracy is not None else None,
-        "kNN accuracy": f"{100 * summary['knn_accuracy']:.2f}%" if summary.get("knn_accuracy") is not None else None,
+        "accuracy": _with_interval(accuracy, summary.get("accuracy_ci95")),
+        "kNN accuracy": _with_interval(summary.get("knn_accuracy"), summary.get("knn_accuracy_ci95")),
     }
     extra = ""
     grid = summary.get("grid") or []

@@ -200,9 +200,11 @@ def test_probe_prompt_and_push_refusal(layouts, tmp_path, tiny_unet_pipeline_dir
     empty = probe_main(["--model", layouts["sd15"], "--output_dir", str(tmp_path / "empty"), *cache, *args])
     cat = probe_main(["--model", layouts["sd15"], "--output_dir", str(tmp_path / "cat"), "--prompt", "a cat", *cache,
                       *args])  # fmt: skip
-    # the prompt is part of the feature cache key (one eval and one train unit per prompt) and of the config
+    # the prompt is part of the feature cache key (one eval and one train unit per prompt) and of the config; the
+    # VAE latents of each split do not depend on it: both prompts share them
     assert cat.config["prompt"] == "a cat" and empty.config["prompt"] is None
-    assert len(list((tmp_path / "cache").glob("*/features.npy"))) == 4
+    assert len(list((tmp_path / "cache").glob("[et]*-v0-t10-*/features.npy"))) == 4
+    assert len(list((tmp_path / "cache").glob("latents-*/features.npy"))) == 2
     with pytest.raises(ValueError, match="UNet2DModel is not text-conditioned: it takes no prompt"):
         probe_main(["--model", tiny_unet_pipeline_dir, "--output_dir", str(tmp_path / "x"), "--prompt", "a", *args])
     hub = FakeHub(tmp_path / "hub")

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import datasets
@@ -29,6 +30,7 @@ from ddae_diffusers.probing.heads import (
 )
 from ddae_diffusers.probing.knn import knn_accuracy, knn_predict
 from ddae_diffusers.probing.report import load_heads
+from ddae_diffusers.probing.stats import unpack_correct
 
 LAYERS = ["mid_block.resnets.1", "up_blocks.0.resnets.1", "up_blocks.1.resnets.1"]
 
@@ -167,6 +169,10 @@ def test_cache_corruption_and_truncation_are_recomputed(backbone, cifar24, tmp_p
     assert len(recomputed) == 3
 
 
+def strip_logistic(cell) -> dict:
+    return {name: value for name, value in asdict(cell).items() if not name.startswith("logistic")}
+
+
 # ------------------------------------------------------------------ the grid end to end
 PROBE_ARGS = [
     "--dataset", CIFAR10_SAMPLE, "--max_train_samples", "120", "--max_eval_samples", "60",
@@ -198,7 +204,22 @@ def test_probe_cli_writes_artefacts(probe_run):
     best = saved["best"]
     assert best["val_acc"] == max(c["val_acc"] for c in saved["cells"])
     for cell in saved["cells"]:
-        assert 0 <= cell["linear_acc"] <= 1 and 0 <= cell["knn_acc"] <= 1 and cell["lr"] in (0.001, 0.01)
+        assert 0 <= cell["linear_acc"] <= 1 and 0 <= cell["knn_acc"] <= 1
+        # the grid's lrs, and more where the chosen one sat at an edge
+        assert {0.001, 0.01} <= set(cell["lrs"]) and cell["lr"] in cell["lrs"] and cell["lrs"] == sorted(cell["lrs"])
+        assert len(cell["val_accs"]) == len(cell["lrs"]) and cell["val_acc"] == max(cell["val_accs"])
+        for probe in ("linear", "knn"):
+            low, high = cell[f"{probe}_ci95"]
+            assert low <= cell[f"{probe}_acc"] <= high and high - low > 0.05  # 60 test images: wide intervals
+        assert set(cell["knn_accs"]) == {"10", "20", "100", "200"} and cell["knn_accs"]["20"] == cell["knn_acc"]
+    # logistic regression on the 3 best cells on validation, the best among them
+    with_logistic = [c for c in saved["cells"] if c["logistic_acc"] is not None]
+    assert len(with_logistic) == 3 and best["logistic_acc"] is not None and best["logistic_C"] > 0
+    # per-image results of the best cell, packed; they give its accuracies back
+    flags = unpack_correct(saved["correct"]["best.linear"], saved["num_eval"])
+    assert flags.mean() == pytest.approx(best["linear_acc"])
+    assert unpack_correct(saved["correct"]["best.knn"], 60).mean() == pytest.approx(best["knn_acc"])
+    assert [c["what"] for c in saved["comparisons"]] == ["best cell: logistic regression vs linear head"]
     table = (out / "results.md").read_text().splitlines()
     first_row = table.index("## All cells") + 4
     assert table[first_row].startswith(f"| {best['layer']} | {best['timestep']} |")
@@ -432,7 +453,7 @@ def test_fused_probes_concatenate_cells_and_are_chosen_on_validation(tiny_unet_p
     dims = {c.key: c.feature_dim for c in cells}
     for entry in fused:
         assert entry["feature_dim"] == sum(dims[key] for key in entry["cells"])
-        assert 0 <= entry["linear_acc"] <= 1 and entry["lr"] in (0.001, 0.01)
+        assert 0 <= entry["linear_acc"] <= 1 and entry["lr"] in entry["lrs"] and {0.001, 0.01} <= set(entry["lrs"])
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["fused"] == fused and "## Fused probes" in (tmp_path / "results.md").read_text()
     mlp = probe_main(["--model", tiny_unet_pipeline_dir, "--output_dir", str(tmp_path / "mlp"), *PROBE_ARGS,
@@ -478,8 +499,22 @@ def test_halving_finishes_the_best_level_with_fewer_forwards(tiny_unet_pipeline_
     exhaustive = probe_main(["--model", tiny_unet_pipeline_dir, "--output_dir", str(tmp_path / "full"), *grid])
     assert sum(forwards) - 1 == search["exhaustive_forwards"] - search["forwards"]
     finished = {c.layer: c for c in exhaustive.cells if c.timestep == search["finished"][0]}
-    for cell in halving.cells:
-        assert cell == finished[cell.layer]
+    for cell in halving.cells:  # logistic regression runs on the 3 best cells of each grid: other cells
+        assert strip_logistic(cell) == strip_logistic(finished[cell.layer])
     with pytest.raises(ValueError, match="--halving_eta >= 2"):
         probe_main(["--model", tiny_unet_pipeline_dir, "--output_dir", str(tmp_path / "x"), *grid,
                     "--search", "halving", "--halving_eta", "1"])  # fmt: skip
+
+
+def test_search_auto_halves_large_grids_only(tmp_path):
+    from ddae_diffusers.probing.engine import HALVING_FROM_ROWS, search_method
+
+    auto = ProbeConfig(model="m", dataset="d", output_dir=str(tmp_path))
+    assert auto.search == "auto"
+    assert search_method(auto, HALVING_FROM_ROWS, 7) == "halving"
+    assert search_method(auto, HALVING_FROM_ROWS - 1, 7) == "exhaustive"
+    assert search_method(auto, 10 * HALVING_FROM_ROWS, 2) == "exhaustive"  # two levels: nothing to halve
+    online = ProbeConfig(model="m", dataset="d", output_dir=str(tmp_path), protocol="online")
+    assert search_method(online, 10 * HALVING_FROM_ROWS, 7) == "exhaustive"
+    exhaustive = ProbeConfig(model="m", dataset="d", output_dir=str(tmp_path), search="exhaustive")
+    assert search_method(exhaustive, 10 * HALVING_FROM_ROWS, 7) == "exhaustive"

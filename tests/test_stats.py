@@ -204,3 +204,29 @@ def test_usage_errors_are_one_line(call, match):
     with pytest.raises(UsageError, match=match) as error:
         call()
     assert "\n" not in str(error.value)
+
+
+def test_t_quantile_and_interval_match_scipy():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    from ddae_diffusers.probing.stats import t_interval, t_quantile
+
+    for df in (1, 2, 3, 4, 9, 30):
+        exact = scipy_stats.t.ppf(0.975, df)
+        assert t_quantile(0.95, df) == pytest.approx(exact, rel=0.01 if df >= 3 else 1e-12)
+    values = [0.61, 0.65, 0.58]
+    low, high = t_interval(values)
+    expected = scipy_stats.t.interval(0.95, 2, loc=np.mean(values), scale=scipy_stats.sem(values))
+    assert (low, high) == pytest.approx(expected, rel=1e-9)
+    assert t_interval([0.5]) == (0.5, 0.5)
+
+
+def test_compare_reports_mcnemar_and_the_bootstrap_interval():
+    from ddae_diffusers.probing.stats import compare
+
+    a = np.array([True] * 70 + [False] * 30)
+    b = np.array([True] * 50 + [False] * 20 + [True] * 5 + [False] * 25)
+    result = compare(a, b)
+    assert result["a_only"] == 20 and result["b_only"] == 5
+    assert result["a_acc"] == 0.70 and result["b_acc"] == 0.55 and result["diff"] == pytest.approx(0.15)
+    assert result["diff_ci95"][0] < 0.15 < result["diff_ci95"][1]
+    assert result["p_value"] == mcnemar_test(a, b)["p_value"] < 0.01

@@ -46,6 +46,7 @@ from ddae_diffusers.io_utils import check_writable_dir
 from ddae_diffusers.loading import check_source
 from ddae_diffusers.noise import noise_level
 from ddae_diffusers.probing.result import ProbeResult
+from ddae_diffusers.probing.stats import accuracy_entry, pack_correct
 
 PROG = "finetune.py"
 
@@ -366,8 +367,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     accuracy, accuracy_source = load_accuracy(data_args.accuracy_metric)
 
+    evaluated = {}  # which test images the last evaluation got right, kept for all_results.json
+
     def compute_metrics(prediction) -> dict:
-        return {"accuracy": accuracy(np.argmax(prediction.predictions, axis=-1), prediction.label_ids)}
+        predicted = np.argmax(prediction.predictions, axis=-1)
+        evaluated["correct"] = predicted == prediction.label_ids
+        return {"accuracy": accuracy(predicted, prediction.label_ids)}
 
     training_args.push_to_hub = False  # the final model is pushed below, with its DDAE model card
     training_args.remove_unused_columns = False  # the on-the-fly transform needs the raw image column
@@ -390,6 +395,10 @@ def main(argv: list[str] | None = None) -> dict:
     metrics = dict(train_result.metrics)
     if eval_set is not None:
         metrics.update(trainer.evaluate())
+        # the 95% Wilson interval, and the per-image results a paired test against another run needs
+        # (ddae_diffusers.probing.stats.compare on two runs' unpacked eval_correct)
+        metrics["eval_accuracy_ci95"] = accuracy_entry(evaluated["correct"])["ci95"]
+        metrics["eval_correct"] = pack_correct(evaluated["correct"])
 
     if model_args.lora_r:
         if trainer.is_world_process_zero():
@@ -416,6 +425,7 @@ def main(argv: list[str] | None = None) -> dict:
         "optimisation": optimisation_summary(training_args, model_args),
         "train_runtime_s": metrics.get("train_runtime"),
         "accuracy": metrics.get("eval_accuracy"),
+        "accuracy_ci95": metrics.get("eval_accuracy_ci95"),
         "accuracy_source": accuracy_source,
         "license": model_args.license,
         "hub_model_id": training_args.hub_model_id,

@@ -29,6 +29,8 @@ from .engine import (
     CUDA_BATCH_SIZE,
     DEFAULT_TIMESTEPS,
     DTYPES,
+    HALVING_FROM_ROWS,
+    LOGISTIC_CELLS,
     PROTOCOLS,
     RECIPES,
     SEARCHES,
@@ -37,9 +39,11 @@ from .engine import (
     prepare,
     run_probe,
 )
+from .fewshot import FEW_SHOT_SEEDS
 from .fused import HEAD_KINDS
 from .heads import NORMALIZATIONS, ProbeRecipe
 from .publish import check_cell_in_grid, parse_push_cell, publish_probe
+from .suite import TRANSFER_MD, run_suite
 
 DEFAULT_DATASET = "uoft-cs/cifar10"
 logger = get_logger(__name__)
@@ -55,10 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dataset", default=None,
         help=f"Hub id or local folder loadable by datasets.load_dataset (default: {DEFAULT_DATASET}, which needs the "
              "Hub or its cache; data/cifar10-sample in this repository is a 5,000/1,000 sample of it).")
+    add("--datasets", nargs="+", default=None, metavar="DATASET",
+        help="Probe the model on each of these data sets (Hub ids or folders) with one configuration, with the "
+             "pixel baseline and a random-init probe of each best cell, and write transfer.md/transfer.json (one "
+             "row per data set, 95%% intervals, paired tests) beside one probe folder per data set.")
     add("--image_column", default=None, help="Image column (default: auto-detected, e.g. img/image).")
     add("--label_column", default=None, help="Integer class-label column (default: auto-detected, e.g. label).")
     add("--train_split", default="train")
-    add("--eval_split", default="test")
+    add("--eval_split", default=None,
+        help="Held-out split to score on (default: the first of test, validation, valid, val that the data set has).")
     add("--max_train_samples", type=int, default=None)
     add("--max_eval_samples", type=int, default=None)
     add("--layers", nargs="+", default=None,
@@ -89,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--train_augment", choices=TRAIN_AUGMENTS, default="crop_flip",
         help="Augmentation of train views 1..K-1: 'crop_flip' (4-pixel padded random crop + horizontal flip) or "
              "'none' (fresh noise only).")
-    add("--lrs", nargs="+", type=float, default=list(ProbeRecipe().lrs), help="Head learning rates to sweep.")
+    add("--lrs", nargs="+", type=float, default=list(ProbeRecipe().lrs),
+        help="Head learning rates to sweep (default: 1e-3 to 1 in half-decade steps); a cell whose best rate is at "
+             "an edge gets the next rates out, up to 3 times (logged and listed in results.md).")
     add("--epochs", type=int, default=ProbeRecipe().epochs, help="Head training epochs over the cached features.")
     add("--head_batch_size", type=int, default=ProbeRecipe().batch_size)
     add("--normalization", choices=NORMALIZATIONS, default="standardize")
@@ -107,13 +118,22 @@ def build_parser() -> argparse.ArgumentParser:
              "single cell.")
     add("--fused_head", choices=HEAD_KINDS, default="linear",
         help="Head of the fused probes: linear, or a small MLP (one hidden layer of 512, ReLU).")
-    add("--search", choices=SEARCHES, default="exhaustive",
-        help="'halving': score every cell on a 1/eta^R random share of the train split, keep the best 1/eta of the "
-             "noise levels, grow the share eta-fold, and finish the last level on the full splits (fewer "
-             "forwards; results.md lists the rungs).")
+    add("--search", choices=SEARCHES, default="auto",
+        help=f"'auto' (default): 'halving' from {HALVING_FROM_ROWS:,} training images on (cached, 3+ noise levels), "
+             "'exhaustive' below. 'halving': score every cell on a 1/eta^R random share of the train split, keep "
+             "the best 1/eta of the noise levels, grow the share eta-fold, and finish the last level on the full "
+             "splits (fewer forwards; results.md lists the rungs).")
     add("--halving_eta", type=int, default=3, help="--search halving: the reduction factor per rung.")
     add("--pixel_baseline", action="store_true",
         help="Baseline: also probe the flattened raw pixels (same views, rows and heads) and report them.")
+    add("--logistic_cells", type=int, default=None,
+        help=f"L-BFGS logistic regression (standardised features, C chosen on validation) on this many of the best "
+             f"cells on validation, beside their linear and kNN accuracies (default: {LOGISTIC_CELLS}, none with "
+             "--protocol online; 0: none; a full-batch fit per cell).")
+    add("--few_shot", type=int, nargs="+", default=None, metavar="K",
+        help="Few-shot probes of the best cell: logistic regression on K labelled images per class (e.g. 1 5 10 "
+             "25), over --few_shot_seeds random draws (mean, std and the 95%% interval of the mean).")
+    add("--few_shot_seeds", type=int, default=FEW_SHOT_SEEDS, help="Random draws per --few_shot count.")
     hub = parser.add_argument_group("publishing (the flags of the diffusers and transformers example scripts)")
     hub.add_argument("--push_to_hub", action="store_true",
                      help="After the grid, push the best cell (or --push_cell) as a DDAEForImageClassification "
@@ -147,6 +167,14 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     if not hub["push_to_hub"] and any(hub[name] for name in HUB_FLAGS[1:]):
         raise UsageError("--hub_model_id, --hub_private_repo, --hub_token and --push_cell need --push_to_hub.")
     parse_push_cell(hub["push_cell"])
+    datasets = args.datasets
+    del args.datasets
+    if datasets is not None and (args.dataset is not None or hub["push_to_hub"] or args.random_init):
+        raise UsageError("--datasets runs the suite: drop --dataset, --push_to_hub and --random_init (each data set "
+                         "gets its random-init probe).")  # fmt: skip
+    if datasets is not None:
+        args.dataset = datasets[0]
+        datasets = [check_source(dataset, "--datasets") for dataset in datasets]
     dataset_defaulted = args.dataset is None
     args.dataset = DEFAULT_DATASET if dataset_defaulted else args.dataset
     args.model = check_source(args.model, "--model")
@@ -163,6 +191,11 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
             "WORLD_SIZE > 1 but accelerate started a single process: on CPU launch with "
             "ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N."
         )
+    if datasets is not None:
+        table = run_suite(config, datasets, accelerator)
+        if table is not None:
+            print(f"transfer table of {len(datasets)} data sets -> {os.path.join(args.output_dir, TRANSFER_MD)}")
+        return table
     repo_id = None
     if hub["push_to_hub"]:
         if args.random_init:

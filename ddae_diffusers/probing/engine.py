@@ -23,6 +23,7 @@ from ..capture import EXTRACTION_BATCH_SIZE, DDAEBackbone, autocast_to
 from ..data import (
     conversion_note,
     default_num_workers,
+    detect_eval_split,
     detect_image_column,
     detect_label_column,
     label_names,
@@ -35,11 +36,15 @@ from ..io_utils import check_writable_dir
 from ..noise import DEFAULT_DDPM_LEVELS, EDMNoise, NoiseLevel
 from .baselines import pixel_features, random_init
 from .cache import EVAL_VIEW, FeatureCache, View, ViewRole, weights_fingerprint
+from .comparisons import in_run_comparisons
+from .fewshot import FEW_SHOT_SEEDS, few_shot
 from .fused import HEAD_KINDS, fused_candidates, fused_entry, train_mlp_heads
 from .halving import successive_halving
-from .heads import PAPER_RECIPE, ProbeRecipe, choose_lr, head_accuracies, train_heads
-from .knn import knn_accuracies
+from .heads import PAPER_RECIPE, ProbeRecipe, choose_lr, head_correct, train_heads
+from .knn import KNN_K, KNN_KS, knn_correct
+from .logistic import train_logistic
 from .result import ProbeCell, ProbeResult
+from .stats import accuracy_entry, pack_correct, t_interval
 from .sweep import sweep_heads
 from .table import FeatureTable
 
@@ -48,8 +53,12 @@ DEFAULT_TIMESTEPS = DEFAULT_DDPM_LEVELS  # the DDPM grid; EDM models default to 
 PROTOCOLS = ("cached", "online")
 RECIPES = ("converge", "paper")
 TRAIN_AUGMENTS = ("crop_flip", "none")
-SEARCHES = ("exhaustive", "halving")
+SEARCHES = ("auto", "exhaustive", "halving")
+# --search auto halves the noise levels from this many training images on (docs/scaling.md: on ImageNet-1k it cuts
+# a 7-level grid's forwards 3.3x, its cache 3.1x and its head training 2.5x; below, the exhaustive grid is cheap)
+HALVING_FROM_ROWS = 200_000
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LOGISTIC_CELLS = 3  # logistic regression on the best cells: a full-batch fit per cell (minutes on a CPU)
 CUDA_BATCH_SIZE = 256  # extraction batch on CUDA, where small batches leave the accelerator idle
 
 
@@ -64,7 +73,7 @@ class ProbeConfig:
     image_column: str | None = None
     label_column: str | None = None
     train_split: str = "train"
-    eval_split: str = "test"
+    eval_split: str | None = None  # default: the first of test/validation/valid/val the data set has
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     layers: list[str] | None = None  # default: default_layers(backbone)
@@ -89,8 +98,12 @@ class ProbeConfig:
     prompt: str | None = None  # text-conditioned models: the prompt (default: the empty prompt)
     fused_probes: bool = False  # also heads on concatenations of cells (fused.py), chosen on validation
     fused_head: str = "linear"  # or "mlp": one hidden layer of 512
-    search: str = "exhaustive"  # or "halving": successive halving over the noise levels (halving.py)
+    search: str = "auto"  # "halving" (successive halving over noise levels, halving.py) from HALVING_FROM_ROWS train
+    # images on with --protocol cached and 3+ levels, else "exhaustive"
     halving_eta: int = 3  # halving: keep 1/eta of the levels per rung, grow the rows eta-fold
+    logistic_cells: int | None = None  # L-BFGS logistic regression on this many best cells (None: 3 when cached)
+    few_shot: list[int] | None = None  # images per class of the few-shot probes of the best cell, e.g. 1 5 10 25
+    few_shot_seeds: int = FEW_SHOT_SEEDS  # random draws per shot count
 
     def __post_init__(self):
         """Checks every flag that needs neither the model nor the data, from Python as from ``ddae-probe``."""
@@ -123,6 +136,16 @@ class ProbeConfig:
             raise UsageError(f"--seed must be >= 0, got {self.seed}.")
         if not 0 < self.val_fraction < 1:
             raise UsageError(f"val_fraction must be in (0, 1), got {self.val_fraction}.")
+        if self.logistic_cells is None:  # the online protocol has no cached features to fit them on
+            self.logistic_cells = LOGISTIC_CELLS if self.protocol == "cached" else 0
+        if self.logistic_cells < 0 or self.few_shot_seeds < 1 or any(k < 1 for k in self.few_shot or []):
+            raise UsageError(
+                f"--logistic_cells must be >= 0, --few_shot counts and --few_shot_seeds >= 1 (got "
+                f"{self.logistic_cells}, {self.few_shot}, {self.few_shot_seeds})."
+            )
+        if (self.logistic_cells or self.few_shot) and self.protocol != "cached":
+            raise UsageError("--logistic_cells and --few_shot run on the feature cache: pass --logistic_cells 0 and "
+                             "no --few_shot with --protocol online.")  # fmt: skip
         if self.sigma_index is not None and self.timesteps is not None:
             raise UsageError("Give --timesteps or --sigma_index, not both: each sets the noise levels.")
         self.probe_recipe()  # validates lrs, epochs, normalization
@@ -289,6 +312,7 @@ def prepare(config: ProbeConfig, backbone: DDAEBackbone | None = None, accelerat
     model = setup_model(config, backbone, accelerator)
     backbone, layers, timesteps, resolution = model.backbone, model.layers, model.timesteps, model.resolution
 
+    config = replace(config, eval_split=detect_eval_split(config.dataset, None, config.eval_split))
     if config.eval_split == config.train_split:
         raise UsageError(
             f"--eval_split {config.eval_split!r} is the training split: the test accuracy would be measured on "
@@ -342,6 +366,12 @@ class Stopwatch:
         self._wall, self._cpu = wall, cpu
 
 
+def _accuracy(name: str, correct: torch.Tensor) -> dict:
+    """``{name_acc, name_ci95}`` of per-image flags (N,) bool: the accuracy and its Wilson interval."""
+    entry = accuracy_entry(correct)
+    return {f"{name}_acc": entry["acc"], f"{name}_ci95": entry["ci95"]}
+
+
 def _scores(
     fits: dict,
     knn_bank: FeatureTable,
@@ -350,62 +380,116 @@ def _scores(
     eval_y: torch.Tensor,
     device: torch.device | str | None = None,
     num_labels: int | None = None,
-) -> dict:
-    """``{key: entry of results.json}``: test linear and kNN accuracy, dim, chosen lr, validation accuracy; the test
-    features are read in blocks, once for all heads and once per block of the kNN bank, and scored on ``device``
-    (the extraction device; default: the tables'); kNN votes over the run's ``num_labels`` classes (default: the
-    largest label + 1)."""
-    linear = head_accuracies({key: [fit.head] for key, fit in fits.items()}, eval_x, eval_y, device=device)
-    knn = knn_accuracies(knn_bank, knn_labels, eval_x, eval_y, device=device, num_classes=num_labels)
-    return {
-        key: {
+) -> tuple[dict, dict]:
+    """``({key: entry of results.json}, {key: {"linear", "knn": (Q,) bool}})``: test linear accuracy and kNN accuracy
+    at every k of ``KNN_KS`` (k = ``KNN_K`` as ``knn_acc``), each with its 95% interval, dim, chosen lr and validation
+    accuracies; and which test images each got right. The test features are read in blocks, once for all heads and
+    once per block of the kNN bank, and scored on ``device`` (the extraction device; default: the tables'); kNN
+    votes over the run's ``num_labels`` classes (default: the largest label + 1)."""
+    linear = head_correct({key: [fit.head] for key, fit in fits.items()}, eval_x, eval_y, device=device)
+    knn = knn_correct(knn_bank, knn_labels, eval_x, eval_y, ks=KNN_KS, device=device, num_classes=num_labels)
+    entries, correct = {}, {}
+    for key, fit in fits.items():
+        entries[key] = {
             "feature_dim": eval_x.dims[key],
-            "linear_acc": linear[key][0],
-            "knn_acc": knn[key],
+            **_accuracy("linear", linear[key][0]),
+            **_accuracy("knn", knn[key][KNN_K]),
+            "knn_accs": {str(k): _accuracy("knn", flags)["knn_acc"] for k, flags in knn[key].items()},
             "lr": fit.lr,
             "val_acc": fit.val_acc,
             "val_accs": fit.val_accs,
             "lrs": list(fit.lrs),
         }
-        for key, fit in fits.items()
-    }
+        correct[key] = {"linear": linear[key][0], "knn": knn[key][KNN_K]}
+    return entries, correct
+
+
+@dataclass
+class FitRows:
+    """The fit and validation rows of all train views, stacked, with their labels (N,)."""
+
+    fit_x: FeatureTable
+    fit_y: torch.Tensor
+    val_x: FeatureTable
+    val_y: torch.Tensor
+
+    @classmethod
+    def of(cls, prep: Prepared, views: list[FeatureTable]) -> FitRows:
+        return cls(
+            FeatureTable.concat_rows([view.subset(prep.fit_rows) for view in views]),
+            prep.train_labels[prep.fit_rows].repeat(len(views)),
+            FeatureTable.concat_rows([view.subset(prep.val_rows) for view in views]),
+            prep.train_labels[prep.val_rows].repeat(len(views)),
+        )
 
 
 def _fit_heads(
     prep: Prepared, views: list[FeatureTable], recipe: ProbeRecipe, trainer: Callable | None = None
 ) -> tuple[dict, FeatureTable, torch.Tensor]:
     """Heads of every cell on the fit rows of all train views (lr chosen on their validation rows, the sweep
-    extended past an edge by :func:`~.sweep.sweep_heads`);
-    also the kNN bank (fit rows of the first view) and its labels. ``trainer``: ``train_heads`` (linear) or
-    ``fused.train_mlp_heads``. The views are tables: nothing is copied, rows are read per mini-batch and moved to
-    the extraction device (``prep.backbone.device``), where the heads train."""
-    fit_x = FeatureTable.concat_rows([view.subset(prep.fit_rows) for view in views])
-    val_x = FeatureTable.concat_rows([view.subset(prep.val_rows) for view in views])
-    fit_y = prep.train_labels[prep.fit_rows].repeat(len(views))
-    val_y = prep.train_labels[prep.val_rows].repeat(len(views))
-    device = prep.backbone.device
-    fits = sweep_heads(fit_x, fit_y, prep.num_labels, recipe, val_x, val_y, seed=prep.config.seed, device=device,
-                       trainer=trainer or train_heads)  # fmt: skip
+    extended past an edge by :func:`~.sweep.sweep_heads`); also the kNN bank (fit rows of the first view) and its
+    labels. ``trainer``: ``train_heads`` (linear) or ``fused.train_mlp_heads``. The views are tables: nothing is
+    copied, rows are read per mini-batch and moved to the extraction device (``prep.backbone.device``), where the
+    heads train."""
+    rows = FitRows.of(prep, views)
+    fits = sweep_heads(rows.fit_x, rows.fit_y, prep.num_labels, recipe, rows.val_x, rows.val_y,
+                       seed=prep.config.seed, device=prep.backbone.device, trainer=trainer or train_heads)  # fmt: skip
     return fits, views[0].subset(prep.fit_rows), prep.train_labels[prep.fit_rows]
+
+
+def _logistic(prep: Prepared, views: list[FeatureTable], eval_features: FeatureTable, cells: list[ProbeCell]) -> dict:
+    """L-BFGS logistic regression (:mod:`.logistic`) on the ``config.logistic_cells`` best cells on validation, on
+    the fit rows of all views with C chosen on their validation rows; fills those cells' ``logistic_*`` fields and
+    returns ``{key: (Q,) bool}``, the test images each got right."""
+    ranked = sorted(cells, key=lambda c: (-c.val_acc, -c.linear_acc))[: prep.config.logistic_cells]
+    keys = [(cell.layer, cell.timestep) for cell in ranked]
+    rows = FitRows.of(prep, [view.select(keys) for view in views])
+    device = prep.backbone.device
+    fits = train_logistic(rows.fit_x, rows.fit_y, prep.num_labels, rows.val_x, rows.val_y, device=device)
+    correct = head_correct({key: [fit.head] for key, fit in fits.items()}, eval_features.select(keys),
+                           prep.eval_labels, device=device)  # fmt: skip
+    for cell, key in zip(ranked, keys, strict=True):
+        entry = _accuracy("logistic", correct[key][0])
+        cell.logistic_acc, cell.logistic_ci95 = entry["logistic_acc"], entry["logistic_ci95"]
+        cell.logistic_C, cell.logistic_val_acc = fits[key].C, fits[key].val_acc
+    return {key: correct[key][0] for key in keys}
+
+
+def _few_shot(prep: Prepared, views: list[FeatureTable], eval_features: FeatureTable, best: ProbeCell) -> dict:
+    """The few-shot probes of the best cell on the clean view (view 0), each shot count with its draws, mean,
+    standard deviation and the 95% t-interval of the mean."""
+    key = (best.layer, best.timestep)
+    config = prep.config
+    view = views[0].select([key])
+    entries = few_shot(
+        view.subset(prep.fit_rows), prep.train_labels[prep.fit_rows], view.subset(prep.val_rows),
+        prep.train_labels[prep.val_rows], eval_features.select([key]), prep.eval_labels, prep.num_labels,
+        config.few_shot, config.few_shot_seeds, config.seed, device=prep.backbone.device,
+    )[key]
+    for entry in entries:
+        entry["ci95"] = list(t_interval(entry["accs"]))
+    return {"cell": best.key, "probe": "logistic", "view": 0, "results": entries}
 
 
 def _fused_probes(
     prep: Prepared, views: list[FeatureTable], eval_features: FeatureTable, cells: list[ProbeCell], recipe: ProbeRecipe
-) -> list[dict]:
-    """Heads and kNN on concatenations of cells (see ``fused.py``), one entry each, best on validation first;
-    trained and scored on the extraction device."""
+) -> tuple[list[dict], dict]:
+    """Heads and kNN on concatenations of cells (see ``fused.py``), one entry each, best on validation first, and
+    which test images the best one got right; trained and scored on the extraction device."""
     candidates = fused_candidates(cells)
     trainer = train_mlp_heads if prep.config.fused_head == "mlp" else train_heads
     fits, knn_bank, knn_labels = _fit_heads(prep, [view.fuse(candidates) for view in views], recipe, trainer)
     eval_fused = eval_features.fuse(candidates)
-    scores = _scores(fits, knn_bank, knn_labels, eval_fused, prep.eval_labels, prep.backbone.device, prep.num_labels)
+    scores, correct = _scores(fits, knn_bank, knn_labels, eval_fused, prep.eval_labels, prep.backbone.device,
+                              prep.num_labels)  # fmt: skip
     entries = [fused_entry(name, keys, scores[name]) for name, keys in candidates.items()]
-    return sorted(entries, key=lambda e: (-e["val_acc"], -e["linear_acc"]))
+    entries = sorted(entries, key=lambda e: (-e["val_acc"], -e["linear_acc"]))
+    return entries, correct[entries[0]["name"]]
 
 
-def _pixel_baseline(prep: Prepared, recipe: ProbeRecipe, progress: bool) -> dict:
+def _pixel_baseline(prep: Prepared, recipe: ProbeRecipe, progress: bool) -> tuple[dict, dict]:
     """The grid's heads and kNN on flattened raw pixels of the same views and rows (held on the CPU, trained and
-    scored on the extraction device a block at a time)."""
+    scored on the extraction device a block at a time), and which test images they got right."""
     config = prep.config
 
     def pixels(dataset, view: View) -> FeatureTable:
@@ -415,9 +499,18 @@ def _pixel_baseline(prep: Prepared, recipe: ProbeRecipe, progress: bool) -> dict
     views = [pixels(prep.train, view) for view in train_views(config)]
     fits, knn_bank, knn_labels = _fit_heads(prep, views, recipe)
     eval_pixels = pixels(prep.eval, EVAL_VIEW)
-    return _scores(
-        fits, knn_bank, knn_labels, eval_pixels, prep.eval_labels, prep.backbone.device, prep.num_labels
-    )["pixels"]
+    scores, correct = _scores(fits, knn_bank, knn_labels, eval_pixels, prep.eval_labels, prep.backbone.device,
+                              prep.num_labels)  # fmt: skip
+    return scores["pixels"], correct["pixels"]
+
+
+def search_method(config: ProbeConfig, train_rows: int, num_levels: int) -> str:
+    """``config.search``, with ``"auto"`` resolved: halving for a cached grid of 3+ noise levels over at least
+    :data:`HALVING_FROM_ROWS` training images, exhaustive otherwise."""
+    if config.search != "auto":
+        return config.search
+    large = train_rows >= HALVING_FROM_ROWS and num_levels >= 3 and config.protocol == "cached"
+    return "halving" if large else "exhaustive"
 
 
 def run_probe(
@@ -442,7 +535,7 @@ def run_probe(
     if accelerator is not None:
         backbone.to(accelerator.device)  # a no-op when prepare moved it
     backbone.denoiser.eval()
-    config = resolve_defaults(config, backbone.device)  # recorded resolved in results.json
+    config = resolve_defaults(prep.config, backbone.device)  # recorded resolved in results.json
     is_main = accelerator is None or accelerator.is_main_process
     dtype = DTYPES[config.dtype]
 
@@ -455,9 +548,11 @@ def run_probe(
     extract = dict(batch_size=config.batch_size, accelerator=accelerator, on_batch=on_batch, progress=progress,
                    num_workers=config.num_workers)
     recipe = config.probe_recipe()
-    search = {"method": config.search}
-    if config.search == "halving":
+    method = search_method(config, len(prep.train), len(prep.timesteps))
+    search = {"method": method, **({"chosen_by": "--search auto"} if config.search == "auto" else {})}
+    if method == "halving":
         levels, search = successive_halving(prep, cache_for, extract, recipe, accelerator)
+        search = {**search, **({"chosen_by": "--search auto"} if config.search == "auto" else {})}
         prep = replace(prep, timesteps=levels)
         clock.lap("halving")
     cache = cache_for(prep.timesteps)
@@ -484,17 +579,30 @@ def run_probe(
         return None
 
     knn_bank = FeatureTable.from_tensors(knn_bank)
-    scores = _scores(fits, knn_bank, knn_labels, eval_features, prep.eval_labels, backbone.device, prep.num_labels)
+    scores, correct = _scores(fits, knn_bank, knn_labels, eval_features, prep.eval_labels, backbone.device,
+                              prep.num_labels)  # fmt: skip
     cells = [ProbeCell(layer, t, **scores[layer, t]) for layer in prep.layers for t in prep.timesteps]
     best = cells[choose_lr([cell.val_acc for cell in cells])]
+    flags = {f"best.{probe}": value for probe, value in correct[best.layer, best.timestep].items()}
     clock.lap("score")
+    few_shot_results = {}
+    if config.protocol == "cached" and config.logistic_cells:
+        logistic_correct = _logistic(prep, views, eval_features, cells)
+        if (best.layer, best.timestep) in logistic_correct:
+            flags["best.logistic"] = logistic_correct[best.layer, best.timestep]
+        clock.lap("logistic")
+    if config.protocol == "cached" and config.few_shot:
+        few_shot_results = _few_shot(prep, views, eval_features, best)
+        clock.lap("few_shot")
     fused = []
     if config.fused_probes:
-        fused = _fused_probes(prep, views, eval_features, cells, recipe)
+        fused, fused_correct = _fused_probes(prep, views, eval_features, cells, recipe)
+        flags.update({f"fused.{probe}": value for probe, value in fused_correct.items()})
         clock.lap("fused")
     baselines = {}
     if config.pixel_baseline:
-        baselines["pixels"] = _pixel_baseline(prep, recipe, progress)
+        baselines["pixels"], pixel_correct = _pixel_baseline(prep, recipe, progress)
+        flags.update({f"pixels.{probe}": value for probe, value in pixel_correct.items()})
         clock.lap("pixel_baseline")
     results = ProbeResult(
         model=config.model,
@@ -531,6 +639,9 @@ def run_probe(
         cells=cells,
         best=best,
         baselines=baselines,
+        few_shot=few_shot_results,
+        correct={name: pack_correct(value) for name, value in flags.items()},
+        comparisons=in_run_comparisons(flags, config.seed),
         config=asdict(config),
         timings=clock.laps,
     )

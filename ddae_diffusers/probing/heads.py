@@ -227,14 +227,14 @@ def checked_table(features: FeatureTable | Mapping[Hashable, torch.Tensor], labe
     return table
 
 
-def head_accuracies(
+def head_correct(
     heads: Mapping[Hashable, Sequence],
     features: FeatureTable | Mapping[Hashable, torch.Tensor],
     labels: torch.Tensor,
     device: Device | None = None,
-) -> dict[Hashable, list[float]]:
-    """``{key: [accuracy in [0, 1] of each head]}`` on ``features[key]`` (N, D) with ``labels`` (N,), read in blocks
-    and computed on ``device`` (default: the features' device).
+) -> dict[Hashable, list[torch.Tensor]]:
+    """``{key: [(N,) bool on the CPU: whether each head classifies each row right]}`` on ``features[key]`` (N, D)
+    with ``labels`` (N,), read in blocks and computed on ``device`` (default: the features' device).
 
     A head is anything with ``logits((B, D) raw features) -> (B, C)``; one with ``to(device)`` (``LinearHead``,
     ``MLPHead``) is moved to ``device`` first, any other must be there already."""
@@ -244,15 +244,30 @@ def head_accuracies(
     heads = {
         key: [head.to(device) if hasattr(head, "to") else head for head in models] for key, models in heads.items()
     }
-    correct = {key: torch.zeros(len(models), dtype=torch.long, device=device) for key, models in heads.items()}
+    correct = {
+        key: torch.zeros(len(models), features.num_rows, dtype=torch.bool, device=device)
+        for key, models in heads.items()
+    }
     for rows, block in features.select(heads).chunks():
-        labels_block = labels[to_device(torch.from_numpy(rows), device)]
+        index = to_device(torch.from_numpy(rows), device)
+        labels_block = labels[index]
         block = block_to(block, device)
         with torch.no_grad():
             for key, models in heads.items():
                 for i, head in enumerate(models):
-                    correct[key][i] += (head.logits(block[key]).argmax(1) == labels_block).sum()
-    return {key: [c / max(features.num_rows, 1) for c in counts.tolist()] for key, counts in correct.items()}
+                    correct[key][i, index] = head.logits(block[key]).argmax(1) == labels_block
+    return {key: list(flags.cpu().unbind(0)) for key, flags in correct.items()}
+
+
+def head_accuracies(
+    heads: Mapping[Hashable, Sequence],
+    features: FeatureTable | Mapping[Hashable, torch.Tensor],
+    labels: torch.Tensor,
+    device: Device | None = None,
+) -> dict[Hashable, list[float]]:
+    """``{key: [accuracy in [0, 1] of each head]}``: :func:`head_correct` averaged over the rows."""
+    correct = head_correct(heads, features, labels, device)
+    return {key: [flags.sum().item() / max(len(flags), 1) for flags in rows] for key, rows in correct.items()}
 
 
 def train_heads(

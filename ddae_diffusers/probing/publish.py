@@ -64,7 +64,9 @@ def classifier_from_probe(
         "num_eval": result.num_eval,
         "resolution": result.resolution,
         "accuracy": cell.linear_acc,
+        "accuracy_ci95": cell.linear_ci95,
         "knn_accuracy": cell.knn_acc,
+        "knn_accuracy_ci95": cell.knn_ci95,
         "grid": [
             {"layer": c.layer, "timestep": c.timestep, "linear_acc": c.linear_acc, "knn_acc": c.knn_acc}
             for c in result.cells

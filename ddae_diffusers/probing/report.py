@@ -16,10 +16,12 @@ from collections.abc import Mapping
 
 from ..errors import UsageError
 from ..noise import NoiseAxis, axis_class
-from .heads import LinearHead
+from .heads import CellFit, LinearHead
 from .heatmap import grid_heatmap
 from .knn import KNN_K, KNN_TEMPERATURE
 from .result import HEADS_FILE, ProbeResult, cell_key, file_digest, parse_cell_key
+from .stats import format_interval
+from .sweep import edge
 
 
 def head_tensors(heads: Mapping[tuple[str, int], LinearHead]) -> dict:
@@ -82,9 +84,14 @@ def model_title(results: dict) -> str:
     return f"{name} (random init, seed {results['seed']})" if results.get("random_init") else name
 
 
+def percent(entry: dict, probe: str) -> str:
+    """``entry[probe_acc]`` in % with its 95% interval when recorded: ``"54.32 [53.34, 55.30]"``."""
+    return format_interval(entry[f"{probe}_acc"], entry.get(f"{probe}_ci95"), unit="")
+
+
 def _row(name: str, t, c: dict) -> str:
     return (
-        f"| {name} | {t} | {c['feature_dim']} | {100 * c['linear_acc']:.2f} | {100 * c['knn_acc']:.2f} | "
+        f"| {name} | {t} | {c['feature_dim']} | {percent(c, 'linear')} | {percent(c, 'knn')} | "
         f"{100 * c['val_acc']:.2f} | {c['lr']:g} |"
     )
 
@@ -133,7 +140,7 @@ def markdown_table(results: dict) -> str:
     cells = sorted(results["cells"], key=lambda c: (-c["val_acc"], -c["linear_acc"]))
     best = results["best"]
     unit = level_unit(results)
-    header = [f"| layer | {unit} | dim | linear acc (%) | kNN acc (%) | val acc (%) | lr |",
+    header = [f"| layer | {unit} | dim | linear acc (%) [95% CI] | kNN acc (%) [95% CI] | val acc (%) | lr |",
               "|---|---|---|---|---|---|---|"]
     lines = [
         f"# Probe grid: {model_title(results)} on {results['dataset']}",
@@ -143,7 +150,8 @@ def markdown_table(results: dict) -> str:
         f"{results['num_eval']} {results['eval_split']} examples, resolution {results['resolution']}, "
         f"seed {results['seed']}. Best cell (chosen on validation): "
         f"**{best['layer']} @ {level_axis(results).label(best['timestep'])}**, "
-        f"linear {100 * best['linear_acc']:.2f}%, kNN {100 * best['knn_acc']:.2f}%.",
+        f"linear {percent(best, 'linear')}%, kNN {percent(best, 'knn')}% (k={KNN_K}); intervals are 95% Wilson "
+        "intervals over the test images.",
         "",
         *views_lines(results),
         *noise_axis_table(results),
@@ -155,7 +163,90 @@ def markdown_table(results: dict) -> str:
         lines += [_row(f"baseline: {name}", "-", c) for name, c in results.get("baselines", {}).items()]
         lines += ["", "## All cells", ""]
     lines += header + [_row(c["layer"], c["timestep"], c) for c in cells]
-    return "\n".join(lines + fused_lines(results) + search_lines(results)) + "\n"
+    extra = (sweep_lines(results) + knn_lines(results) + logistic_lines(results) + few_shot_lines(results)
+             + comparison_lines(results) + fused_lines(results) + search_lines(results))  # fmt: skip
+    return "\n".join(lines + extra) + "\n"
+
+
+def sweep_lines(results: dict) -> list[str]:
+    """Which cells needed the learning-rate sweep extended past its grid, and which still chose an edge."""
+    cells = [c for c in results["cells"] if c.get("lrs")]
+    if not cells or len(results.get("lrs") or []) < 2:
+        return []
+    grid = set(results["lrs"])
+    extended = [c for c in cells if set(c["lrs"]) - grid]
+    at_edge = [c for c in cells if edge(CellFit(None, c["lr"], c["val_acc"], c["val_accs"], tuple(c["lrs"])))]
+    lines = ["", "## Learning-rate sweep", "",
+             f"Grid: {', '.join(f'{lr:g}' for lr in results['lrs'])}. A cell whose best rate on validation was at "
+             "an edge (and beat its neighbour) got the next rates out, up to 3 times."]  # fmt: skip
+    if extended:
+        lines.append(f"Extended for {len(extended)} of {len(cells)} cells: "
+                     + "; ".join(f"{c['layer']} @ {c['timestep']} (lr {c['lr']:g})" for c in extended) + ".")
+    lines.append("No cell's chosen rate is at the edge of what it tried." if not at_edge else
+                 f"Still at an edge after the extensions: {len(at_edge)} cells ("
+                 + "; ".join(f"{c['layer']} @ {c['timestep']} (lr {c['lr']:g})" for c in at_edge) + ").")
+    return lines
+
+
+def knn_lines(results: dict) -> list[str]:
+    """The best cell's kNN accuracy at every k recorded."""
+    accs = results["best"].get("knn_accs")
+    if not accs:
+        return []
+    return ["", "## kNN at several k (best cell)", "",
+            f"Temperature {KNN_TEMPERATURE:g}; k={KNN_K} is the headline. " + ", ".join(
+                f"k={k}: {100 * acc:.2f}%" for k, acc in accs.items()) + "."]  # fmt: skip
+
+
+def logistic_lines(results: dict) -> list[str]:
+    """The cells with a logistic regression beside their linear head."""
+    cells = [c for c in results["cells"] if c.get("logistic_acc") is not None]
+    if not cells:
+        return []
+    unit = level_unit(results)
+    lines = ["", "## Logistic regression (L-BFGS, the best cells on validation)", "",
+             f"| layer | {unit} | linear acc (%) [95% CI] | logistic acc (%) [95% CI] | C | logistic val acc (%) |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {c['layer']} | {c['timestep']} | {percent(c, 'linear')} | {percent(c, 'logistic')} | "
+              f"{c['logistic_C']:g} | {100 * c['logistic_val_acc']:.2f} |" for c in cells]  # fmt: skip
+    return lines
+
+
+def few_shot_lines(results: dict) -> list[str]:
+    """The few-shot probes of the best cell: per shot count, mean and std over draws and the t-interval."""
+    few = results.get("few_shot") or {}
+    if not few.get("results"):
+        return []
+    lines = ["", f"## Few-shot ({few['probe']} regression on {few['cell']}, clean view)", "",
+             "| images per class | draws | mean acc (%) | std | 95% CI of the mean | each draw (%) |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for entry in few["results"]:
+        low, high = entry["ci95"]
+        draws = ", ".join(f"{100 * acc:.2f}" for acc in entry["accs"])
+        lines.append(f"| {entry['shots']} | {len(entry['accs'])} | {100 * entry['mean']:.2f} | "
+                     f"{100 * entry['std']:.2f} | [{100 * low:.2f}, {100 * high:.2f}] | {draws} |")  # fmt: skip
+    return lines
+
+
+def comparison_lines(results: dict) -> list[str]:
+    """The paired tests computed between this run's entries on the same test images."""
+    comparisons = results.get("comparisons") or []
+    if not comparisons:
+        return []
+    lines = ["", "## Paired tests (same test images)", "",
+             "Difference a - b with its paired-bootstrap 95% interval; p: exact McNemar test on the images only one "
+             "of the two gets right.", "",
+             "| comparison | a (%) | b (%) | a - b (points) [95% CI] | only a / only b | McNemar p |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [comparison_row(c) for c in comparisons]
+    return lines
+
+
+def comparison_row(c: dict) -> str:
+    """One row of a paired-tests table (see :func:`comparison_lines`)."""
+    low, high = c["diff_ci95"]
+    return (f"| {c['what']} | {100 * c['a_acc']:.2f} | {100 * c['b_acc']:.2f} | {100 * c['diff']:+.2f} "
+            f"[{100 * low:+.2f}, {100 * high:+.2f}] | {c['a_only']} / {c['b_only']} | {c['p_value']:.2g} |")
 
 
 def search_lines(results: dict) -> list[str]:
@@ -192,14 +283,14 @@ def fused_lines(results: dict) -> list[str]:
         f"One {results.get('config', {}).get('fused_head', 'linear')} head on the concatenated features of several "
         f"cells, chosen on validation like a cell. Gain: test "
         f"accuracy minus the best single cell's ({100 * best['linear_acc']:.2f}%).", "",
-        "| fusion | cells | dim | linear acc (%) | gain (points) | kNN acc (%) | val acc (%) | lr |",
+        "| fusion | cells | dim | linear acc (%) [95% CI] | gain (points) | kNN acc (%) [95% CI] | val acc (%) | lr |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for f in fused:
         gain = 100 * (f["linear_acc"] - best["linear_acc"])
         lines.append(
-            f"| {f['name']} | {', '.join(f['cells'])} | {f['feature_dim']} | {100 * f['linear_acc']:.2f} | "
-            f"{gain:+.2f} | {100 * f['knn_acc']:.2f} | {100 * f['val_acc']:.2f} | {f['lr']:g} |"
+            f"| {f['name']} | {', '.join(f['cells'])} | {f['feature_dim']} | {percent(f, 'linear')} | "
+            f"{gain:+.2f} | {percent(f, 'knn')} | {100 * f['val_acc']:.2f} | {f['lr']:g} |"
         )
     return lines
 

@@ -36,6 +36,13 @@ class ProbeCell:
     val_acc: float
     val_accs: list[float] | None = None  # validation accuracy of each lr of ``lrs``
     lrs: list[float] | None = None  # the lrs tried for this cell, ascending (the grid's, extended at an edge)
+    linear_ci95: list[float] | None = None  # 95% Wilson intervals of the test accuracies
+    knn_ci95: list[float] | None = None
+    knn_accs: dict[str, float] | None = None  # kNN accuracy at each k of knn.KNN_KS ("20" is knn_acc)
+    logistic_acc: float | None = None  # L-BFGS logistic regression (the best cells only, --logistic_cells)
+    logistic_ci95: list[float] | None = None
+    logistic_C: float | None = None  # its inverse regularisation, chosen on validation
+    logistic_val_acc: float | None = None
 
     @property
     def key(self) -> str:
@@ -116,6 +123,13 @@ class ProbeResult:
     fused: list[dict] = field(default_factory=list)
     # how the grid was searched: {"method": "exhaustive"}, or halving's rungs and forwards (halving.py)
     search: dict = field(default_factory=dict)
+    # --few_shot: {"cell", "probe", "view", "results": [{"shots", "accs", "mean", "std", "ci95", "Cs"}]}
+    few_shot: dict = field(default_factory=dict)
+    # which test images an entry got right ("best.linear", "best.knn", "best.logistic", "fused.linear",
+    # "pixels.linear", ...), packed by stats.pack_correct: paired tests within and across runs
+    correct: dict[str, str] = field(default_factory=dict)
+    # paired tests between entries of this run (comparisons.in_run_comparisons)
+    comparisons: list[dict] = field(default_factory=list)
 
     # ------------------------------------------------------------------ files
     @staticmethod

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+from collections.abc import Sequence
 from statistics import NormalDist
 
 import numpy as np
@@ -172,6 +173,43 @@ def accuracy_entry(correct: np.ndarray | torch.Tensor) -> dict:
     return {"acc": hits / n, "ci95": list(wilson_interval(hits, n)), "n": n}
 
 
+def compare(a_correct: np.ndarray | torch.Tensor, b_correct: np.ndarray | torch.Tensor, seed: int = 0) -> dict:
+    """Two classifiers on the same test images ((N,) bool each): ``{"a_acc", "b_acc", "diff", "diff_ci95",
+    "p_value", "a_only", "b_only", "test"}``: the accuracy difference a - b with its paired-bootstrap interval, and the
+    exact McNemar p-value (the test of record) with the images only a (only b) gets right."""
+    a, b = _paired(a_correct, b_correct)
+    mcnemar, bootstrap = mcnemar_test(a, b), paired_bootstrap(a, b, seed=seed)
+    return {"a_acc": float(_nonempty(a, "a_correct").mean()), "b_acc": float(b.mean()), "diff": bootstrap["diff"],
+            "diff_ci95": bootstrap["ci"], "p_value": mcnemar["p_value"], "a_only": mcnemar["a_only"],
+            "b_only": mcnemar["b_only"], "test": "exact McNemar; paired bootstrap interval"}  # fmt: skip
+
+
+def t_quantile(confidence: float, df: int) -> float:
+    """The two-sided Student-t quantile of ``confidence`` with ``df`` degrees of freedom: exact for df 1 and 2,
+    the Cornish-Fisher expansion (four terms, within 1% at df 3 and closer above) beyond."""
+    z = _z(confidence)
+    p = 0.5 + confidence / 2
+    if df == 1:
+        return math.tan(math.pi * (p - 0.5))
+    if df == 2:
+        return (2 * p - 1) * math.sqrt(2 / (1 - (2 * p - 1) ** 2))
+    return (z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3))  # fmt: skip
+
+
+def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """The interval of the mean of a few repeated measurements (e.g. accuracies over random draws):
+    ``mean -+ t * std / sqrt(n)``; a single value is its own interval."""
+    values = np.asarray(values, dtype=float)
+    if values.ndim != 1 or len(values) == 0:
+        raise UsageError("t_interval needs one or more values.")
+    mean = float(values.mean())
+    if len(values) == 1:
+        return mean, mean
+    half = t_quantile(confidence, len(values) - 1) * float(values.std(ddof=1)) / math.sqrt(len(values))
+    return mean - half, mean + half
+
+
 def pack_correct(correct: np.ndarray | torch.Tensor) -> str:
     """``correct`` (N,) bool as ASCII text (8 flags a byte, base64) for JSON; :func:`unpack_correct` reverses it."""
     return base64.b64encode(np.packbits(_as_correct(correct)).tobytes()).decode("ascii")
@@ -189,7 +227,10 @@ def unpack_correct(text: str, n: int) -> np.ndarray:
     return np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=n).astype(bool)
 
 
-def format_interval(acc: float, ci: tuple[float, float] | list[float]) -> str:
-    """``"93.41% [92.91, 93.89]"``: an accuracy and its interval (in [0, 1]) as percentages with 2 decimals."""
+def format_interval(acc: float, ci: tuple[float, float] | list[float] | None, unit: str = "%") -> str:
+    """``"93.41% [92.91, 93.88]"``: an accuracy and its interval (in [0, 1]) as percentages with 2 decimals (the
+    accuracy alone when ``ci`` is None); ``unit=""`` for a table whose header says %."""
+    if ci is None:
+        return f"{100 * acc:.2f}{unit}"
     low, high = ci
-    return f"{100 * acc:.2f}% [{100 * low:.2f}, {100 * high:.2f}]"
+    return f"{100 * acc:.2f}{unit} [{100 * low:.2f}, {100 * high:.2f}]"

@@ -21,6 +21,7 @@ from .table import Device, FeatureTable
 logger = logging.getLogger(__name__)
 MAX_EXTENSIONS = 3  # passes beyond the grid; each adds EXTENSION_STEPS rates on the side of the edge
 EXTENSION_STEPS = 2
+LR_RANGE = (1e-6, 10.0)  # rates outside are never tried: below, heads barely move; above, Adam diverges
 
 
 def edge(fit: CellFit) -> int:
@@ -38,11 +39,12 @@ def edge(fit: CellFit) -> int:
 
 def next_lrs(lrs: Sequence[float], side: int, steps: int = EXTENSION_STEPS) -> tuple[float, ...]:
     """The ``steps`` rates beyond the ``side`` (-1 low, +1 high) edge of ``lrs``, spaced by the grid's mean ratio
-    (sqrt(10) for the default half-decade grid)."""
+    (sqrt(10) for the default half-decade grid), within :data:`LR_RANGE` (none once it is reached)."""
     lrs = sorted(lrs)
     ratio = (lrs[-1] / lrs[0]) ** (1 / (len(lrs) - 1))
     start = lrs[0] if side < 0 else lrs[-1]
-    return tuple(float(start * ratio ** (side * k)) for k in range(1, steps + 1))
+    candidates = (float(start * ratio ** (side * k)) for k in range(1, steps + 1))
+    return tuple(lr for lr in candidates if LR_RANGE[0] <= lr <= LR_RANGE[1])
 
 
 def merged(old: CellFit, new: CellFit) -> CellFit:
@@ -75,8 +77,9 @@ def sweep_heads(
     for extension in range(1, max_extensions + 1):
         groups: dict[tuple[float, ...], list[Hashable]] = {}
         for key, fit in fits.items():
-            if edge(fit):
-                groups.setdefault(next_lrs(fit.lrs, edge(fit)), []).append(key)
+            lrs = next_lrs(fit.lrs, edge(fit)) if edge(fit) else ()
+            if lrs:
+                groups.setdefault(lrs, []).append(key)
         if not groups:
             break
         for lrs, keys in groups.items():
