@@ -74,6 +74,7 @@ def sweep_heads(
     train = FeatureTable.from_tensors(train_features)
     val = FeatureTable.from_tensors(val_features)
     fits = trainer(train, train_labels, num_classes, recipe, val, val_labels, seed=seed, device=device)
+    made = 0
     for extension in range(1, max_extensions + 1):
         groups: dict[tuple[float, ...], list[Hashable]] = {}
         for key, fit in fits.items():
@@ -82,6 +83,7 @@ def sweep_heads(
                 groups.setdefault(lrs, []).append(key)
         if not groups:
             break
+        made = extension
         for lrs, keys in groups.items():
             logger.warning(
                 f"{len(keys)} cell(s) chose lr {fits[keys[0]].lr:g} at the edge of the sweep: extending it to "
@@ -93,7 +95,10 @@ def sweep_heads(
                 fits[key] = merged(fits[key], more[key])
     still = [key for key, fit in fits.items() if edge(fit)]
     if still:
-        logger.warning(f"{len(still)} cell(s) still chose an lr at the edge after {max_extensions} extensions.")
+        logger.warning(
+            f"{len(still)} cell(s) still chose an lr at the edge of what they tried, after {made} extension(s) "
+            f"(at most {max_extensions}, within {LR_RANGE[0]:g}..{LR_RANGE[1]:g})."
+        )
     return fits
 
 
