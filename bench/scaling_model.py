@@ -1,7 +1,7 @@
 """The cost model of docs/scaling.md: each stage of a ``ddae-probe`` grid as a function of images, cells, feature
 width and classes, evaluated for ImageNet-1k with DiT-XL/2 and with the 35.7M DDPM UNet on 1 and 8 GPUs.
 
-    python bench/scaling_model.py --output bench/results/scaling_model.json
+    python bench/scaling_model.py --output bench/results/scaling_model.json   # prints the table of docs/scaling.md
 
 Counted exactly here: the FLOPs of each forward to the deepest default layer and of the VAE encoder (the real
 architectures from their public configs, on PyTorch's ``meta`` device under ``FlopCounterMode``), the default
@@ -28,7 +28,7 @@ ASSUMED = {
     "host_cores_per_gpu": 16,  # decoding workers per GPU (the lent H200 machine has 16 cores)
 }
 IMAGENET = {"train": 1_281_167, "test": 50_000, "classes": 1000, "val_fraction": 0.1}
-LEVELS, ETA, EPOCHS, LRS, LOGISTIC_CELLS, LOGISTIC_CS, LOGISTIC_ITERS = 7, 3, 30, 7, 3, 7, 300
+LEVELS, ETA, EPOCHS, LRS, LOGISTIC_CELLS, LOGISTIC_CS, LOGISTIC_ITERS = 7, 3, 30, 9, 3, 7, 300
 KNN_CHUNK = 4096  # query rows per pass over the bank (table.CHUNK_ROWS)
 
 
@@ -77,7 +77,7 @@ def measured_constants() -> dict:
     run = max(sim["runs"], key=lambda r: r["train_rows"])
     fit_rows = round(run["train_rows"] * 0.9)
     width, classes = 32, sim["classes"]
-    head_units = fit_rows * EPOCHS * LRS * width * classes  # (row, epoch, lr, width, class)
+    head_units = fit_rows * EPOCHS * sim.get("lrs", 7) * width * classes  # (row, epoch, lr, width, class)
     return {
         "png32_core_s": 2 / images_per_s("host_path.json", "cifar10_png_32"),
         "jpeg256_core_s": 2 / images_per_s("host_path_with_jpeg.json", "synthetic_jpeg_256"),
@@ -151,9 +151,17 @@ def main() -> None:
     with open(args.output + ".tmp", "w") as f:
         json.dump(record, f, indent=1)
     os.replace(args.output + ".tmp", args.output)
+    print("| model | search | GPUs | decode | VAE | forwards | heads | kNN | logistic | **total** | cache | "
+          "GPU memory |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, rows in projections.items():
         for row in rows:
-            print(name, json.dumps(row))
+            hours = {stage: f"{seconds / 3600:.2f}" for stage, seconds in row["stages_s"].items()}
+            memory = max(row["memory_gb"]["head_bank_gpu_gb"], row["memory_gb"]["logistic_gpu_gb"])
+            vae = hours["vae_encode"] if row["stages_s"]["vae_encode"] else "-"
+            print(f"| {name} | {row['search']} | {row['gpus']} | {hours['decode']} | {vae} | {hours['forward']} | "
+                  f"{hours['heads']} | {hours['knn']} | {hours['logistic']} | **{row['total_h']}** | "
+                  f"{row['cache_gb']} GB | {memory} GB |")
 
 
 if __name__ == "__main__":

@@ -105,10 +105,12 @@ def main() -> None:
         run = {"train_rows": rows, "eval_rows": args.eval_rows, "load_average_before": load,
                **time_v(done.stderr), "timings": results["timings"],
                "cache_bytes": folder_bytes(os.path.join(out, "feature_cache")),
-               "linear_acc": results["best"]["linear_acc"], "knn_acc": results["best"]["knn_acc"]}  # fmt: skip
+               "linear_acc": results["best"]["linear_acc"], "knn_acc": results["best"]["knn_acc"],
+               "lrs_tried": len(results["best"]["lrs"] or results["lrs"])}  # fmt: skip
         runs.append(run)
         print(json.dumps(run), flush=True)
     record = {"command": " ".join(["python", *sys.argv]), "cpu_count": os.cpu_count(), "layer": LAYER,
+              "lrs": len(results["lrs"]),
               "image_size": SIZE, "classes": args.classes, "batch_size": args.batch_size, "runs": runs}  # fmt: skip
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
     with open(args.output + ".tmp", "w") as f:
