@@ -117,6 +117,7 @@ class ViewRole(IntEnum):
     TRAIN = 0
     EVAL = 1
     ONLINE = 2  # the online protocol's views, recomputed every epoch (never cached)
+    PAIR = 3  # a second noise draw of the clean training images (alignment, geometry.py)
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,7 @@ class View:
 
 
 EVAL_VIEW = View(ViewRole.EVAL, 0, False)  # the test split: clean images, noise from derive_seed(seed, 1, 0)
+PAIR_VIEW = View(ViewRole.PAIR, 0, False)  # train view 0's images with another noise draw
 
 
 class CacheUnit:
@@ -482,7 +484,7 @@ class FeatureCache:
                 "timestep": t,
             }
             digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-            name = f"{'train' if view.role == ViewRole.TRAIN else 'eval'}-v{view.index}-t{t}-{digest}"
+            name = f"{ViewRole(view.role).name.lower()}-v{view.index}-t{t}-{digest}"
             units.append(CacheUnit(os.path.join(self.cache_dir, name), key, len(dataset), self.layers, self.dims))
         return units
 
@@ -573,7 +575,7 @@ class FeatureCache:
             "augmentation": "crop4+flip" if view.augment else "none",
         }
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-        name = f"latents-{'train' if view.role == ViewRole.TRAIN else 'eval'}-v{view.index}-{digest}"
+        name = f"latents-{ViewRole(view.role).name.lower()}-v{view.index}-{digest}"
         side = self.resolution // self.backbone.vae_scale
         width = int(self.backbone.vae.config.latent_channels) * side * side
         return CacheUnit(os.path.join(self.cache_dir, name), key, len(dataset), ["latents"], [width], torch.float32)

@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Augmentation of train views 1..K-1: 'crop_flip' (4-pixel padded random crop + horizontal flip) or "
              "'none' (fresh noise only).")
     add("--lrs", nargs="+", type=float, default=list(ProbeRecipe().lrs),
-        help="Head learning rates to sweep (default: 1e-3 to 1 in half-decade steps); a cell whose best rate is at "
+        help="Head learning rates to sweep (default: 1e-3 to 10 in half-decade steps); a cell whose best rate is at "
              "an edge gets the next rates out, up to 3 times (logged and listed in results.md).")
     add("--epochs", type=int, default=ProbeRecipe().epochs, help="Head training epochs over the cached features.")
     add("--head_batch_size", type=int, default=ProbeRecipe().batch_size)
@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="Few-shot probes of the best cell: logistic regression on K labelled images per class (e.g. 1 5 10 "
              "25), over --few_shot_seeds random draws (mean, std and the 95%% interval of the mean).")
     add("--few_shot_seeds", type=int, default=FEW_SHOT_SEEDS, help="Random draws per --few_shot count.")
+    add("--alignment", action="store_true",
+        help="Also measure each cell's alignment (two noise draws of the same image) and uniformity (Wang and Isola) "
+             "on 5,000 training images: results.json, results.md and alignment/uniformity heatmaps.")
     hub = parser.add_argument_group("publishing (the flags of the diffusers and transformers example scripts)")
     hub.add_argument("--push_to_hub", action="store_true",
                      help="After the grid, push the best cell (or --push_cell) as a DDAEForImageClassification "

@@ -35,10 +35,11 @@ from ..errors import UsageError
 from ..io_utils import check_writable_dir
 from ..noise import DEFAULT_DDPM_LEVELS, EDMNoise, NoiseLevel
 from .baselines import pixel_features, random_init
-from .cache import EVAL_VIEW, FeatureCache, View, ViewRole, weights_fingerprint
+from .cache import EVAL_VIEW, PAIR_VIEW, FeatureCache, View, ViewRole, weights_fingerprint
 from .comparisons import in_run_comparisons
 from .fewshot import FEW_SHOT_SEEDS, few_shot
 from .fused import HEAD_KINDS, fused_candidates, fused_entry, train_mlp_heads
+from .geometry import GEOMETRY_ROWS, geometry
 from .halving import successive_halving
 from .heads import PAPER_RECIPE, ProbeRecipe, choose_lr, head_correct, train_heads
 from .knn import KNN_K, KNN_KS, knn_correct
@@ -104,6 +105,7 @@ class ProbeConfig:
     logistic_cells: int | None = None  # L-BFGS logistic regression on this many best cells (None: 3 when cached)
     few_shot: list[int] | None = None  # images per class of the few-shot probes of the best cell, e.g. 1 5 10 25
     few_shot_seeds: int = FEW_SHOT_SEEDS  # random draws per shot count
+    alignment: bool = False  # alignment and uniformity of every cell on GEOMETRY_ROWS training images
 
     def __post_init__(self):
         """Checks every flag that needs neither the model nor the data, from Python as from ``ddae-probe``."""
@@ -143,9 +145,9 @@ class ProbeConfig:
                 f"--logistic_cells must be >= 0, --few_shot counts and --few_shot_seeds >= 1 (got "
                 f"{self.logistic_cells}, {self.few_shot}, {self.few_shot_seeds})."
             )
-        if (self.logistic_cells or self.few_shot) and self.protocol != "cached":
-            raise UsageError("--logistic_cells and --few_shot run on the feature cache: pass --logistic_cells 0 and "
-                             "no --few_shot with --protocol online.")  # fmt: skip
+        if (self.logistic_cells or self.few_shot or self.alignment) and self.protocol != "cached":
+            raise UsageError("--logistic_cells, --few_shot and --alignment run on the feature cache: pass "
+                             "--logistic_cells 0 and neither of the others with --protocol online.")  # fmt: skip
         if self.sigma_index is not None and self.timesteps is not None:
             raise UsageError("Give --timesteps or --sigma_index, not both: each sets the noise levels.")
         self.probe_recipe()  # validates lrs, epochs, normalization
@@ -455,6 +457,12 @@ def _logistic(prep: Prepared, views: list[FeatureTable], eval_features: FeatureT
     return {key: correct[key][0] for key in keys}
 
 
+def _geometry_rows(prep: Prepared) -> list[int]:
+    """The training rows alignment and uniformity are measured on: a seeded share of the fit rows, ascending."""
+    order = torch.randperm(len(prep.fit_rows), generator=torch.Generator().manual_seed(prep.config.seed))
+    return sorted(prep.fit_rows[i] for i in order[:GEOMETRY_ROWS].tolist())
+
+
 def _few_shot(prep: Prepared, views: list[FeatureTable], eval_features: FeatureTable, best: ProbeCell) -> dict:
     """The few-shot probes of the best cell on the clean view (view 0), each shot count with its draws, mean,
     standard deviation and the 95% t-interval of the mean."""
@@ -571,6 +579,11 @@ def run_probe(
             for view in train_views(config)
         ]
         clock.lap("extract_train")
+        if config.alignment:
+            geometry_rows = _geometry_rows(prep)
+            pair_view = cache.extract(prep.train, config.train_split, prep.image_column, PAIR_VIEW,
+                                      rows=geometry_rows, **extract)  # fmt: skip
+            clock.lap("extract_pair")
         if is_main:
             fits, knn_bank, knn_labels = _fit_heads(prep, views, recipe)
             clock.lap("heads")
@@ -585,6 +598,12 @@ def run_probe(
     best = cells[choose_lr([cell.val_acc for cell in cells])]
     flags = {f"best.{probe}": value for probe, value in correct[best.layer, best.timestep].items()}
     clock.lap("score")
+    if config.alignment:
+        measured = geometry(views[0].subset(geometry_rows), pair_view, device=backbone.device)
+        for cell in cells:
+            cell.alignment = measured[cell.layer, cell.timestep]["alignment"]
+            cell.uniformity = measured[cell.layer, cell.timestep]["uniformity"]
+        clock.lap("alignment")
     few_shot_results = {}
     if config.protocol == "cached" and config.logistic_cells:
         logistic_correct = _logistic(prep, views, eval_features, cells)

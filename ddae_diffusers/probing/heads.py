@@ -35,12 +35,12 @@ class ProbeRecipe:
     """How the linear heads are trained.
 
     The default standardises features and trains each head to convergence over a few
-    learning rates (half-decade steps from 1e-3 to 1, widened by :func:`~.sweep.sweep_heads` for a cell whose
+    learning rates (half-decade steps from 1e-3 to 10, widened by :func:`~.sweep.sweep_heads` for a cell whose
     best rate sits at an edge); :data:`PAPER_RECIPE` is the DDAE paper's (raw features, Adam lr 1e-3,
     15 epochs, batch 128, cosine).
     """
 
-    lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)  # extended at an edge: see sweep.py
+    lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0)  # extended at an edge: sweep.py
     epochs: int = 30
     batch_size: int = 256
     normalization: str = "standardize"

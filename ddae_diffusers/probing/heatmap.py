@@ -12,8 +12,10 @@ def grid_heatmap(
     layers: list[str] | None = None,
     noise_levels: list[dict] | None = None,
     unit: str = "t",
+    percent: bool = True,
 ) -> bool:
-    """Writes a layers x noise levels heatmap of ``metric`` (annotated in %) as a PNG at ``path``.
+    """Writes a layers x noise levels heatmap of ``metric`` (annotated in %, or as is without ``percent``) as a PNG
+    at ``path``.
 
     ``layers`` fixes the row order (default: first appearance in ``cells``); ``marked`` (layer, level) is
     outlined. With ``noise_levels`` (``{"level", "ve_sigma", ...}`` per level) each column also shows its
@@ -33,7 +35,7 @@ def grid_heatmap(
     steps = sorted({c["timestep"] for c in cells})
     grid = np.full((len(layers), len(steps)), np.nan)
     for c in cells:
-        grid[layers.index(c["layer"]), steps.index(c["timestep"])] = 100 * c[metric]
+        grid[layers.index(c["layer"]), steps.index(c["timestep"])] = (100 if percent else 1) * c[metric]
     fig, ax = plt.subplots(figsize=(1.1 * len(steps) + 3.5, 0.38 * len(layers) + 1.6))
     image = ax.imshow(grid, cmap="viridis", aspect="auto")
     ve = {lv["level"]: lv["ve_sigma"] for lv in noise_levels or []}
@@ -48,11 +50,12 @@ def grid_heatmap(
     for (i, j), value in np.ndenumerate(grid):
         if not np.isnan(value):
             color = "black" if value > middle else "white"
-            ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=7, color=color)
+            ax.text(j, i, f"{value:.1f}" if percent else f"{value:.2f}", ha="center", va="center", fontsize=7,
+                    color=color)
     if marked is not None:
         row, col = layers.index(marked[0]), steps.index(marked[1])
         ax.add_patch(plt.Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5))
-    fig.colorbar(image, ax=ax, label=f"{metric} (%)")
+    fig.colorbar(image, ax=ax, label=f"{metric} (%)" if percent else metric)
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=110)
     plt.close(fig)

@@ -1,4 +1,5 @@
-"""Probe artefacts: ``results.json``, ``results.md``, ``heatmap.png``, ``knn_heatmap.png``, ``heads.safetensors``.
+"""Probe artefacts: ``results.json``, ``results.md``, ``heatmap.png``, ``knn_heatmap.png``, ``heads.safetensors``
+(and with ``--alignment``, ``alignment_heatmap.png`` and ``uniformity_heatmap.png``).
 
 ``heads.safetensors`` holds every cell's chosen head: ``"{layer}@{t}.weight"`` (C, D),
 ``"{layer}@{t}.bias"`` (C,) and, with standardisation, ``"{layer}@{t}.mean"``/``".var"`` (D,):
@@ -16,6 +17,7 @@ from collections.abc import Mapping
 
 from ..errors import UsageError
 from ..noise import NoiseAxis, axis_class
+from .geometry import GEOMETRY_ROWS
 from .heads import CellFit, LinearHead
 from .heatmap import grid_heatmap
 from .knn import KNN_K, KNN_TEMPERATURE
@@ -164,7 +166,8 @@ def markdown_table(results: dict) -> str:
         lines += ["", "## All cells", ""]
     lines += header + [_row(c["layer"], c["timestep"], c) for c in cells]
     extra = (sweep_lines(results) + knn_lines(results) + logistic_lines(results) + few_shot_lines(results)
-             + comparison_lines(results) + fused_lines(results) + search_lines(results))  # fmt: skip
+             + comparison_lines(results) + geometry_lines(results) + fused_lines(results)
+             + search_lines(results))  # fmt: skip
     return "\n".join(lines + extra) + "\n"
 
 
@@ -225,6 +228,23 @@ def few_shot_lines(results: dict) -> list[str]:
         draws = ", ".join(f"{100 * acc:.2f}" for acc in entry["accs"])
         lines.append(f"| {entry['shots']} | {len(entry['accs'])} | {100 * entry['mean']:.2f} | "
                      f"{100 * entry['std']:.2f} | [{100 * low:.2f}, {100 * high:.2f}] | {draws} |")  # fmt: skip
+    return lines
+
+
+def geometry_lines(results: dict) -> list[str]:
+    """``--alignment``: every cell's alignment and uniformity, with their formulas."""
+    cells = [c for c in results["cells"] if c.get("alignment") is not None]
+    if not cells:
+        return []
+    unit = level_unit(results)
+    lines = ["", "## Alignment and uniformity", "",
+             f"On {GEOMETRY_ROWS:,} training images (or all, if fewer), L2-normalised features: alignment = "
+             "mean ||f(x) - f(x')||^2 over two noise draws x, x' of the same image (lower: the noise moves the "
+             "feature less); uniformity = log mean exp(-2 ||f(x_i) - f(x_j)||^2) over pairs of images (lower: more "
+             "spread out). Heatmaps: `alignment_heatmap.png`, `uniformity_heatmap.png`.", "",
+             f"| layer | {unit} | alignment | uniformity | linear acc (%) |", "|---|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {c['layer']} | {c['timestep']} | {c['alignment']:.3f} | {c['uniformity']:.3f} | "
+              f"{100 * c['linear_acc']:.2f} |" for c in cells]  # fmt: skip
     return lines
 
 
@@ -295,10 +315,12 @@ def fused_lines(results: dict) -> list[str]:
     return lines
 
 
-def heatmap(results: dict, metric: str, path: str, title: str, marked: tuple[str, int]) -> None:
-    """Layers (execution order) x noise levels, annotated in %, with ``marked`` outlined; PNG at ``path``."""
-    grid_heatmap(results["cells"], path, metric, title=title, marked=marked, layers=results["layers"],
-                 noise_levels=results.get("noise_levels"), unit=level_unit(results))
+def heatmap(results: dict, metric: str, path: str, title: str, marked: tuple[str, int] | None,
+            percent: bool = True) -> bool:  # fmt: skip
+    """Layers (execution order) x noise levels, annotated in % (or as is), with ``marked`` outlined; PNG at ``path``
+    (nothing, and False, when no cell has ``metric``)."""
+    return grid_heatmap(results["cells"], path, metric, title=title, marked=marked, layers=results["layers"],
+                        noise_levels=results.get("noise_levels"), unit=level_unit(results), percent=percent)
 
 
 def write_report(output_dir: str, result: ProbeResult, heads: Mapping[tuple[str, int], LinearHead]) -> None:
@@ -327,6 +349,10 @@ def write_report(output_dir: str, result: ProbeResult, heads: Mapping[tuple[str,
         heatmap(results, "knn_acc", os.path.join(staging, "knn_heatmap.png"),
                 f"kNN accuracy (k={KNN_K}, T={KNN_TEMPERATURE:g}), {name} (box: highest)",
                 (top_knn["layer"], top_knn["timestep"]))
+        for metric, better in (("alignment", "lower: the noise moves the feature less"),
+                               ("uniformity", "lower: features spread over the sphere")):  # fmt: skip
+            heatmap(results, metric, os.path.join(staging, f"{metric}_heatmap.png"),
+                    f"{metric} ({better}), {name}", None, percent=False)
         result.files = {file: file_digest(os.path.join(staging, file)) for file in sorted(os.listdir(staging))}
         for file in result.files:
             os.replace(os.path.join(staging, file), os.path.join(output_dir, file))

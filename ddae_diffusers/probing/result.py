@@ -43,6 +43,8 @@ class ProbeCell:
     logistic_ci95: list[float] | None = None
     logistic_C: float | None = None  # its inverse regularisation, chosen on validation
     logistic_val_acc: float | None = None
+    alignment: float | None = None  # --alignment: Wang and Isola's metrics (geometry.py)
+    uniformity: float | None = None
 
     @property
     def key(self) -> str:

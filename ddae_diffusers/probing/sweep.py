@@ -21,7 +21,7 @@ from .table import Device, FeatureTable
 logger = logging.getLogger(__name__)
 MAX_EXTENSIONS = 3  # passes beyond the grid; each adds EXTENSION_STEPS rates on the side of the edge
 EXTENSION_STEPS = 2
-LR_RANGE = (1e-6, 10.0)  # rates outside are never tried: below, heads barely move; above, Adam diverges
+LR_RANGE = (1e-6, 100.0)  # rates outside are never tried: below, heads barely move; above, nothing is learnt
 
 
 def edge(fit: CellFit) -> int:
