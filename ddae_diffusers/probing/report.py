@@ -266,7 +266,12 @@ def comparison_row(c: dict) -> str:
     """One row of a paired-tests table (see :func:`comparison_lines`)."""
     low, high = c["diff_ci95"]
     return (f"| {c['what']} | {100 * c['a_acc']:.2f} | {100 * c['b_acc']:.2f} | {100 * c['diff']:+.2f} "
-            f"[{100 * low:+.2f}, {100 * high:+.2f}] | {c['a_only']} / {c['b_only']} | {c['p_value']:.2g} |")
+            f"[{100 * low:+.2f}, {100 * high:+.2f}] | {c['a_only']} / {c['b_only']} | {p_text(c['p_value'])} |")
+
+
+def p_text(p_value: float) -> str:
+    """A p-value for a table: two significant digits; one below the smallest float64 shows as ``< 1e-300``."""
+    return f"{p_value:.2g}" if p_value > 0 else "< 1e-300"
 
 
 def search_lines(results: dict) -> list[str]:
