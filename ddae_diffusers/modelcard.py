@@ -14,7 +14,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from .loading import is_hub_id
 from .noise import EDM_SAMPLING_STEPS, NoiseLevel, noise_axis
 from .probing.knn import KNN_K
-from .probing.stats import format_interval
+from .probing.stats import format_interval, wilson_interval
 
 PAPER_URL = "https://arxiv.org/abs/2303.09769"
 HEATMAP_FILE = "probe_grid.png"
@@ -274,7 +274,7 @@ or sample: `DDAEPipeline.from_pretrained("{{ repo_or_path }}")(num_inference_ste
 ## Probe history
 
 kNN (k={{ knn_k }}, cosine) and linear-probe top-1 accuracy on fixed labelled subsets
-({{ probe_description }}), features of `{{ probe_layer }}` at {{ probe_level_text }}, {{ weights }}.
+({{ probe_description }}), features of `{{ probe_layer }}` at {{ probe_level_text }}, {{ weights }}{{ interval_note }}.
 {% if history %}
 | step | images seen | kNN accuracy | linear-probe accuracy |
 |---:|---:|---:|---:|
@@ -326,6 +326,7 @@ class PretrainingSummary:
     best: dict | None  # the best probe: step, metric, value
     use_ema: bool
     repo_or_path: str
+    probe_eval_images: int | None = None  # the monitor's test images: each accuracy's 95% Wilson interval
 
 
 def pretraining_model_card(summary: PretrainingSummary) -> ModelCard:
@@ -338,7 +339,13 @@ def pretraining_model_card(summary: PretrainingSummary) -> ModelCard:
         datasets=[summary.hub_dataset] if summary.hub_dataset else None,
     )
     def fmt(value: float | None) -> str:
-        return "-" if value is None else f"{value:.4f}"
+        if value is None:
+            return "-"
+        n = summary.probe_eval_images
+        if not n:
+            return f"{value:.4f}"
+        low, high = wilson_interval(round(value * n), n)
+        return f"{value:.4f} [{low:.4f}, {high:.4f}]"
 
     rows = [{**row, "knn_acc_str": fmt(row.get("knn_acc")), "linear_acc_str": fmt(row.get("linear_acc"))}
             for row in summary.history]
@@ -356,6 +363,8 @@ def pretraining_model_card(summary: PretrainingSummary) -> ModelCard:
         if edm else "DDPM (discrete timesteps)",
         sample_steps=sampling_steps(summary.objective),
         knn_k=KNN_K,
+        interval_note=f"; in brackets, each accuracy's 95% Wilson interval over the {summary.probe_eval_images} test "
+        "images" if summary.probe_eval_images else "",
     )
 
 

@@ -146,7 +146,11 @@ def test_pretraining_summary_round_trips_and_is_what_the_card_shows():
     summary = _summary()
     assert PretrainingSummary(**json.loads(json.dumps(dataclasses.asdict(summary)))) == summary
     card = pretraining_model_card(summary).content
-    assert "at sigma 0.05995 (EDM; a variance-exploding sigma), the EMA weights" in card
+    assert "at sigma 0.05995 (EDM; a variance-exploding sigma), the EMA weights." in card
+    assert "| 6 | 48 | 0.2500 | 0.3000 |" in card  # no test-set size: no interval
+    with_n = pretraining_model_card(_summary(probe_eval_images=40)).content
+    assert "95% Wilson interval over the 40 test images" in with_n
+    assert "| 6 | 48 | 0.2500 [0.1419, 0.4019] | 0.3000 [0.1807, 0.4543] |" in with_n
     assert f"kNN (k={KNN_K}, cosine)" in card and f"num_inference_steps={EDM_SAMPLING_STEPS}" in card
     assert "| 6 | 48 | 0.2500 | 0.3000 |" in card and "| wall time | 1m 35s |" in card
 

@@ -756,6 +756,7 @@ def pretraining_summary(
         best=dict(history.best) if history.best else None,
         use_ema=use_ema,
         repo_or_path=repo_id or args.output_dir,
+        probe_eval_images=len(monitor.data.eval_ids) if monitor else None,
     )
 
 
