@@ -518,3 +518,30 @@ def test_search_auto_halves_large_grids_only(tmp_path):
     assert search_method(online, 10 * HALVING_FROM_ROWS, 7) == "exhaustive"
     exhaustive = ProbeConfig(model="m", dataset="d", output_dir=str(tmp_path), search="exhaustive")
     assert search_method(exhaustive, 10 * HALVING_FROM_ROWS, 7) == "exhaustive"
+
+
+def test_results_written_before_intervals_still_load(probe_run, tmp_path):
+    import shutil
+
+    from ddae_diffusers.errors import UsageError
+    from ddae_diffusers.probing.comparisons import compare_runs
+    from ddae_diffusers.probing.report import markdown_table
+    from ddae_diffusers.probing.result import ProbeResult
+
+    out, _ = probe_run
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    data = json.loads((old / "results.json").read_text())
+    new_cell_fields = ("lrs", "linear_ci95", "knn_ci95", "knn_accs", "logistic_acc", "logistic_ci95", "logistic_C",
+                       "logistic_val_acc", "alignment", "uniformity")  # fmt: skip
+    for cell in [*data["cells"], data["best"]]:
+        for name in new_cell_fields:
+            cell.pop(name)
+    for name in ("few_shot", "correct", "comparisons"):
+        data.pop(name)
+    (old / "results.json").write_text(json.dumps(data))
+    result = ProbeResult.load(old)
+    assert result.best.linear_ci95 is None and result.correct == {} and result.comparisons == []
+    assert "linear acc (%) [95% CI]" in markdown_table(result.to_dict())  # reported without intervals
+    with pytest.raises(UsageError, match="run ddae-probe again with this version"):
+        compare_runs(result, ProbeResult.load(out))
