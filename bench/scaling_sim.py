@@ -79,6 +79,9 @@ def main() -> None:
     parser.add_argument("--eval_rows", type=int, default=10_000)
     parser.add_argument("--classes", type=int, default=100)
     parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--logistic_cells", type=int, default=0,
+                        help="ddae-probe's --logistic_cells (default 0 here: full-batch logistic regression on a CPU "
+                             "takes minutes per 100,000 rows at 100 classes and would hide the other stages)")
     parser.add_argument("--work_dir", default="/tmp/ddae-scaling-sim")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders only: never wait on the Hub
     parser.add_argument("--output", default="bench/results/scaling_sim.json")
@@ -96,7 +99,8 @@ def main() -> None:
         out = os.path.join(args.work_dir, f"probe-{rows}")
         command = ["/usr/bin/time", "-v", sys.executable, "-m", "ddae_diffusers.probing.cli", "--model", model,
                    "--dataset", data, "--max_train_samples", str(rows), "--layers", LAYER, "--timesteps", "10",
-                   "--batch_size", str(args.batch_size), "--output_dir", out]  # fmt: skip
+                   "--batch_size", str(args.batch_size), "--logistic_cells", str(args.logistic_cells),
+                   "--output_dir", out]  # fmt: skip
         load = os.getloadavg()
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
@@ -110,6 +114,7 @@ def main() -> None:
         runs.append(run)
         print(json.dumps(run), flush=True)
     record = {"command": " ".join(["python", *sys.argv]), "cpu_count": os.cpu_count(), "layer": LAYER,
+              "logistic_cells": args.logistic_cells,
               "lrs": len(results["lrs"]),
               "image_size": SIZE, "classes": args.classes, "batch_size": args.batch_size, "runs": runs}  # fmt: skip
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
