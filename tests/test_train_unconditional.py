@@ -112,7 +112,7 @@ def test_unet_run_outputs_probe_history_and_card(tmp_path):
     assert "library_name: diffusers" in card and "- ddae" in card and "unconditional-image-generation" in card
     assert "--max_train_steps 6" in card and "| optimiser steps | 6 |" in card and "| images seen | 48 |" in card
     for row in probes:
-        assert f"| {row['step']} | {row['step'] * 8} | {row['probe/knn_acc']:.4f} |" in card
+        assert f"| {row['step']} | {row['step'] * 8} | {row['probe/knn_acc']:.4f} [" in card  # with its interval
     assert sorted(os.listdir(out)) == sorted(
         ["README.md", "best-probe", "checkpoint-3", "checkpoint-6", "logs", "model_index.json", "scheduler", "unet"]
     )
