@@ -229,19 +229,19 @@ def test_offloaded_and_bf16_conditional_models(layouts):
     torch.testing.assert_close(offloaded, plain, rtol=1e-5, atol=1e-6)
 
 
-def readme_snippet() -> str:
+def guide_snippet() -> str:
     from conftest import REPO_ROOT
 
-    readme = (REPO_ROOT / "README.md").read_text()
-    block = readme.split("<!-- snippet: every-denoiser -->", 1)[1].split("<!-- end snippet -->", 1)[0]
+    guide = (REPO_ROOT / "docs" / "features.md").read_text()
+    block = guide.split("<!-- snippet: every-denoiser -->", 1)[1].split("<!-- end snippet -->", 1)[0]
     return block.split("```python", 1)[1].split("```", 1)[0]
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_readme_snippet_runs_on_every_family(name, layouts):
-    code = readme_snippet().replace('"stabilityai/stable-diffusion-xl-base-1.0"', repr(layouts[name]))
+def test_guide_snippet_runs_on_every_family(name, layouts):
+    code = guide_snippet().replace('"stabilityai/stable-diffusion-xl-base-1.0"', repr(layouts[name]))
     namespace = {"pixel_values": pixels(2, RESOLUTIONS[name])}
-    exec(compile(code, "README.md", "exec"), namespace)
+    exec(compile(code, "docs/features.md", "exec"), namespace)
     backbone, layer = namespace["backbone"], namespace["layer"]
     dim, side = backbone.layer_info(layer).feature_dim, RESOLUTIONS[name]
     assert layer == backbone.default_layer() and namespace["feats"].shape == (2, dim)

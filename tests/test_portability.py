@@ -32,8 +32,9 @@ def test_no_test_reads_the_machine_folder():
 
 
 def test_public_files_name_the_data_set_not_the_machine_folder():
-    public = [REPO_ROOT / "README.md", *(REPO_ROOT / "examples").rglob("README.md"),
-              *(REPO_ROOT / "examples").rglob("*.json"), *(REPO_ROOT / "examples").rglob("results.md"),
+    public = [REPO_ROOT / "README.md", *(REPO_ROOT / "docs").rglob("*.md"),
+              *(REPO_ROOT / "examples").rglob("README.md"), *(REPO_ROOT / "examples").rglob("*.json"),
+              *(REPO_ROOT / "examples").rglob("results.md"),
               *(REPO_ROOT / "ddae_diffusers").rglob("*.py"), *(REPO_ROOT / "training").rglob("*.py")]
     assert files_naming_machine_folder(public) == []
 
