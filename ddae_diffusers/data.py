@@ -170,8 +170,9 @@ def detect_eval_split(name: str, config_name: str | None = None, given: str | No
         return given
     import datasets
 
-    if _load_hint(name, ValueError()):  # a model folder: say so before listing its "splits"
-        raise UsageError(f"Could not load data set {name!r}.{_load_hint(name, ValueError())}")
+    model_folder = _load_hint(name, ValueError())  # a model folder: say so before listing its "splits"
+    if model_folder:
+        raise UsageError(f"Could not load data set {name!r}.{model_folder}")
 
     try:
         splits = datasets.get_dataset_split_names(name, config_name)

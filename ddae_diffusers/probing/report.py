@@ -18,12 +18,12 @@ from collections.abc import Mapping
 from ..errors import UsageError
 from ..noise import NoiseAxis, axis_class
 from .geometry import GEOMETRY_ROWS
-from .heads import CellFit, LinearHead
+from .heads import LinearHead
 from .heatmap import grid_heatmap
 from .knn import KNN_K, KNN_TEMPERATURE
 from .result import HEADS_FILE, ProbeResult, cell_key, file_digest, parse_cell_key
 from .stats import format_interval
-from .sweep import edge
+from .sweep import edge_of
 
 
 def head_tensors(heads: Mapping[tuple[str, int], LinearHead]) -> dict:
@@ -178,7 +178,7 @@ def sweep_lines(results: dict) -> list[str]:
         return []
     grid = set(results["lrs"])
     extended = [c for c in cells if set(c["lrs"]) - grid]
-    at_edge = [c for c in cells if edge(CellFit(None, c["lr"], c["val_acc"], c["val_accs"], tuple(c["lrs"])))]
+    at_edge = [c for c in cells if edge_of(c["lr"], c["lrs"], c["val_accs"])]
     lines = ["", "## Learning-rate sweep", "",
              f"Grid: {', '.join(f'{lr:g}' for lr in results['lrs'])}. A cell whose best rate on validation was at "
              "an edge (and beat its neighbour) got the next rates out, up to 3 times."]  # fmt: skip

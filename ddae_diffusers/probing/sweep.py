@@ -27,12 +27,17 @@ LR_RANGE = (1e-6, 100.0)  # rates outside are never tried: below, heads barely m
 def edge(fit: CellFit) -> int:
     """-1 when the chosen lr is the smallest of several tried and beats the next one on validation, +1 the same at
     the largest, 0 otherwise (inside, one lr only, or a plateau: tied with its neighbour, nothing to gain beyond)."""
-    pairs = sorted(zip(fit.lrs, fit.val_accs, strict=True)) if fit.val_accs else []
-    if len(pairs) < 2 or fit.val_acc is None:
+    return 0 if fit.val_acc is None else edge_of(fit.lr, fit.lrs, fit.val_accs)
+
+
+def edge_of(lr: float, lrs: Sequence[float], val_accs: Sequence[float] | None) -> int:
+    """:func:`edge` of a chosen ``lr`` among the ``lrs`` tried with their validation accuracies."""
+    pairs = sorted(zip(lrs, val_accs, strict=True)) if val_accs else []
+    if len(pairs) < 2:
         return 0
-    if fit.lr == pairs[0][0] and pairs[0][1] > pairs[1][1]:
+    if lr == pairs[0][0] and pairs[0][1] > pairs[1][1]:
         return -1
-    if fit.lr == pairs[-1][0] and pairs[-1][1] > pairs[-2][1]:
+    if lr == pairs[-1][0] and pairs[-1][1] > pairs[-2][1]:
         return 1
     return 0
 
@@ -102,4 +107,4 @@ def sweep_heads(
     return fits
 
 
-__all__ = ["MAX_EXTENSIONS", "edge", "merged", "next_lrs", "sweep_heads"]
+__all__ = ["MAX_EXTENSIONS", "edge", "edge_of", "merged", "next_lrs", "sweep_heads"]
