@@ -418,9 +418,8 @@ def test_ddpm_cifar10_32_layout_and_docstring_example(ddpm_cifar10_32_dir, cifar
 
 
 def run_readme_pipeline_example(model_dir: str, cwd: Path) -> None:
-    """Runs the two code blocks of the README pipeline section as written, with the Hub id -> ``model_dir``."""
-    readme = (REPO_ROOT / "README.md").read_text()
-    section = readme.split("<!-- section: pipeline -->")[1].split("<!-- section:")[0].split("\n## Benchmarks")[0]
+    """Runs the two code blocks of docs/pipeline.md as written, with the Hub id -> ``model_dir``."""
+    section = (REPO_ROOT / "docs" / "pipeline.md").read_text()
     blocks = [block.split("```")[0] for block in section.split("```python\n")[1:]]
     assert len(blocks) == 2
     namespace: dict = {}
