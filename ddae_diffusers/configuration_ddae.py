@@ -18,6 +18,7 @@ BACKBONE_CLASSES = UNCONDITIONAL  # "UNet2DModel", "DiTTransformer2DModel"
 NOISE_POLICIES = ("fixed", "random", "none")
 OBJECTIVES = ("ddpm", "edm")
 HEAD_NORMS = ("batchnorm", "layernorm", None)
+HEAD_TYPES = ("linear", "noise_conditional")
 VAE_CLASSES = ("AutoencoderKL",)
 POOLINGS = ("avg",)
 # Configs saved before the scheduler was nested flattened it into these fields, per objective; they still load.
@@ -120,7 +121,17 @@ class DDAEConfig(PreTrainedConfig):
             Normalisation of the pooled feature before the head: `"batchnorm"` (BatchNorm1d without affine
             parameters, as linear probes do), `"layernorm"`, or `None`.
         classifier_dropout (`float`, *optional*, defaults to 0.0):
-            Dropout on the (normalised) feature before the linear head.
+            Dropout on the (normalised) feature before the linear head (the noise-conditional head: before its
+            output layer).
+        head_type (`str`, *optional*, defaults to `"linear"`):
+            `"linear"`: one linear layer on the feature, for the input noised at `timestep`. `"noise_conditional"`:
+            a two-layer MLP told the noise level, `out(SiLU(hidden(feature) + time_mlp(embed(level))))`, trained
+            over all levels; `forward(..., timestep=...)` then classifies inputs at any level (default: `timestep`).
+        head_hidden_dim (`int`, *optional*):
+            Width of the noise-conditional head's hidden layer (default: `feature_dim`).
+        time_embedding_dim (`int`, *optional*, defaults to 128):
+            Width of the sinusoidal embedding of the noise level the noise-conditional head gets (the level as the
+            denoiser is given it: a DDPM timestep index, EDM's `c_noise`).
         feature_dim (`int`, *optional*):
             Width of the pooled feature (set by `from_diffusers`).
         image_size (`int`, *optional*):
@@ -162,6 +173,9 @@ class DDAEConfig(PreTrainedConfig):
         noise_seed: int = 0,
         head_norm: str | None = "batchnorm",
         classifier_dropout: float = 0.0,
+        head_type: str = "linear",
+        head_hidden_dim: int | None = None,
+        time_embedding_dim: int = 128,
         feature_dim: int | None = None,
         image_size: int | None = None,
         pruned_modules: list[str] | None = None,
@@ -193,6 +207,11 @@ class DDAEConfig(PreTrainedConfig):
             raise UsageError(f"head_norm {head_norm!r} is not one of {HEAD_NORMS}.")
         if pooling not in POOLINGS:
             raise UsageError(f"pooling {pooling!r} is not one of {POOLINGS}.")
+        if head_type not in HEAD_TYPES:
+            raise UsageError(f"head_type {head_type!r} is not one of {HEAD_TYPES}.")
+        for name, width in (("head_hidden_dim", head_hidden_dim), ("time_embedding_dim", time_embedding_dim)):
+            if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < 2):
+                raise UsageError(f"{name} must be an integer >= 2, got {width!r}.")
         if not 0.0 <= classifier_dropout < 1.0:
             raise UsageError(f"classifier_dropout must be in [0, 1), got {classifier_dropout}.")
         self.backbone_class = backbone_class
@@ -208,6 +227,9 @@ class DDAEConfig(PreTrainedConfig):
         self.noise_seed = noise_seed
         self.head_norm = head_norm
         self.classifier_dropout = classifier_dropout
+        self.head_type = head_type
+        self.head_hidden_dim = head_hidden_dim
+        self.time_embedding_dim = time_embedding_dim
         self.feature_dim = feature_dim
         self.image_size = image_size
         self.pruned_modules = list(pruned_modules) if pruned_modules is not None else None

@@ -99,8 +99,15 @@ class NoiseAxis:
         ``level``, and the (B,) timestep it is given. Noising is done in float32 whatever dtype ``clean`` and
         ``noise`` come in (half precision would round the noise away at low levels); callers cast the result to
         the network's dtype. ``noise=None`` adds no noise (an ablation): DDPM passes ``clean`` as it is, EDM still
-        preconditions it (``c_in`` belongs to EDM's network, not to its noising)."""
+        preconditions it (``c_in`` belongs to EDM's network, not to its noising). DDPM and EDM also take a (B,)
+        tensor of checked levels, one per row."""
         raise NotImplementedError
+
+    def noisy_network_inputs(self, noisy: torch.Tensor, levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The network's input and (B,) timestep for a sample that is already noised, as a sampler holds it:
+        (B, C, h, w) ``noisy`` at (B,) ``levels`` (DDPM: ``x_t`` and t as they are; EDM: ``c_in x`` and
+        ``c_noise``)."""
+        raise UsageError(f"{type(self).__name__} models cannot classify noisy samples: use a DDPM or EDM model.")
 
     def ve_sigma(self, level: NoiseLevel) -> float:
         """The variance-exploding sigma of ``level``: noise std over signal scale."""
@@ -146,6 +153,16 @@ def _float32(clean: torch.Tensor, noise: torch.Tensor | None) -> tuple[torch.Ten
     return clean, None if noise is None else noise.to(clean.device, torch.float32)
 
 
+def _per_row(level: NoiseLevel | torch.Tensor, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B,) levels for the B rows of ``like``: one level repeated, or a (B,) tensor of levels as given."""
+    if isinstance(level, torch.Tensor):
+        if level.shape != (like.shape[0],):
+            raise UsageError(f"Got {tuple(level.shape)} noise levels for {like.shape[0]} rows: pass one per row.")
+        return level.to(like.device, dtype)
+    value = float(level) if dtype.is_floating_point else int(level)
+    return torch.full((like.shape[0],), value, dtype=dtype, device=like.device)
+
+
 class DDPMNoise(NoiseAxis):
     """Variance-preserving noise at diffusers timestep indices (DDPM, DDIM, PNDM, DPM-Solver, Euler... schedulers).
 
@@ -183,10 +200,13 @@ class DDPMNoise(NoiseAxis):
 
     def network_inputs(self, clean, noise, level):
         clean, noise = _float32(clean, noise)
-        t = torch.full((clean.shape[0],), int(level), dtype=torch.long, device=clean.device)
+        t = _per_row(level, clean, torch.long)
         if noise is None:
             return clean, t
         return self.noiser.add_noise(clean, noise, t), t
+
+    def noisy_network_inputs(self, noisy, levels):
+        return noisy, levels.to(noisy.device, torch.long)
 
     def ve_sigma(self, level) -> float:
         alpha = float(self.noiser.alphas_cumprod[int(level)])
@@ -251,9 +271,12 @@ class EDMNoise(NoiseAxis):
 
     def network_inputs(self, clean, noise, level):
         clean, noise = _float32(clean, noise)
-        sigma = torch.full((clean.shape[0],), float(level), dtype=torch.float32, device=clean.device)
-        noisy = clean if noise is None else clean + float(level) * noise
+        sigma = _per_row(level, clean, torch.float32)
+        noisy = clean if noise is None else clean + sigma.view(-1, *([1] * (clean.ndim - 1))) * noise
         return self.precondition(noisy, sigma)
+
+    def noisy_network_inputs(self, noisy, levels):
+        return self.precondition(noisy, levels.to(noisy.device, torch.float32))
 
     def precondition(self, noisy: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(c_in * noisy, c_noise)`` for (B, C, h, w) ``noisy`` at (B,) ``sigma``."""

@@ -11,6 +11,7 @@ this module only turns user inputs into pixel tensors and wires the components t
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import tempfile
 from collections.abc import Sequence
@@ -44,7 +45,8 @@ from ddae_diffusers.image_processing_ddae import DDAEImageProcessor
 from ddae_diffusers.loading import check_source, inspect_source, load_components, resolve_dtype
 from ddae_diffusers.modelcard import pipeline_model_card
 from ddae_diffusers.modeling_ddae import DDAEForImageClassification
-from ddae_diffusers.noise import EDM_SAMPLING_STEPS, DDPMNoise, NoiseLevel, is_edm_scheduler, noise_axis
+from ddae_diffusers.noise import EDM_SAMPLING_STEPS, DDPMNoise, EDMNoise, NoiseLevel, is_edm_scheduler, noise_axis
+from ddae_diffusers.noise_conditional import check_noise_conditional
 from ddae_diffusers.probing.result import ProbeResult
 
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | Sequence[PIL.Image.Image | np.ndarray | torch.Tensor]
@@ -66,6 +68,11 @@ EXAMPLE_DOC_STRING = """
 
         >>> # sample like DDPMPipeline
         >>> images = pipe(batch_size=2, num_inference_steps=10, generator=torch.manual_seed(0)).images
+
+        >>> # class-conditional samples, guided by a noise-conditional head on the model's own features
+        >>> # (training/train_noise_conditional.py trains one)
+        >>> pipe.classifier = DDAEForImageClassification.from_pretrained("ddae-cifar10-noise-conditional")
+        >>> cats = pipe(class_labels=["cat"] * 4, guidance_scale=3.0, num_inference_steps=50).images
 
         >>> # DDAE features: the paper's out_6 at t=11 (diffusers t=10), global-average-pooled
         >>> feats = pipe.extract_features(images, layers=["up_blocks.1.resnets.2"], timesteps=[10])
@@ -309,9 +316,12 @@ class DDAEPipeline(DiffusionPipeline):
         num_inference_steps: int | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        class_labels: int | str | Sequence[int | str] | None = None,
+        guidance_scale: float = 1.0,
     ) -> ImagePipelineOutput | tuple:
         r"""
-        Generates images unconditionally (a DiT gets the null class id).
+        Generates images unconditionally (a DiT gets the null class id), or toward `class_labels` by classifier
+        guidance from the pipeline's own noise-conditional `classifier`.
 
         Args:
             batch_size (`int`, *optional*, defaults to 1):
@@ -329,6 +339,14 @@ class DDAEPipeline(DiffusionPipeline):
                 tensor in [0, 1]).
             return_dict (`bool`, *optional*, defaults to `True`):
                 Whether to return an [`~pipelines.ImagePipelineOutput`] instead of a plain tuple.
+            class_labels (`int`, `str` or a list of them, *optional*):
+                Classes to sample (ids or names of the classifier's `id2label`): one for the whole batch, or one per
+                image (the list's length is then the batch size). Needs a noise-conditional `classifier` on this
+                denoiser's noise schedule; each step adds `guidance_scale` times the gradient of
+                `log p(y | x_t)` (the head through the truncated denoiser) to the model's score: for a DDPM
+                `eps - s sqrt(1 - alpha_bar_t) grad`, for EDM `D + s sigma^2 grad`.
+            guidance_scale (`float`, *optional*, defaults to 1.0):
+                The weight `s` of the classifier's gradient (0 samples unguided, as without `class_labels`).
 
         Examples:
 
@@ -356,6 +374,12 @@ class DDAEPipeline(DiffusionPipeline):
             raise UsageError(f"num_inference_steps must be an integer in 1..{num_train}, got {num_inference_steps!r}.")
         if output_type not in _OUTPUT_TYPES:
             raise UsageError(f"output_type must be one of {_OUTPUT_TYPES}, got {output_type!r}.")
+        guidance = None
+        if class_labels is not None:
+            guidance = self._guidance_labels(class_labels, batch_size, guidance_scale, scheduler)
+            batch_size = len(guidance)
+        elif guidance_scale != 1.0:
+            raise UsageError("guidance_scale needs class_labels: pass the classes to guide toward.")
         if isinstance(generator, list) and len(generator) != batch_size:
             raise UsageError(f"Got {len(generator)} generators for batch_size {batch_size}: pass one per image.")
 
@@ -382,6 +406,9 @@ class DDAEPipeline(DiffusionPipeline):
             output = denoiser(model_input, timestep, **extra).sample
             if learned_sigma and not scheduler_uses_sigma:
                 output = output[:, :channels]  # (B, 2C) -> predicted noise; the variance half is unused
+            if guidance is not None and guidance_scale != 0:
+                shift = self._guidance_shift(sample, t, scheduler, guidance, guidance_scale)
+                output = torch.cat([output[:, :channels] + shift.to(output.dtype), output[:, channels:]], dim=1)
             sample = scheduler.step(output, t, sample, **step_kwargs).prev_sample
 
         if self.vae is not None:
@@ -397,6 +424,102 @@ class DDAEPipeline(DiffusionPipeline):
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
+
+    # ------------------------------------------------------------------ guidance
+    def _guidance_labels(
+        self,
+        class_labels: int | str | Sequence[int | str],
+        batch_size: int,
+        guidance_scale: float,
+        scheduler: SchedulerMixin,
+    ) -> torch.Tensor:
+        """(B,) class ids to guide toward, after every check of guided sampling (before any work)."""
+        classifier = check_noise_conditional(self.classifier, "Guided sampling (class_labels=)")
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
+            raise UsageError(f"guidance_scale must be a number >= 0, got {guidance_scale!r}.")
+        if not (math.isfinite(guidance_scale) and guidance_scale >= 0):
+            raise UsageError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}.")
+        labels = [class_labels] if isinstance(class_labels, (int, str)) else list(class_labels)
+        if not labels:
+            raise UsageError("class_labels is empty: pass at least one class.")
+        if len(labels) == 1:
+            labels = labels * batch_size
+        elif batch_size not in (1, len(labels)):
+            raise UsageError(f"Got {len(labels)} class_labels for batch_size {batch_size}: pass one per image.")
+        config = classifier.config
+        names = {str(name): int(i) for i, name in (config.id2label or {}).items()}
+        ids = []
+        for label in labels:
+            if isinstance(label, str) and label in names:
+                label = names[label]
+            if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < config.num_labels:
+                raise UsageError(
+                    f"class label {label!r} is not a class of the classifier: use ids 0..{config.num_labels - 1} or "
+                    f"names such as {sorted(names)[:3]}."
+                )
+            ids.append(label)
+        self._check_guidance_schedule(classifier, scheduler)
+        return torch.tensor(ids, dtype=torch.long)
+
+    def _check_guidance_schedule(self, classifier: DDAEForImageClassification, scheduler: SchedulerMixin) -> None:
+        """The classifier must read this sampler's noisy samples: the same noise schedule, epsilon prediction."""
+        sampler, head = noise_axis(scheduler), classifier.noise_axis
+        if type(sampler) is not type(head):
+            raise UsageError(
+                f"The classifier was trained on {head.objective.upper()} noise but the scheduler samples "
+                f"{sampler.objective.upper()} noise: guide with a classifier trained on this model."
+            )
+        if isinstance(sampler, DDPMNoise):
+            if scheduler.config.get("prediction_type", "epsilon") != "epsilon":
+                raise UsageError(
+                    f"Guidance supports epsilon-predicting DDPM schedulers; this one predicts "
+                    f"{scheduler.config.prediction_type!r}."
+                )
+            if float(scheduler.init_noise_sigma) != 1.0:
+                raise UsageError(
+                    "Guidance needs a sampler whose samples are the variance-preserving x_t (DDPM, DDIM, "
+                    f"DPM-Solver); {type(scheduler).__name__} scales them: swap in "
+                    "DDIMScheduler.from_config(pipe.scheduler.config)."
+                )
+            same = sampler.noiser.alphas_cumprod.shape == head.noiser.alphas_cumprod.shape and torch.allclose(
+                sampler.noiser.alphas_cumprod, head.noiser.alphas_cumprod
+            )
+        else:
+            same = float(scheduler.config.sigma_data) == float(head.scheduler.config.sigma_data)
+        if not same:
+            raise UsageError(
+                "The classifier's noise schedule differs from the scheduler's (betas or sigma_data): guide with a "
+                "classifier trained on this model's schedule."
+            )
+
+    def _guidance_shift(
+        self,
+        sample: torch.Tensor,
+        t: torch.Tensor,
+        scheduler: SchedulerMixin,
+        labels: torch.Tensor,
+        guidance_scale: float,
+    ) -> torch.Tensor:
+        """What guidance adds to the model's output at step ``t``: ``-s sqrt(1 - alpha_bar_t) grad`` to a DDPM's
+        predicted noise, ``s sigma^2 grad / c_out`` to an EDM model's raw output (so that the denoised estimate moves
+        by ``s sigma^2 grad``), with ``grad = d log p(y | x_t) / d x_t`` (B, C, H, W) from the classifier."""
+        classifier = self.classifier.eval()
+        axis = noise_axis(scheduler)
+        if isinstance(axis, EDMNoise):
+            level = scheduler.sigmas[scheduler.step_index].to(sample.device, torch.float32)
+        else:
+            level = t.to(sample.device, torch.long)
+        levels = level.expand(sample.shape[0])
+        with torch.enable_grad():
+            noisy = sample.detach().float().requires_grad_(True)
+            logits = classifier.logits_of_noisy(noisy, levels).float()
+            log_prob = logits.log_softmax(-1).gather(1, labels.to(logits.device)[:, None]).sum()
+            (grad,) = torch.autograd.grad(log_prob, noisy)
+        if isinstance(axis, EDMNoise):
+            c_out = scheduler.precondition_outputs(torch.zeros_like(grad), torch.ones_like(grad), level)
+            return guidance_scale * level**2 * grad / c_out
+        alpha_bar = axis.noiser.alphas_cumprod.to(sample.device)[level]
+        return -guidance_scale * (1 - alpha_bar).sqrt() * grad
 
     # ------------------------------------------------------------------ features
     def layer_names(self) -> list[str]:

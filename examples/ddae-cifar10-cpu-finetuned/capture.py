@@ -753,7 +753,7 @@ class DDAEBackbone:
                 usual noise, draw k >= 1 comes from ``(derive_seed(seed, 7, k), id)``: deterministic per seed and
                 independent of the batch size.
             levels_per_forward: run this many noise levels of the batch as one forward of ``B x k`` inputs (the
-                same features; whether it is faster depends on the model and hardware, see BENCHMARKS.md).
+                same features; whether it is faster depends on the model and hardware, see docs/benchmarks.md).
             latents: instead of ``images``, their :meth:`encode` (B, c, h, w) under the same ``dtype``: the same
                 features without running the VAE again.
 

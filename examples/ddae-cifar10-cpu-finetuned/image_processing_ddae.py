@@ -140,10 +140,11 @@ class DDAEImageProcessor(BaseImageProcessor):
             The output is always S x S.
         do_center_crop (`bool`, *optional*, defaults to `True`):
             Resize the shorter side to S and keep the centre; otherwise resize the whole image to S x S.
-        image_mean (`list[float]`, *optional*, defaults to `[0.5, 0.5, 0.5]`),
+        image_mean (`list[float]`, *optional*, defaults to `[0.5, 0.5, 0.5]`):
+            The mean of the normalisation ``(x / 255 - mean) / std`` that maps pixels to [-1, 1], the range
+            diffusion models are trained on. Recorded for recipes that read it; other values are refused.
         image_std (`list[float]`, *optional*, defaults to `[0.5, 0.5, 0.5]`):
-            The normalisation ``(x / 255 - mean) / std`` that maps pixels to [-1, 1], the range diffusion models
-            are trained on. Recorded for recipes that read them; other values are refused.
+            The std of that normalisation. Recorded for recipes that read it; other values are refused.
 
     Returns a `BatchFeature` with `pixel_values` of shape (B, 3, S, S), float32 in [-1, 1].
     """

@@ -19,7 +19,12 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL
 from diffusers.models.downsampling import KDownsample2D
-from diffusers.models.embeddings import GaussianFourierProjection, PatchEmbed, get_2d_sincos_pos_embed
+from diffusers.models.embeddings import (
+    GaussianFourierProjection,
+    PatchEmbed,
+    get_2d_sincos_pos_embed,
+    get_timestep_embedding,
+)
 from diffusers.models.upsampling import KUpsample2D
 from torch import nn
 from transformers import PreTrainedModel
@@ -101,6 +106,28 @@ def prune_modules(denoiser: nn.Module, names: list[str]) -> None:
         setattr(parent, child, PrunedModule())
 
 
+class NoiseConditioning(nn.Module):
+    """The hidden layer of a noise-conditional head: ``SiLU(hidden(feature) + time_mlp(embed(timestep)))``.
+
+    ``forward(features (B, D), timestep (B,)) -> (B, H)``; ``timestep`` is the level as the denoiser is given it (a
+    DDPM index, EDM's ``c_noise``), embedded as diffusers embeds timesteps (sinusoidal, ``time_embedding_dim``)."""
+
+    def __init__(self, feature_dim: int, hidden_dim: int, time_embedding_dim: int):
+        super().__init__()
+        self.time_embedding_dim = time_embedding_dim
+        self.hidden = nn.Linear(feature_dim, hidden_dim)
+        self.time_mlp = nn.Sequential(
+            nn.Linear(time_embedding_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, hidden_dim)
+        )
+        self.act = nn.SiLU()
+
+    def forward(self, features: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        embedding = get_timestep_embedding(
+            timestep.float(), self.time_embedding_dim, flip_sin_to_cos=True, downscale_freq_shift=0
+        )
+        return self.act(self.hidden(features) + self.time_mlp(embedding.to(features.dtype)))
+
+
 class DDAEPreTrainedModel(PreTrainedModel):
     """Base class: config, weight init (every module: a checkpoint's missing keys get defined values), input name."""
 
@@ -168,9 +195,11 @@ class DDAEPreTrainedModel(PreTrainedModel):
 class DDAEForImageClassification(DDAEPreTrainedModel):
     """A diffusion denoiser as an image classifier (DDAE, Xiang et al. 2023).
 
-    ``forward(pixel_values (B, 3, H, W) in [-1, 1], labels=None) -> ImageClassifierOutput`` with
+    ``forward(pixel_values (B, 3, H, W) in [-1, 1], labels=None, timestep=None) -> ImageClassifierOutput`` with
     ``logits`` (B, num_labels) and, with ``output_hidden_states=True``, ``hidden_states = (activation,)``:
-    the raw feature-layer output (B, C, h, w) or (B, N, D).
+    the raw feature-layer output (B, C, h, w) or (B, N, D). The head is linear, or with
+    ``head_type="noise_conditional"`` an MLP told the noise level, so that ``timestep`` (one level or one per
+    image) classifies images at any level; :meth:`logits_of_noisy` classifies a sampler's noisy samples.
 
     Build one with :meth:`from_diffusers` (any ``UNet2DModel`` / pixel ``DiTTransformer2DModel``) or
     :meth:`from_probe` (a probe-engine result folder), fine-tune it with the ``Trainer``, save it with
@@ -223,6 +252,11 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
         else:
             self.feature_norm = nn.Identity()
         self.dropout = nn.Dropout(config.classifier_dropout)
+        self.noise_conditioning = None
+        if config.head_type == "noise_conditional":
+            hidden = config.head_hidden_dim or dim
+            self.noise_conditioning = NoiseConditioning(dim, hidden, config.time_embedding_dim)
+            dim = hidden
         self.classifier = nn.Linear(dim, config.num_labels)
         self.post_init()
 
@@ -388,10 +422,32 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_vae):
             return encode_latents(self.vae, pixel_values).float()
 
-    def noisy_input(self, clean: torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def check_timestep(self, timestep: NoiseLevel | torch.Tensor | None, batch_size: int) -> NoiseLevel | torch.Tensor:
+        """The noise level of a forward: ``config.timestep`` for None, else one level or a (B,) tensor of levels in
+        the model's units (DDPM indices, EDM sigmas), checked (``UsageError`` naming the fix)."""
+        if timestep is None:
+            return self.config.timestep
+        if isinstance(timestep, torch.Tensor) and timestep.ndim == 0:
+            timestep = timestep.item()
+        if not isinstance(timestep, torch.Tensor):
+            return self.noise_axis.check_levels([timestep])[0]
+        if timestep.shape != (batch_size,):
+            raise UsageError(
+                f"timestep has shape {tuple(timestep.shape)} for {batch_size} images: pass one level or one per image."
+            )
+        self.noise_axis.check_levels(timestep.unique().tolist())
+        return timestep
+
+    def noisy_input(
+        self,
+        clean: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        timestep: NoiseLevel | torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The denoiser's input under the configured noise policy, as in pretraining, from its clean input
         (B, C, h, w) (pixels, or latents from :meth:`encode`), and its (B,) timestep (DDPM: ``add_noise(x_0, eps,
-        t)`` and t; EDM: ``c_in (x_0 + sigma eps)`` and ``c_noise``).
+        t)`` and t; EDM: ``c_in (x_0 + sigma eps)`` and ``c_noise``), at ``timestep`` (a checked level or (B,)
+        levels; default ``config.timestep``).
 
         The ``"fixed"`` policy's eval noise of the example at batch position i is ``example_noise`` of
         ``(noise_seed, i)``: a probe's test split in its order, in one batch, gets the probe's own noise. Noise is
@@ -406,27 +462,57 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
                 noise = example_noise(clean.shape[1:], range(clean.shape[0]), self.config.noise_seed)
             else:
                 noise = torch.randn_like(clean)
-        return self.noise_axis.network_inputs(clean, noise, self.config.timestep)
+        level = self.config.timestep if timestep is None else timestep
+        return self.noise_axis.network_inputs(clean, noise, level)
+
+    def pooled_features(
+        self, noisy: torch.Tensor, network_timestep: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The feature layer's raw activation (B, C, h, w) or (B, N, D) and its pooled (B, D) feature, for the
+        denoiser's input ``noisy`` and its (B,) ``network_timestep`` (see :meth:`noisy_input`)."""
+        layer = self.config.feature_layer
+        activation = capture_activations(self.denoiser, noisy, network_timestep, [layer], stop_after=layer)[layer]
+        return activation, pool_activation(activation, self.config.pooling)
+
+    def head(self, features: torch.Tensor, network_timestep: torch.Tensor) -> torch.Tensor:
+        """(B, D) pooled features -> (B, num_labels) logits: norm, the noise conditioning (noise-conditional heads,
+        told the (B,) ``network_timestep``), dropout, linear."""
+        hidden = self.feature_norm(features.to(self.classifier.weight.dtype))
+        if self.noise_conditioning is not None:
+            hidden = self.noise_conditioning(hidden, network_timestep.to(hidden.device))
+        return self.classifier(self.dropout(hidden))
+
+    def logits_of_noisy(self, sample: torch.Tensor, timestep: NoiseLevel | torch.Tensor) -> torch.Tensor:
+        """(B, num_labels) logits of a sample that is already noised, as a sampler holds it: (B, C, h, w) in the
+        denoiser's space (pixels, or latents) at ``timestep`` (one level or (B,) levels in the model's units).
+        Differentiable in ``sample`` (classifier guidance)."""
+        levels = self.check_timestep(timestep, sample.shape[0])
+        if not isinstance(levels, torch.Tensor):
+            levels = torch.full((sample.shape[0],), levels, device=sample.device)
+        noisy, network_timestep = self.noise_axis.noisy_network_inputs(sample.float(), levels)
+        _, features = self.pooled_features(noisy, network_timestep)
+        return self.head(features, network_timestep)
 
     def forward(
         self,
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
+        timestep: NoiseLevel | torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> ImageClassifierOutput | tuple:
         """pixel_values (B, 3, H, W) in [-1, 1]; labels (B,) class ids (or floats for regression /
         multi-label); noise: optional eps overriding the noise policy, shaped like the denoiser's input
-        ((B, 3, H, W), or the latents (B, c, H/f, W/f) of a latent model). Pixels, latents and noise stay float32
-        until the noisy input enters the denoiser in its weights' dtype."""
+        ((B, 3, H, W), or the latents (B, c, H/f, W/f) of a latent model); timestep: the noise level, one or (B,) in
+        the model's units (default ``config.timestep``; a linear head was trained at that level only). Pixels,
+        latents and noise stay float32 until the noisy input enters the denoiser in its weights' dtype."""
         pixel_values = self.check_pixel_values(pixel_values).float()
-        noisy, timestep = self.noisy_input(self.encode(pixel_values), noise)
-        layer = self.config.feature_layer
-        activation = capture_activations(self.denoiser, noisy, timestep, [layer], stop_after=layer)[layer]
-        features = pool_activation(activation, self.config.pooling)
-        logits = self.classifier(self.dropout(self.feature_norm(features.to(self.classifier.weight.dtype))))
+        levels = self.check_timestep(timestep, pixel_values.shape[0])
+        noisy, network_timestep = self.noisy_input(self.encode(pixel_values), noise, levels)
+        activation, features = self.pooled_features(noisy, network_timestep)
+        logits = self.head(features, network_timestep)
         loss = self.loss_function(labels, logits, self.config) if labels is not None else None
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
@@ -440,8 +526,13 @@ class DDAEForImageClassification(DDAEPreTrainedModel):
     # ------------------------------------------------------------------ saving
     def parameter_counts(self) -> dict[str, int]:
         """Saved parameters per part: the truncated denoiser, the VAE encoder (latent models), the head."""
-        parts = {"denoiser (truncated)": self.denoiser, "VAE encoder": self.vae, "head": self.classifier}
-        return {name: sum(p.numel() for p in part.parameters()) for name, part in parts.items() if part is not None}
+        head = [self.classifier] + ([self.noise_conditioning] if self.noise_conditioning is not None else [])
+        parts = {"denoiser (truncated)": [self.denoiser], "VAE encoder": [self.vae], "head": head}
+        return {
+            name: sum(p.numel() for module in modules for p in module.parameters())
+            for name, modules in parts.items()
+            if modules[0] is not None
+        }
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
         """``PreTrainedModel.save_pretrained`` plus a model card (README.md) and, if the folder has none,
@@ -557,4 +648,4 @@ def _check_truncation(full: nn.Module, truncated: nn.Module, layer: str) -> None
 
 DDAEForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 
-__all__ = ["DDAEForImageClassification", "DDAEPreTrainedModel", "unreached_modules"]
+__all__ = ["DDAEForImageClassification", "DDAEPreTrainedModel", "NoiseConditioning", "unreached_modules"]
