@@ -6,7 +6,7 @@ Every card of the project is built here: classifiers, pretrained DDAEs and ``DDA
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -128,6 +128,19 @@ def _with_interval(accuracy: float | None, ci: list[float] | None) -> str | None
     return format_interval(accuracy, ci) + (" (95% Wilson interval)" if ci is not None else "")
 
 
+def _head_text(config) -> str:
+    """The classifier head in words: linear, or noise-conditional (an MLP told the level)."""
+    norm = f"{config.head_norm or 'no'} norm"
+    if getattr(config, "head_type", "linear") == "noise_conditional":
+        hidden = config.head_hidden_dim or config.feature_dim
+        return (
+            f"{norm}, noise-conditional MLP ({hidden}-d hidden layer plus an MLP of a "
+            f"{config.time_embedding_dim}-d sinusoidal embedding of the level), dropout {config.classifier_dropout}, "
+            f"linear -> {config.num_labels} classes; `forward(..., timestep=...)` classifies at any level"
+        )
+    return f"{norm}, dropout {config.classifier_dropout}, linear -> {config.num_labels} classes"
+
+
 def classifier_model_card(
     config,
     save_directory: str | None = None,
@@ -161,8 +174,7 @@ def classifier_model_card(
             f"fixed in eval: the image at batch position i gets the noise drawn from (seed {config.noise_seed}, i)"
             if config.noise_policy == "fixed" else config.noise_policy
         ),
-        "head": f"{config.head_norm or 'no'} norm, dropout {config.classifier_dropout}, linear -> "
-        f"{config.num_labels} classes",
+        "head": _head_text(config),
         "image size": f"{config.image_size}x{config.image_size}, scaled to [-1, 1]",
         "protocol": summary.get("protocol"),
         "data": dataset,
@@ -173,6 +185,9 @@ def classifier_model_card(
         "training time": format_duration(summary["train_runtime_s"]) if summary.get("train_runtime_s") else None,
         "accuracy": _with_interval(accuracy, summary.get("accuracy_ci95")),
         "kNN accuracy": _with_interval(summary.get("knn_accuracy"), summary.get("knn_accuracy_ci95")),
+        "accuracy by noise level": ", ".join(
+            f"{axis.unit}={lvl}: {100 * acc:.2f}%" for lvl, acc in (summary.get("accuracy_by_level") or {}).items()
+        ) or None,
     }
     extra = ""
     grid = summary.get("grid") or []
@@ -214,8 +229,13 @@ processor = AutoImageProcessor.from_pretrained("{repo}")
         description=(
             "A diffusion denoiser used as an image classifier (Denoising Diffusion Autoencoder): the image is "
             "noised a little (a small timestep or sigma), the denoiser runs up to the feature layer (everything "
-            "after it is dropped), the activation is average-pooled and a linear head classifies it.\n\n"
-            "The `.py` files beside the weights are generated: `save_pretrained` copies the ddae-diffusers "
+            "after it is dropped), the activation is average-pooled and "
+            + (
+                "a head told the noise level classifies it, at any level.\n\n"
+                if getattr(config, "head_type", "linear") == "noise_conditional"
+                else "a linear head classifies it.\n\n"
+            )
+            + "The `.py` files beside the weights are generated: `save_pretrained` copies the ddae-diffusers "
             "modules the model needs (configuration, modeling, image processing, capture core, families, noise "
             "axis, errors) so that `trust_remote_code=True` loads it without the package. Edit the library, not them."
         ),
@@ -275,12 +295,14 @@ or sample: `DDAEPipeline.from_pretrained("{{ repo_or_path }}")(num_inference_ste
 
 kNN (k={{ knn_k }}, cosine) and linear-probe top-1 accuracy on fixed labelled subsets
 ({{ probe_description }}), features of `{{ probe_layer }}` at {{ probe_level_text }}, {{ weights }}{{ interval_note }}.
-{% if history %}
-| step | images seen | kNN accuracy | linear-probe accuracy |
-|---:|---:|---:|---:|
-{% for row in history %}| {{ row.step }} | {{ row.images_seen }} | {{ row.knn_acc_str }} | {{ row.linear_acc_str }} |
+{% if fd_name %}{{ fd_name }}: Frechet distance of {{ generation_description }} (lower is better).
+{% endif %}{% if history %}
+| step | images seen | kNN accuracy | linear-probe accuracy |{{ fd_header }}
+|---:|---:|---:|---:|{{ fd_rule }}
+{% for row in history %}{{ row.line }}
 {% endfor %}
 {% if best %}Best: step {{ best.step }} ({{ best.metric }} {{ best.value_str }}), saved in `best-probe/`.{% endif %}
+{% if fd_best %}{{ fd_best }}{% endif %}
 {% else %}
 No probe was run.
 {% endif %}"""
@@ -327,6 +349,29 @@ class PretrainingSummary:
     use_ema: bool
     repo_or_path: str
     probe_eval_images: int | None = None  # the monitor's test images: each accuracy's 95% Wilson interval
+    # the generation-score monitor (--fid_every_n_steps): records step, images_seen, fd, kid_mean, kid_std, metric
+    generation_history: list[dict] = field(default_factory=list)
+    generation_best: dict | None = None  # the lowest distance: step, metric, value
+    generation_metric: str | None = None  # "FID", or "FD_<feature network>"
+    generation_description: str | None = None  # samples, sampler, reference set and feature network in words
+
+
+def _history_rows(summary: PretrainingSummary, fmt) -> list[dict]:
+    """One row per step that has a probe or a generation score (or both), in step order, with formatted cells."""
+    by_step: dict[int, dict] = {}
+    for record in summary.history:
+        by_step.setdefault(record["step"], {"step": record["step"], "images_seen": record["images_seen"]}).update(
+            knn_acc_str=fmt(record.get("knn_acc")), linear_acc_str=fmt(record.get("linear_acc"))
+        )
+    for record in summary.generation_history:
+        row = by_step.setdefault(record["step"], {"step": record["step"], "images_seen": record["images_seen"]})
+        row["fd_str"] = f"{record['fd']:.4g}"
+    rows = [{"knn_acc_str": "-", "linear_acc_str": "-", "fd_str": "-", **by_step[step]} for step in sorted(by_step)]
+    for row in rows:
+        cells = [row["step"], row["images_seen"], row["knn_acc_str"], row["linear_acc_str"]]
+        cells += [row["fd_str"]] if summary.generation_history else []
+        row["line"] = "| " + " | ".join(map(str, cells)) + " |"
+    return rows
 
 
 def pretraining_model_card(summary: PretrainingSummary) -> ModelCard:
@@ -347,14 +392,18 @@ def pretraining_model_card(summary: PretrainingSummary) -> ModelCard:
         low, high = wilson_interval(round(value * n), n)
         return f"{value:.4f} [{low:.4f}, {high:.4f}]"
 
-    rows = [{**row, "knn_acc_str": fmt(row.get("knn_acc")), "linear_acc_str": fmt(row.get("linear_acc"))}
-            for row in summary.history]
+    rows = _history_rows(summary, fmt)
     best = {**summary.best, "value_str": fmt(summary.best["value"])} if summary.best else None
+    fd_best = summary.generation_best
+    fd_name = summary.generation_metric if summary.generation_history else None
     edm = summary.objective == "edm"
     return ModelCard.from_template(
         card_data,
         template_str=_PRETRAINING_TEMPLATE,
-        **{**asdict(summary), "num_params": f"{summary.num_params / 1e6:.1f}M", "history": rows, "best": best},
+        **{**asdict(summary), "num_params": f"{summary.num_params / 1e6:.1f}M", "history": rows, "best": best,
+           "fd_best": f"Lowest {fd_best['metric']}: step {fd_best['step']} ({fd_best['value']:.4g}), saved in "
+           "`best-fid/`." if fd_best else None,
+           "fd_name": fd_name, "fd_header": f" {fd_name} |" if fd_name else "", "fd_rule": "---:|" if fd_name else ""},
         wall_time=format_duration(summary.wall_time_s),
         weights="the EMA weights" if summary.use_ema else "the trained weights (no EMA)",
         is_unet=summary.model_class == "UNet2DModel",

@@ -69,10 +69,9 @@ EXAMPLE_DOC_STRING = """
         >>> # sample like DDPMPipeline
         >>> images = pipe(batch_size=2, num_inference_steps=10, generator=torch.manual_seed(0)).images
 
-        >>> # class-conditional samples, guided by a noise-conditional head on the model's own features
-        >>> # (training/train_noise_conditional.py trains one)
-        >>> pipe.classifier = DDAEForImageClassification.from_pretrained("ddae-cifar10-noise-conditional")
-        >>> cats = pipe(class_labels=["cat"] * 4, guidance_scale=3.0, num_inference_steps=50).images
+        >>> # class-conditional samples need a noise-conditional classifier of this model
+        >>> # (training/train_noise_conditional.py): DDAEPipeline.from_pretrained(model, classifier=its_folder),
+        >>> # then pipe(class_labels=["cat"] * 4, guidance_scale=3.0, num_inference_steps=50)
 
         >>> # DDAE features: the paper's out_6 at t=11 (diffusers t=10), global-average-pooled
         >>> feats = pipe.extract_features(images, layers=["up_blocks.1.resnets.2"], timesteps=[10])

@@ -88,6 +88,19 @@ def make_tiny_vae(seed: int = 0) -> AutoencoderKL:
     return AutoencoderKL(**TINY_VAE_CONFIG).eval()
 
 
+def save_tiny_resnet(folder) -> str:
+    """A tiny real ResNetForImageClassification (3 labels, 16 penultimate features) with a 32x32 ViT-style image
+    processor, saved to ``folder``: an image classifier independent of any DDAE."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+    from transformers.models.vit import ViTImageProcessorPil
+
+    torch.manual_seed(0)
+    config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=3)
+    ResNetForImageClassification(config).save_pretrained(folder)
+    ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return str(folder)
+
+
 @pytest.fixture(scope="session")
 def tiny_unet_pipeline_dir(tmp_path_factory) -> str:
     """A DDPMPipeline folder (model_index.json, unet/, scheduler/) with a tiny random UNet."""

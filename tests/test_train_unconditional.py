@@ -20,7 +20,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from conftest import CIFAR10_SAMPLE, REPO_ROOT, TINY_DIT_CONFIG, make_tiny_unet
+from conftest import CIFAR10_SAMPLE, REPO_ROOT, TINY_DIT_CONFIG, make_tiny_unet, save_tiny_resnet
 from ddae_diffusers.pipelines import DDAEPipeline
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from huggingface_hub import HfApi
@@ -374,3 +374,82 @@ def test_time_budget_stops_with_a_final_probe_and_save(tmp_path):
     assert [r["step"] for r in probes] == [steps[-1]["step"]]  # the last step is probed, as at max_train_steps
     assert isinstance(DDAEBackbone.from_pretrained(out).denoiser, UNet2DModel)  # the final pipeline is saved
     assert f"| optimiser steps | {len(steps)} |" in open(os.path.join(out, "README.md")).read()
+
+
+# ---------------------------------------------------------------------------------------------- generation score
+@pytest.fixture(scope="module")
+def feature_model_dir(tmp_path_factory) -> str:
+    """A tiny real ResNetForImageClassification (16 penultimate features) with its image processor."""
+    return save_tiny_resnet(tmp_path_factory.mktemp("tiny-resnet"))
+
+
+def fid_flags(feature_model_dir: str, cache: str) -> list[str]:
+    return ["--fid_every_n_steps", "2", "--fid_num_samples", "6", "--fid_num_inference_steps", "2",
+            "--fid_reference_samples", "20", "--fid_kid_subset_size", "4", "--fid_feature_model", feature_model_dir,
+            "--fid_cache_dir", cache]  # fmt: skip
+
+
+def test_fid_monitor_logs_scores_keeps_best_fid_and_fills_the_card(tmp_path, feature_model_dir):
+    out = run(tmp_path, "--max_train_steps", "5", "--checkpointing_steps", "4", "--probe_every_n_steps", "2",
+              "--use_ema", "--mixed_precision", "no", "--learning_rate", "1e-3",
+              *fid_flags(feature_model_dir, str(tmp_path / "fid-cache")))  # fmt: skip
+    name = f"FD_{os.path.basename(feature_model_dir)}"
+    scores = [r for r in metrics(out) if f"fid/{name}" in r]
+    assert [r["step"] for r in scores] == [2, 4, 5]  # every 2 steps and the last one
+    values = [r[f"fid/{name}"] for r in scores]
+    assert all(v > 0 and torch.isfinite(torch.tensor(v)) for v in values) and len(set(values)) == 3
+    assert all(f"fid/KD_{name[3:]}_mean" in r for r in scores) and not any("fid/FID" in r for r in scores)
+    assert len(os.listdir(tmp_path / "fid-cache")) == 1  # the reference features, computed once
+
+    best_step = scores[values.index(min(values))]["step"]
+    assert isinstance(DDAEBackbone.from_pretrained(os.path.join(out, "best-fid")).denoiser, UNet2DModel)
+    card = open(os.path.join(out, "README.md")).read()
+    assert f"| step | images seen | kNN accuracy | linear-probe accuracy | {name} |" in card
+    assert f"Lowest {name}: step {best_step} ({min(values):.4g}), saved in `best-fid/`." in card
+    rows = {line.split(" | ")[0][2:]: line for line in card.splitlines() if line.startswith("| ") and "[" in line}
+    assert sorted(rows, key=int) == ["2", "4", "5"]  # probed and scored at the same steps: one row each
+    for record in scores:
+        row = rows[str(record["step"])]
+        assert row.startswith(f"| {record['step']} | {record['step'] * 8} | ")
+        assert row.endswith(f" {record[f'fid/{name}']:.4g} |")
+    assert "6 samples (DDIMScheduler, 2 steps, seed 0) vs 20 images of split 'test'" in card
+    # the score history is part of the checkpoint (registered last, after the EMA)
+    saved = torch.load(os.path.join(out, "checkpoint-4", "custom_checkpoint_3.pkl"), weights_only=False)
+    assert [r["step"] for r in saved["records"]] == [2, 4]
+
+
+def test_fid_monitor_inputs_fail_before_training(tmp_path, feature_model_dir, monkeypatch):
+    base = [*BASE, "--max_train_steps", "2", "--probe_every_n_steps", "0"]
+    flags = fid_flags(feature_model_dir, str(tmp_path / "cache"))
+    cases = [
+        (["--fid_every_n_steps", "1"], "torch-fidelity"),  # the default Inception, without torch-fidelity
+        ([*flags, "--fid_kid_subset_size", "8"], "subsets of 8"),
+        ([*flags, "--fid_split", "validation"], "not a split"),
+        ([*flags, "--fid_num_inference_steps", "2000"], "more than the 1000"),
+        ([*flags, "--fid_num_samples", "1"], ">= 2"),
+        ([*flags, "--objective", "edm", "--fid_sampler", "ddim"], "drop --fid_sampler"),
+    ]
+    monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # its import fails even where it is installed
+    for index, (extra, message) in enumerate(cases):
+        out = tmp_path / f"o{index}"
+        with pytest.raises(ValueError, match=message):
+            train_unconditional.main(train_unconditional.parse_args([*base, "--output_dir", str(out), *extra]))
+        assert not out.exists() or not any(n.startswith("checkpoint") or n == "unet" for n in os.listdir(out))
+    assert not (tmp_path / "cache").exists()  # no reference feature was computed
+
+
+def test_two_process_run_with_fid_monitor(tmp_path, feature_model_dir):
+    """Under a 2-process gloo launch the main process samples and scores while the other waits."""
+    out = tmp_path / "ddp-fid"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT),
+               *BASE, "--max_train_steps", "4", "--checkpointing_steps", "4", "--probe_every_n_steps", "0",
+               "--use_ema", "--output_dir", str(out), *fid_flags(feature_model_dir, str(tmp_path / "cache"))]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    name = f"FD_{os.path.basename(feature_model_dir)}"
+    records = metrics(str(out))
+    assert [r["step"] for r in records if f"fid/{name}" in r] == [2, 4]
+    assert [r["images_seen"] for r in records if "loss" in r] == [16, 32, 48, 64]
+    assert isinstance(DDAEBackbone.from_pretrained(out / "best-fid").denoiser, UNet2DModel)

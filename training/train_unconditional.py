@@ -16,7 +16,8 @@ ddpmpp-cifar10``); the saved pipeline holds an ``EDMEulerScheduler`` (sigma rang
 every loader knows that noise levels are sigmas and how inputs are preconditioned.
 
 Outputs in ``--output_dir``: a pipeline folder with the EMA weights (``DDPMPipeline`` for a DDPM UNet, a
-``DDAEPipeline`` folder for a DiT or an EDM model), a model card ``README.md``, ``best-probe/``,
+``DDAEPipeline`` folder for a DiT or an EDM model), a model card ``README.md``, ``best-probe/``, ``best-fid/``
+(with ``--fid_every_n_steps``: the weights whose samples scored the lowest FID, or FD in ``--fid_feature_model``),
 ``checkpoint-N/`` folders (``accelerator.save_state``) and ``logs/``.
 """
 
@@ -39,7 +40,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration
-from diffusers import DDPMPipeline, DDPMScheduler, EDMEulerScheduler, SchedulerMixin
+from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, EDMEulerScheduler, SchedulerMixin
 from diffusers.optimization import SchedulerType, get_scheduler
 from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
@@ -59,11 +60,13 @@ from ddae_diffusers.data import (
 from ddae_diffusers.distributed import host_group, wait_for_main
 from ddae_diffusers.errors import ArgumentParser, UsageError, fail, run_command
 from ddae_diffusers.families import family_named, family_of, sample_size
+from ddae_diffusers.feature_networks import load_feature_network
+from ddae_diffusers.generation_metrics import GenerationScore, default_cache_dir, prepare_reference
 from ddae_diffusers.hub import create_hub_repo, push_folder
 from ddae_diffusers.io_utils import atomic_path, check_writable_dir
 from ddae_diffusers.loading import check_source, is_hub_id
 from ddae_diffusers.modelcard import PretrainingSummary, pretraining_model_card
-from ddae_diffusers.noise import EDMNoise, noise_axis, noise_level
+from ddae_diffusers.noise import EDMNoise, is_edm_scheduler, noise_axis, noise_level
 from ddae_diffusers.presets import PRESETS, build_denoiser
 from ddae_diffusers.pretraining.checkpoints import (
     checkpoint_step,
@@ -71,7 +74,8 @@ from ddae_diffusers.pretraining.checkpoints import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from ddae_diffusers.pretraining.monitor import ProbeHistory, ProbeMonitor, load_probe_data
+from ddae_diffusers.pretraining.generation import GenerationMonitor, ScoreHistory
+from ddae_diffusers.pretraining.monitor import ProbeHistory, ProbeMonitor, eval_split_name, load_probe_data
 from ddae_diffusers.pretraining.tracking import JSONLinesTracker
 from ddae_diffusers.pretraining.training_step import (
     PREDICTION_TYPES,
@@ -87,6 +91,8 @@ OBJECTIVES = ("ddpm", "edm")
 UPLOAD_IGNORE_PATTERNS = ["checkpoint-*", ".*", "*.tmp", "*/.*"]
 DEFAULT_NUM_EPOCHS = 100
 DEFAULT_PROBE_EVERY = 500
+FID_SAMPLERS = ("ddim", "ddpm")
+DEFAULT_FID_DDIM_STEPS = 50
 PROG = "train_unconditional.py"
 
 
@@ -179,6 +185,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="Epochs of the quick linear probe (0: kNN only).")
     probe.add_argument("--probe_linear_lr", type=float, default=3e-3)
 
+    fid = parser.add_argument_group("generation score (FID) monitor")
+    fid.add_argument("--fid_every_n_steps", type=int, default=0,
+                     help="Sample the EMA weights every N steps (and at the last step) and score the samples "
+                          "against the reference images: FID/KID, or FD/KD in --fid_feature_model's space; the best "
+                          "(lowest) weights go to best-fid/ (0: never).")
+    fid.add_argument("--fid_num_samples", type=int, default=1000, help="Images sampled per evaluation.")
+    fid.add_argument("--fid_feature_model", type=str, default=None,
+                     help="An AutoModelForImageClassification (folder or Hub id) whose penultimate features replace "
+                          "the FID Inception-v3 (which needs torch-fidelity and its weights); reported as FD_<name>.")
+    fid.add_argument("--fid_inception_weights", type=str, default=None,
+                     help="A local copy of torch-fidelity's Inception-v3 weights (.pth), for FID without a download.")
+    fid.add_argument("--fid_num_inference_steps", type=int, default=None,
+                     help=f"Sampling steps per image (default: {DEFAULT_FID_DDIM_STEPS} with DDIM, 1000 with DDPM, "
+                          "the scheduler's 18 for EDM models).")
+    fid.add_argument("--fid_sampler", type=str, default=None, choices=FID_SAMPLERS,
+                     help="DDPM objective: sample with DDIM (default) or DDPM built from the training scheduler's "
+                          "config; EDM models always sample with their EDM scheduler.")
+    fid.add_argument("--fid_reference_samples", type=int, default=None,
+                     help="Compare with the first N images of the reference split (default: all of it).")
+    fid.add_argument("--fid_dataset_name", type=str, default=None,
+                     help="Reference images (default: the training data set).")
+    fid.add_argument("--fid_split", type=str, default=None,
+                     help="Split of the reference images (default: test/validation if there is one, else train).")
+    fid.add_argument("--fid_batch_size", type=int, default=64, help="Images per sampling call.")
+    fid.add_argument("--fid_kid_subset_size", type=int, default=None,
+                     help="KID subset size (default: min(1000, samples, reference images)).")
+    fid.add_argument("--fid_cache_dir", type=str, default=None,
+                     help="Cache of reference features (default: $DDAE_FID_CACHE or ~/.cache/ddae_diffusers/"
+                          "fid_reference).")
+
     save = parser.add_argument_group("saving and logging")
     save.add_argument("--output_dir", type=str, default="ddae-model")
     save.add_argument("--overwrite_output_dir", action="store_true",
@@ -227,12 +263,13 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--max_train_minutes must be a finite number > 0, got {args.max_train_minutes}.")
     for flag in ("num_epochs", "max_train_steps", "train_batch_size", "gradient_accumulation_steps",
                  "checkpointing_steps", "checkpoints_total_limit", "resolution", "max_train_samples",
-                 "probe_batch_size", "ddpm_num_steps", "eval_batch_size", "ddpm_num_inference_steps"):
+                 "probe_batch_size", "ddpm_num_steps", "eval_batch_size", "ddpm_num_inference_steps",
+                 "fid_num_inference_steps", "fid_batch_size"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UsageError(f"--{flag} must be >= 1, got {value}.")
     for flag in ("probe_every_n_steps", "save_images_epochs", "save_model_epochs", "lr_warmup_steps",
-                 "probe_linear_epochs", "dataloader_num_workers"):
+                 "probe_linear_epochs", "dataloader_num_workers", "fid_every_n_steps"):
         value = getattr(args, flag)
         if value is not None and value < 0:
             raise UsageError(f"--{flag} must be >= 0, got {value}.")
@@ -244,7 +281,15 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError("--hub_model_id/--hub_private_repo need --push_to_hub.")
     if args.probe_dataset_config_name and not args.probe_dataset_name:
         raise UsageError("--probe_dataset_config_name needs --probe_dataset_name.")
-    for flag in ("dataset_name", "probe_dataset_name", "pretrained_model_name_or_path"):
+    for flag in ("fid_num_samples", "fid_reference_samples", "fid_kid_subset_size"):
+        value = getattr(args, flag)
+        if value is not None and value < 2:
+            raise UsageError(f"--{flag} must be >= 2 (a Frechet distance needs two images a side), got {value}.")
+    if args.objective == "edm" and args.fid_sampler is not None:
+        raise UsageError("--fid_sampler applies to --objective ddpm: an EDM model samples with its EDM scheduler; "
+                         "drop --fid_sampler.")
+    for flag in ("dataset_name", "probe_dataset_name", "pretrained_model_name_or_path", "fid_dataset_name",
+                 "fid_feature_model"):
         if getattr(args, flag) is not None:
             setattr(args, flag, check_source(getattr(args, flag), f"--{flag}"))
     if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
@@ -544,6 +589,10 @@ def main(args: argparse.Namespace) -> str:
     probe_layer = args.probe_layer or backbone.default_layer()
     monitor = _build_monitor(args, dataset_dict, image_column, denoiser, noise_scheduler, resolution, probe_layer)
     probe_every = args.probe_every_n_steps if monitor is not None else 0
+    fid_monitor = _build_generation_monitor(args, dataset_dict, image_column, noise_scheduler, resolution)
+    fid_every = args.fid_every_n_steps if fid_monitor is not None else 0
+    if fid_monitor is not None:
+        fid_monitor.network.to(accelerator.device)  # features on the device that samples
 
     repo_id = None
     if args.push_to_hub and accelerator.is_main_process:
@@ -585,9 +634,11 @@ def main(args: argparse.Namespace) -> str:
     )
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     ema = build_ema(args, unwrapped) if args.use_ema else None  # after prepare: on the model's device
-    state, history = TrainState(), ProbeHistory()
+    state, history, scores = TrainState(), ProbeHistory(), ScoreHistory()
     for obj in (state, history) if ema is None else (state, history, ema):
         accelerator.register_for_checkpointing(obj)
+    if fid_monitor is not None:  # last, so the indices of the others do not depend on it
+        accelerator.register_for_checkpointing(scores)
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
 
     if resume_path is not None:
@@ -676,6 +727,16 @@ def main(args: argparse.Namespace) -> str:
                     logs.update({f"probe/{k}": v for k, v in metrics.items()})
                     postfix.update({k.replace("_acc", ""): f"{v:.3f}" for k, v in metrics.items()})
                 wait_for_main(accelerator)
+            if fid_every and (state.global_step % fid_every == 0 or is_last):
+                if accelerator.is_main_process:
+                    score = fid_step(fid_monitor, unwrapped, ema, noise_scheduler, args.fid_sampler, scores, state,
+                                     args.output_dir)
+                    logs[f"fid/{score.fd_name}"] = score.fd
+                    if score.kid_mean is not None:
+                        logs.update({f"fid/{score.kd_name}_mean": score.kid_mean,
+                                     f"fid/{score.kd_name}_std": score.kid_std})
+                    postfix[score.fd_name] = f"{score.fd:.4g}"
+                wait_for_main(accelerator)
             progress.set_postfix(postfix)
             accelerator.log(logs, step=state.global_step)
             if state.global_step % args.checkpointing_steps == 0:
@@ -706,7 +767,7 @@ def main(args: argparse.Namespace) -> str:
     if accelerator.is_main_process:
         summary = pretraining_summary(
             args, unwrapped, backbone, state, history, monitor, probe_layer, total_batch_size,
-            accelerator.mixed_precision, ema is not None, repo_id,
+            accelerator.mixed_precision, ema is not None, repo_id, fid_monitor=fid_monitor, scores=scores,
         )
         check_weights(unwrapped, ema, state.global_step, args.output_dir)
         with EMAWeights(ema, unwrapped):
@@ -733,8 +794,11 @@ def pretraining_summary(
     mixed_precision: str,
     use_ema: bool,
     repo_id: str | None,
+    fid_monitor: GenerationMonitor | None = None,
+    scores: ScoreHistory | None = None,
 ) -> PretrainingSummary:
     """The run's summary (what its model card shows) from its flags, model and counters."""
+    scored = fid_monitor is not None and scores is not None
     return PretrainingSummary(
         model_name=os.path.basename(os.path.abspath(args.output_dir)),
         model_class=type(model).__name__,
@@ -757,6 +821,10 @@ def pretraining_summary(
         use_ema=use_ema,
         repo_or_path=repo_id or args.output_dir,
         probe_eval_images=len(monitor.data.eval_ids) if monitor else None,
+        generation_history=[dict(record) for record in scores.records] if scored else [],
+        generation_best=dict(scores.best) if scored and scores.best else None,
+        generation_metric=fid_monitor.metric_name if scored else None,
+        generation_description=fid_monitor.description() if scored else None,
     )
 
 
@@ -807,6 +875,68 @@ def probe_step(monitor, model, ema, noise_scheduler, history, state, output_dir)
                 pipeline_for(model, noise_scheduler).save_pretrained(target)
     logger.info(f"step {state.global_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return metrics
+
+
+def _build_generation_monitor(args, dataset_dict, image_column, noise_scheduler, resolution: int):
+    """The generation-score monitor, or None when ``--fid_every_n_steps`` is 0. Everything it needs (the feature
+    network, the reference split and column, the counts) is loaded and checked here, before training."""
+    if not args.fid_every_n_steps:
+        return None
+    network = load_feature_network(args.fid_feature_model, args.fid_inception_weights)
+    if args.fid_dataset_name is not None:
+        split = args.fid_split or "test"
+        reference, name, column = prepare_reference(
+            args.fid_dataset_name, split=split, num_reference=args.fid_reference_samples
+        )
+    else:
+        split = args.fid_split or eval_split_name(dataset_dict) or "train"
+        if split not in dataset_dict:
+            raise UsageError(f"--fid_split {split!r} is not a split of the data set ({list(dataset_dict)}).")
+        reference, name, column = prepare_reference(
+            dataset_dict[split], split=split, image_column=image_column, num_reference=args.fid_reference_samples
+        )
+        name = args.dataset_name or args.train_data_dir
+    name = os.path.abspath(name) if os.path.isdir(name) else name
+    sampler = sampling_scheduler(noise_scheduler, args.fid_sampler)
+    steps = args.fid_num_inference_steps
+    if steps is None and isinstance(sampler, DDIMScheduler):
+        steps = DEFAULT_FID_DDIM_STEPS
+    num_train = sampler.config.num_train_timesteps
+    if steps is not None and not is_edm_scheduler(sampler) and steps > num_train:
+        raise UsageError(f"--fid_num_inference_steps {steps} is more than the {num_train} training timesteps.")
+    return GenerationMonitor(
+        network, reference, dataset_name=name, split=split, image_column=column, resolution=resolution,
+        num_samples=args.fid_num_samples, num_inference_steps=steps, sampler=type(sampler).__name__,
+        batch_size=args.fid_batch_size, seed=args.seed, kid_subset_size=args.fid_kid_subset_size,
+        cache_dir=args.fid_cache_dir or default_cache_dir(),
+    )  # fmt: skip
+
+
+def sampling_scheduler(noise_scheduler, sampler: str | None) -> SchedulerMixin:
+    """A fresh scheduler to sample with (never the training one, whose state sampling would change): DDIM (the
+    default) or DDPM from a DDPM scheduler's config, the same EDM scheduler class for an EDM model."""
+    if is_edm_scheduler(noise_scheduler):
+        return type(noise_scheduler).from_config(noise_scheduler.config)
+    scheduler_class = DDPMScheduler if sampler == "ddpm" else DDIMScheduler
+    return scheduler_class.from_config(noise_scheduler.config)
+
+
+def fid_step(monitor, model, ema, noise_scheduler, sampler, scores, state, output_dir) -> GenerationScore:
+    """The generation monitor's step: scores samples of the EMA weights; a new best (lowest) is written to
+    ``output_dir/best-fid`` (atomically)."""
+    from ddae_diffusers.pipelines.pipeline_ddae import DDAEPipeline
+
+    check_weights(model, ema, state.global_step, output_dir)
+    with EMAWeights(ema, model):
+        pipeline = DDAEPipeline(**{family_of(model).component: model},
+                                scheduler=sampling_scheduler(noise_scheduler, sampler))
+        pipeline.set_progress_bar_config(disable=True)
+        score = monitor.evaluate(pipeline)
+        if scores.add(state.global_step, state.images_seen, score):
+            with atomic_path(os.path.join(output_dir, "best-fid")) as target:
+                pipeline_for(model, noise_scheduler).save_pretrained(target)
+    logger.info(f"step {state.global_step}: {score.summary()}")
+    return score
 
 
 def save_samples(args, model, noise_scheduler, epoch: int, accelerator: Accelerator) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -77,3 +78,34 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, total_
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+class StepHistory:
+    """Every result of a run by step and the best one; checkpointed with ``accelerator.register_for_checkpointing``.
+
+    Subclasses build the records; ``higher_is_better`` says which way the judged value improves. Ties keep the earlier
+    step, and an infinite or NaN value never wins."""
+
+    higher_is_better = True
+
+    def __init__(self) -> None:
+        self.records: list[dict] = []
+        self.best: dict | None = None
+
+    def record(self, record: dict, metric: str, value: float) -> bool:
+        """Adds ``record`` (a dict with ``step``; a result of the same step is replaced), judged by ``value`` of
+        ``metric``; returns True if it is the new best."""
+        self.records = [r for r in self.records if r["step"] != record["step"]] + [record]
+        if not math.isfinite(value):
+            return False
+        if self.best is None or (value > self.best["value"] if self.higher_is_better else value < self.best["value"]):
+            self.best = {"step": record["step"], "metric": metric, "value": value}
+            return True
+        return False
+
+    def state_dict(self) -> dict:
+        return {"records": [dict(r) for r in self.records], "best": dict(self.best) if self.best else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.records = [dict(r) for r in state["records"]]
+        self.best = dict(state["best"]) if state["best"] else None

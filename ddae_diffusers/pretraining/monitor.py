@@ -17,6 +17,7 @@ from ..data import detect_image_column, detect_label_column, images_to_tensor, r
 from ..errors import UsageError
 from ..probing.heads import linear_probe_accuracy
 from ..probing.knn import knn_accuracy
+from .checkpoints import StepHistory
 
 EVAL_SPLIT_CANDIDATES = ("test", "validation", "valid", "val")
 
@@ -168,15 +169,11 @@ class ProbeMonitor:
         return metrics
 
 
-class ProbeHistory:
+class ProbeHistory(StepHistory):
     """Every probe result of a run and the best one; checkpointed with ``accelerator.register_for_checkpointing``.
 
     The best is chosen by ``linear_acc`` when present, else ``knn_acc``; ties keep the earlier step.
     """
-
-    def __init__(self):
-        self.records: list[dict] = []
-        self.best: dict | None = None
 
     @staticmethod
     def score(record: dict) -> tuple[str, float]:
@@ -186,16 +183,4 @@ class ProbeHistory:
     def add(self, step: int, images_seen: int, metrics: dict[str, float]) -> bool:
         """Records one result; returns True if it is the new best."""
         record = {"step": int(step), "images_seen": int(images_seen), **{k: float(v) for k, v in metrics.items()}}
-        self.records = [r for r in self.records if r["step"] != record["step"]] + [record]
-        metric, value = self.score(record)
-        if self.best is None or value > self.best["value"]:
-            self.best = {"step": record["step"], "metric": metric, "value": value}
-            return True
-        return False
-
-    def state_dict(self) -> dict:
-        return {"records": [dict(r) for r in self.records], "best": dict(self.best) if self.best else None}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.records = [dict(r) for r in state["records"]]
-        self.best = dict(state["best"]) if state["best"] else None
+        return self.record(record, *self.score(record))

@@ -224,7 +224,7 @@ class CacheUnit:
         del array  # unmapped: rows are read and written at their byte offsets
         self._file = open(self.array_path, "r+b")
         self.done[:] = False
-        for start, stop in self._verified_ranges():
+        for start, stop in self.verified_ranges():
             self.done[start:stop] = True
 
     def attach(self) -> None:
@@ -236,7 +236,7 @@ class CacheUnit:
         self._file = open(self.array_path, "rb")
         self.done[:] = True
 
-    def _verified_ranges(self) -> list[tuple[int, int]]:
+    def verified_ranges(self) -> list[tuple[int, int]]:
         """Recorded (start, stop) row ranges whose bytes still match their SHA-256."""
         if not os.path.isfile(self.progress_path):
             return []

@@ -441,6 +441,8 @@ class DDAEBackbone:
         conditioning: text-conditioned models: precomputed conditioning instead (see :meth:`set_conditioning`).
         prompt_pipeline: the diffusers pipeline class whose ``encode_prompt`` is used (default: the family's, e.g.
             ``StableDiffusionXLPipeline`` for an SDXL UNet); loaders pass the ``_class_name`` of ``model_index.json``.
+        last_layer: a denoiser truncated after this block (a classifier's, whose later modules are pruned): the
+            catalogue lists the blocks up to it, and it is the default layer.
 
     Example::
 
@@ -457,6 +459,7 @@ class DDAEBackbone:
         text_components: dict[str, object] | None = None,
         conditioning: Conditioning | None = None,
         prompt_pipeline: str | None = None,
+        last_layer: str | None = None,
     ):
         check_denoiser(denoiser)
         self.family = family_of(denoiser)
@@ -471,6 +474,9 @@ class DDAEBackbone:
         if conditioning is not None:
             self.set_conditioning(conditioning)
         self._catalogue: list[LayerInfo] | None = None
+        self.last_layer = last_layer
+        if last_layer is not None and last_layer not in candidate_layers(denoiser):
+            raise UsageError(f"last_layer {last_layer!r} is not a block of this {self.family.name}.")
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -642,7 +648,12 @@ class DDAEBackbone:
             conditioning = self.conditioning
             with torch.inference_mode(), autocast_to(self.device, dtype):
                 trace = trace_forward(
-                    self.denoiser, self._encode(pixels), 0, candidate_layers(self.denoiser), conditioning=conditioning
+                    self.denoiser,
+                    self._encode(pixels),
+                    0,
+                    candidate_layers(self.denoiser),
+                    stop_after=self.last_layer,
+                    conditioning=conditioning,
                 )
             self._catalogue = [
                 LayerInfo(name, index, tuple(trace.outputs[name].shape[1:])) for index, name in enumerate(trace.order)
@@ -655,8 +666,9 @@ class DDAEBackbone:
 
     def default_layer(self) -> str:
         """A good single feature layer of this family: the middle of the UNet decoder (``up_blocks.1.resnets.2``
-        for the 35.7M DDPM and SD 1.x/2.x), the middle transformer block, Flux's last double-stream block."""
-        return self.family.default_layer(self.denoiser)
+        for the 35.7M DDPM and SD 1.x/2.x), the middle transformer block, Flux's last double-stream block; for a
+        truncated denoiser its ``last_layer``."""
+        return self.last_layer or self.family.default_layer(self.denoiser)
 
     def layer_info(self, name: str) -> LayerInfo:
         return {info.name: info for info in self.layers}[self.check_layers([name])[0]]

@@ -21,7 +21,7 @@ HEAD_NORMS = ("batchnorm", "layernorm", None)
 HEAD_TYPES = ("linear", "noise_conditional")
 VAE_CLASSES = ("AutoencoderKL",)
 POOLINGS = ("avg",)
-# Configs saved before the scheduler was nested flattened it into these fields, per objective; they still load.
+# The legacy config layout gives the scheduler as flattened fields, per objective; they load as that scheduler.
 LEGACY_SCHEDULER_FIELDS = {
     "ddpm": ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas"),
     "edm": ("sigma_min", "sigma_max", "sigma_data"),
