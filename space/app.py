@@ -12,6 +12,7 @@ import argparse
 import functools
 import os
 import sys
+import threading
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -44,13 +45,20 @@ CSS = """#image img, #image_b img {image-rendering: pixelated}
 #image img, #image_b img, #maps img, #neighbours img, #matches img {width: 100%; height: 100%; object-fit: contain}"""
 
 
+# Gradio runs the handlers of different events in parallel threads, but a forward with hooks is not thread-safe on a
+# shared model (one thread's hooks would see the other's forward): the page's handlers run one at a time.
+ONE_AT_A_TIME = threading.RLock()
+
+
 def shown(handler):
-    """Runs a page handler; a usage error (or any other) becomes one message in the page, never a traceback."""
+    """Runs a page handler, one at a time; a usage error (or any other) becomes one message in the page, never a
+    traceback."""
 
     @functools.wraps(handler)
     def run(*args, **kwargs):
         try:
-            return handler(*args, **kwargs)
+            with ONE_AT_A_TIME:
+                return handler(*args, **kwargs)
         except gr.Error:
             raise
         except UsageError as error:
