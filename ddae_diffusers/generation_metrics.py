@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import warnings
 from collections.abc import Callable
@@ -407,11 +406,6 @@ def score_pipeline(
         reference, samples, fd_name=network.fd_name, kd_name=network.kd_name, feature_network=network.name, kid=kid,
         kid_subset_size=subset, kid_subsets=kid_subsets, seed=seed, reference_from_cache=cached,
     )  # fmt: skip
-
-
-def is_better(score: float, best: float | None) -> bool:
-    """Lower distances are better; a NaN never is."""
-    return not math.isnan(score) and (best is None or score < best)
 
 
 __all__ = [

@@ -373,9 +373,10 @@ class DDAEPipeline(DiffusionPipeline):
             raise UsageError(f"num_inference_steps must be an integer in 1..{num_train}, got {num_inference_steps!r}.")
         if output_type not in _OUTPUT_TYPES:
             raise UsageError(f"output_type must be one of {_OUTPUT_TYPES}, got {output_type!r}.")
-        guidance = None
+        guidance = guidance_axis = None
         if class_labels is not None:
             guidance = self._guidance_labels(class_labels, batch_size, guidance_scale, scheduler)
+            guidance_axis = noise_axis(scheduler)  # once: for a DDIM sampler it builds a DDPMScheduler
             batch_size = len(guidance)
         elif guidance_scale != 1.0:
             raise UsageError("guidance_scale needs class_labels: pass the classes to guide toward.")
@@ -406,7 +407,7 @@ class DDAEPipeline(DiffusionPipeline):
             if learned_sigma and not scheduler_uses_sigma:
                 output = output[:, :channels]  # (B, 2C) -> predicted noise; the variance half is unused
             if guidance is not None and guidance_scale != 0:
-                shift = self._guidance_shift(sample, t, scheduler, guidance, guidance_scale)
+                shift = self._guidance_shift(sample, t, scheduler, guidance_axis, guidance, guidance_scale)
                 output = torch.cat([output[:, :channels] + shift.to(output.dtype), output[:, channels:]], dim=1)
             sample = scheduler.step(output, t, sample, **step_kwargs).prev_sample
 
@@ -496,6 +497,7 @@ class DDAEPipeline(DiffusionPipeline):
         sample: torch.Tensor,
         t: torch.Tensor,
         scheduler: SchedulerMixin,
+        axis: DDPMNoise | EDMNoise,
         labels: torch.Tensor,
         guidance_scale: float,
     ) -> torch.Tensor:
@@ -503,7 +505,6 @@ class DDAEPipeline(DiffusionPipeline):
         predicted noise, ``s sigma^2 grad / c_out`` to an EDM model's raw output (so that the denoised estimate moves
         by ``s sigma^2 grad``), with ``grad = d log p(y | x_t) / d x_t`` (B, C, H, W) from the classifier."""
         classifier = self.classifier.eval()
-        axis = noise_axis(scheduler)
         if isinstance(axis, EDMNoise):
             level = scheduler.sigmas[scheduler.step_index].to(sample.device, torch.float32)
         else:
@@ -517,8 +518,8 @@ class DDAEPipeline(DiffusionPipeline):
         if isinstance(axis, EDMNoise):
             c_out = scheduler.precondition_outputs(torch.zeros_like(grad), torch.ones_like(grad), level)
             return guidance_scale * level**2 * grad / c_out
-        alpha_bar = axis.noiser.alphas_cumprod.to(sample.device)[level]
-        return -guidance_scale * (1 - alpha_bar).sqrt() * grad
+        alpha_bar = float(axis.noiser.alphas_cumprod[int(t)])
+        return -guidance_scale * math.sqrt(1 - alpha_bar) * grad
 
     # ------------------------------------------------------------------ features
     def layer_names(self) -> list[str]:
